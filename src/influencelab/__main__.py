@@ -1,0 +1,5 @@
+"""``python -m influencelab`` = the ``influencelab`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Content-addressed cache of expensive stages (trained models, curvature factors, scores).
+
+An entry is ``<root>/<kind>/<key>.safetensors`` plus ``<key>.json`` (the config it was built from and the
+SHA-256 of the tensor file). ``key`` hashes exactly the config the stage depends on. Both files are
+written to a temporary name and renamed, tensors first, so a reader sees a complete entry or none; an
+entry whose checksum or format does not verify is reported, deleted and rebuilt, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+#: bump when a stage's output format or semantics change, to invalidate old entries
+CACHE_VERSION = 1
+
+
+def config_hash(payload: Any) -> str:
+    """Stable short hash of a JSON-able config (keys sorted)."""
+    blob = json.dumps({"v": CACHE_VERSION, "cfg": payload}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Atomically write a safetensors file; returns its SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        digest = file_sha256(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Cache:
+    """Stage outputs keyed by ``(kind, config)``; ``get`` verifies, ``put`` writes atomically."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, payload: Any) -> str:
+        return config_hash(payload)
+
+    def paths(self, kind: str, key: str) -> tuple[Path, Path]:
+        base = self.root / kind / key
+        return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+    def get(self, kind: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The entry's tensors and info, or ``None`` when absent or corrupt (a corrupt entry is removed)."""
+        tpath, jpath = self.paths(kind, key)
+        if not tpath.exists() and not jpath.exists():
+            return None
+        try:
+            info = json.loads(jpath.read_text())
+            if file_sha256(tpath) != info["sha256"]:
+                raise ValueError("checksum mismatch")
+            tensors = load_file(str(tpath))
+        except Exception as e:  # any unreadable or inconsistent entry is rebuilt
+            log.warning("cache entry %s/%s is corrupt (%s): removing it and rebuilding", kind, key,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            tpath.unlink(missing_ok=True)
+            jpath.unlink(missing_ok=True)
+            return None
+        return tensors, info
+
+    def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], config: Any,
+            info: dict[str, Any] | None = None) -> Path:
+        """Write an entry atomically (tensors, then the JSON that makes it valid)."""
+        tpath, jpath = self.paths(kind, key)
+        digest = save_tensors(tpath, tensors)
+        record = {"kind": kind, "key": key, "sha256": digest, "config": config, **(info or {})}
+        atomic_write_bytes(jpath, json.dumps(record, indent=2, default=str).encode())
+        return tpath

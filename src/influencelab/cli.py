@@ -1,0 +1,83 @@
+"""The ``influencelab`` command: a Hydra app running the configured stages in the job's run directory.
+
+Errors in user input are printed as one line (``error: ...``) with exit status 2; set
+``HYDRA_FULL_ERROR=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import InfluenceLabError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+log = logging.getLogger("influencelab")
+
+
+def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None = None) -> dict:
+    """Run ``cfg.stages`` with outputs in ``run_dir``; returns the metrics. Usable without Hydra's CLI."""
+    from .pipeline import STAGES, Context, build
+
+    tracker = build(cfg.logger)
+    ctx = Context(cfg, run_dir, tracker)  # validates the whole config before anything is written
+    tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True), job_name, group)
+    try:
+        for name in cfg.stages:
+            t0 = time.perf_counter()
+            STAGES[name](ctx)
+            log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
+    finally:
+        tracker.finish()
+    return tracker.metrics
+
+
+def summary(metrics: dict, run_dir: Path) -> str:
+    """A short human summary of the headline metrics."""
+    lines = [f"run directory: {run_dir}"]
+    if "train/test_accuracy" in metrics:
+        how = "cached model" if metrics.get("train/cached") else f"trained in {metrics['time/train_s']:.1f}s"
+        lines.append(f"test accuracy {metrics['train/test_accuracy']:.3f} ({how})")
+    for key, label in (("self_influence", "self-influence"), ("loss", "loss baseline"), ("random", "random")):
+        if f"mislabel/{key}/recall@10" in metrics:
+            lines.append(f"flipped labels found by {label:15s}: top 10% {metrics[f'mislabel/{key}/recall@10']:.0%}, "
+                         f"top 20% {metrics[f'mislabel/{key}/recall@20']:.0%}")
+    timings = [f"{k[5:-2]} {v:.1f}s" for k, v in metrics.items() if k.startswith("time/")]
+    if timings:
+        lines.append("time: " + ", ".join(timings))
+    figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
+    if figs:
+        lines.append("figures: " + ", ".join(str(f) for f in figs))
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def app(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    name = f"{hc.job.num}" if group else run_dir.name
+    try:
+        metrics = run(cfg, run_dir, name, group)
+    except InfluenceLabError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(metrics, run_dir))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

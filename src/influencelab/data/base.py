@@ -1,0 +1,192 @@
+"""Dataset specs (validated config objects) and the labelled data every stage consumes.
+
+A dataset YAML in ``conf/dataset/`` instantiates a subclass of :class:`DatasetSpec`; ``spec.load()``
+returns ``(train, test)`` as :class:`LabeledData`, with the seeded training subset and label noise
+applied. Adding a dataset = one subclass file here + one YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import check
+
+
+class LabeledData(Dataset):
+    """Images + (possibly noisy) labels, with the provenance later stages need.
+
+    ``x`` is either an in-memory float tensor [N, C, H, W] (small datasets: fast batching) or a
+    torch ``Dataset`` yielding ``(image, label)`` (image-folder datasets, decoded lazily).
+    ``targets`` are the labels the model is trained on, ``clean_targets`` the originals,
+    ``flipped`` marks the noisy ones, ``indices`` are positions in the original split.
+    """
+
+    def __init__(self, x: torch.Tensor | Dataset, targets: torch.Tensor, clean_targets: torch.Tensor,
+                 indices: torch.Tensor, num_classes: int, classes: Sequence[str] | None = None):
+        self.x = x
+        self.targets = targets.long()
+        self.clean_targets = clean_targets.long()
+        self.indices = indices.long()
+        self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
+
+    @property
+    def flipped(self) -> torch.Tensor:
+        """Boolean mask of training points whose label was flipped."""
+        return self.targets != self.clean_targets
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.x, torch.Tensor)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images([i])[0], int(self.targets[i])
+
+    def images(self, idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A batch of images by position (0..len-1)."""
+        if self.in_memory:
+            return self.x[torch.as_tensor(idx, dtype=torch.long)]
+        return torch.stack([self.x[int(i)][0] for i in idx])
+
+    def subset(self, idx: Sequence[int] | torch.Tensor) -> LabeledData:
+        """A view restricted to positions ``idx`` (labels, noise and provenance carried along)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        x = self.x[idx] if self.in_memory else torch.utils.data.Subset(self.x, idx.tolist())
+        return LabeledData(x, self.targets[idx], self.clean_targets[idx], self.indices[idx],
+                           self.num_classes, self.classes)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y, positions)`` batches; in-memory data is sliced directly (no DataLoader cost)."""
+        n = len(self)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
+                 else torch.arange(n))
+        if self.in_memory:
+            for s in range(0, n, batch_size):
+                pos = order[s:s + batch_size]
+                yield self.x[pos], self.targets[pos], pos
+            return
+        loader = DataLoader(_Positions(self), batch_size=batch_size, sampler=order.tolist(),
+                            num_workers=num_workers)
+        for x, y, pos in loader:
+            yield x, y, pos
+
+
+class _Positions(Dataset):
+    def __init__(self, data: LabeledData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x, y, i
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Flip exactly ``round(fraction * n)`` labels, each to a uniformly drawn *different* class."""
+    n = len(labels)
+    k = int(round(fraction * n))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=g)
+    noisy = labels.clone()
+    noisy[idx] = (labels[idx] + shift) % num_classes
+    return noisy
+
+
+@dataclass
+class DatasetSpec:
+    """Keys shared by every dataset (see ``conf/dataset/*.yaml``).
+
+    ``subset``: number of training points kept (seeded random choice; ``None`` = all).
+    ``test_subset``: same for the test split (for quick evaluation).
+    ``label_noise``: fraction of training labels flipped to a different class (seeded).
+    ``image_size``/``channels``: what the model receives; ``mean``/``std``: per-channel normalisation.
+    """
+
+    name: str = "dataset"
+    root: str = "data"
+    download: bool = False
+    subset: int | None = None
+    test_subset: int | None = None
+    label_noise: float = 0.0
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 10
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.label_noise, (int, float)) and 0.0 <= self.label_noise < 1.0,
+              "dataset.label_noise", self.label_noise, "must be in [0, 1)")
+        check(self.subset is None or (isinstance(self.subset, int) and self.subset >= 1),
+              "dataset.subset", self.subset, "must be a positive integer or null (all)")
+        check(self.test_subset is None or (isinstance(self.test_subset, int) and self.test_subset >= 1),
+              "dataset.test_subset", self.test_subset, "must be a positive integer or null (all)")
+        check(isinstance(self.image_size, int) and self.image_size >= 1,
+              "dataset.image_size", self.image_size, "must be a positive integer")
+        check(len(self.mean) == self.channels and len(self.std) == self.channels,
+              "dataset.mean/std", (self.mean, self.std), f"need {self.channels} value(s) each")
+        check(all(s > 0 for s in self.std), "dataset.std", self.std, "must be > 0")
+
+    # -- to implement -------------------------------------------------------------------------
+    def load_split(self, train: bool) -> tuple[torch.Tensor | Dataset, torch.Tensor]:
+        """Return ``(x, labels)`` of the full split: x normalised [N,C,H,W] tensor or a Dataset."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    def cache_key(self) -> dict[str, Any]:
+        """The keys that determine the data (location and download policy excluded)."""
+        d = asdict(self)
+        for k in ("root", "download", "num_workers"):
+            d.pop(k)
+        d["type"] = type(self).__name__
+        return d
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply per-channel mean/std to a [N,C,H,W] float tensor in [0, 1]."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def load(self) -> tuple[LabeledData, LabeledData]:
+        """Train (subset + label noise applied) and test data."""
+        xtr, ytr = self.load_split(train=True)
+        xte, yte = self.load_split(train=False)
+        train = _wrap(xtr, ytr, self.num_classes, getattr(self, "classes", None))
+        test = _wrap(xte, yte, self.num_classes, getattr(self, "classes", None))
+        if self.subset is not None:
+            check(self.subset <= len(train), "dataset.subset", self.subset,
+                  f"larger than the {len(train)} training points of {self.name}")
+            train = train.subset(_choose(len(train), self.subset, self.seed))
+        if self.test_subset is not None and self.test_subset < len(test):
+            test = test.subset(_choose(len(test), self.test_subset, self.seed + 1))
+        if self.label_noise > 0:
+            noisy = flip_labels(train.clean_targets, self.label_noise, self.num_classes, self.seed)
+            train = LabeledData(train.x, noisy, train.clean_targets, train.indices, self.num_classes,
+                                train.classes)
+        return train, test
+
+
+def _choose(n: int, k: int, seed: int) -> torch.Tensor:
+    idx = np.random.default_rng(seed).choice(n, size=k, replace=False)
+    return torch.as_tensor(np.sort(idx))
+
+
+def _wrap(x: torch.Tensor | Dataset, y: torch.Tensor, num_classes: int,
+          classes: Sequence[str] | None) -> LabeledData:
+    y = torch.as_tensor(y).long()
+    return LabeledData(x, y, y.clone(), torch.arange(len(y)), num_classes, classes)

@@ -1,0 +1,27 @@
+"""User-facing errors: each one prints as a single line naming the bad value and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InfluenceLabError(Exception):
+    """Base class for errors the CLI reports in one line (no traceback unless HYDRA_FULL_ERROR=1)."""
+
+
+class ConfigError(InfluenceLabError, ValueError):
+    """An invalid configuration value."""
+
+
+class DataNotFoundError(InfluenceLabError, FileNotFoundError):
+    """Dataset files are missing and could not be downloaded."""
+
+
+class SolverDivergedError(InfluenceLabError, ArithmeticError):
+    """An iterative solver produced NaN/inf or a growing norm."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a one-line `ConfigError` unless `ok`: ``key=value is invalid: allowed``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")

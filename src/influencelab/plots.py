@@ -1,0 +1,76 @@
+"""Figures (matplotlib, headless): training curves, detection curves, attribution grids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .evaluation import detection_curve  # noqa: E402
+
+
+def training_curves(history: dict[str, list[float]]):
+    """Loss and accuracy per epoch."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    ep = np.arange(1, len(history["loss"]) + 1)
+    a1.plot(ep, history["loss"], marker="o")
+    a1.set(xlabel="epoch", ylabel="train loss", title="loss")
+    a2.plot(ep, history["train_accuracy"], marker="o", label="train (stored labels)")
+    if history.get("test_accuracy"):
+        a2.plot(ep, history["test_accuracy"], marker="o", label="test")
+    a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    a2.legend()
+    fig.tight_layout()
+    return fig
+
+
+def detection_curves(rankings: dict[str, np.ndarray | torch.Tensor], flipped, title: str = ""):
+    """Fraction of flipped labels found vs fraction inspected, one line per ranking (paper Fig. 3)."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, scores in rankings.items():
+        frac, rec = detection_curve(scores, flipped)
+        ax.plot(frac, rec, label=name, linestyle="--" if name == "random" else "-")
+    ax.set(xlabel="fraction of training data inspected", ylabel="fraction of flipped labels found",
+           xlim=(0, 1), ylim=(0, 1.02), title=title or "mislabel detection")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _show(ax, img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+    x = img.float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    x = x.clamp(0, 1)
+    if x.shape[0] == 1:
+        ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(x.permute(1, 2, 0).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def attribution_grid(queries: torch.Tensor, query_labels: Sequence[str], helpful: list[list[tuple]],
+                     harmful: list[list[tuple]], mean: Sequence[float], std: Sequence[float]):
+    """Rows = test images; columns = the query, its top-k helpful and top-k harmful training images.
+
+    ``helpful[i]``/``harmful[i]`` are lists of ``(image, label_text, score)`` for query ``i`` (paper Fig. 2).
+    """
+    k = max(len(helpful[0]), 1)
+    n = len(queries)
+    fig, axes = plt.subplots(n, 1 + 2 * k, figsize=(1.6 * (1 + 2 * k), 1.9 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], queries[i], mean, std)
+        axes[i, 0].set_title(f"test: {query_labels[i]}", fontsize=8)
+        for j, (img, lab, s) in enumerate(helpful[i]):
+            _show(axes[i, 1 + j], img, mean, std)
+            axes[i, 1 + j].set_title(f"+ {lab}\n{s:.3g}", fontsize=7, color="green")
+        for j, (img, lab, s) in enumerate(harmful[i]):
+            _show(axes[i, 1 + k + j], img, mean, std)
+            axes[i, 1 + k + j].set_title(f"- {lab}\n{s:.3g}", fontsize=7, color="red")
+    fig.suptitle(f"test image | top-{k} most helpful | top-{k} most harmful training images", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,84 @@
+"""``load_run(run_dir)``: a finished run's model, data, config, metrics and scores, for notebooks and stages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from .data.base import LabeledData
+from .errors import InfluenceLabError
+
+
+@dataclass
+class Run:
+    """Everything a run directory holds, loaded. Scores load lazily (``None`` if the stage did not run)."""
+
+    run_dir: Path
+    config: DictConfig
+    model: nn.Module
+    train: LabeledData
+    test: LabeledData
+    metrics: dict[str, Any]
+    _scores: dict[str, dict[str, torch.Tensor] | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def flipped(self) -> torch.Tensor:
+        """Mask of training points whose label was flipped by ``dataset.label_noise``."""
+        return self.train.flipped
+
+    def scores(self, name: str) -> dict[str, torch.Tensor] | None:
+        """All tensors of ``scores/<name>.safetensors`` plus ``dampings`` (from its metadata)."""
+        if name not in self._scores:
+            path = self.run_dir / "scores" / f"{name}.safetensors"
+            if not path.exists():
+                self._scores[name] = None
+            else:
+                out: dict[str, Any] = load_file(str(path))
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                out["dampings"] = json.loads(meta.get("dampings", "[]"))
+                out["solver"] = meta.get("solver")
+                self._scores[name] = out
+        return self._scores[name]
+
+    @property
+    def pairwise_scores(self) -> torch.Tensor | None:
+        """``[n_query, n_train]`` (first damping); query/train indices in ``scores('pairwise')``."""
+        s = self.scores("pairwise")
+        return None if s is None else s["scores"]
+
+    @property
+    def self_scores(self) -> torch.Tensor | None:
+        """``[n_train]`` self-influence (first damping)."""
+        s = self.scores("self")
+        return None if s is None else s["scores"]
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
+    """Load a run directory written by ``influencelab`` (the model in eval mode on ``device``)."""
+    from .pipeline import build
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    weights = run_dir / "model.safetensors"
+    if not cfg_path.exists():
+        raise InfluenceLabError(f"{run_dir} is not an influencelab run directory (no .hydra/config.yaml)")
+    if not weights.exists():
+        raise InfluenceLabError(f"{run_dir} has no model.safetensors: run it with the train stage first")
+    cfg = OmegaConf.load(cfg_path)
+    spec = build(cfg.dataset)
+    train, test = spec.load()
+    model = build(cfg.model)
+    model.load_state_dict(load_file(str(weights)))
+    model.to(device).eval()
+    mpath = run_dir / "metrics.json"
+    metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+    return Run(run_dir, cfg, model, train, test, metrics)

@@ -1,0 +1,97 @@
+"""Pairwise and self-influence scores, streamed over the training set in cached, resumable chunks.
+
+Training gradients are computed batch by batch and never all held in memory; query gradients are
+preconditioned once per damping. Each chunk of ``chunk_size`` training points is written atomically to
+the cache as soon as it is done, so an interrupted run resumes from its last finished chunk and gives
+identical results (chunks do not depend on each other).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .cache import Cache
+from .data.base import LabeledData
+from .errors import SolverDivergedError
+from .solvers.base import Damping, Solver
+from .train import progress
+
+log = logging.getLogger(__name__)
+
+
+def _finite_or_raise(t: torch.Tensor, what: str, solver: Solver) -> None:
+    if not torch.isfinite(t).all():
+        raise SolverDivergedError(
+            f"{solver.name} produced NaN/inf {what}; increase solver.damping (now {solver.dampings}) "
+            f"or use solver.dtype=float64{' or a larger solver.scale' if solver.name == 'lissa' else ''}")
+
+
+def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batch_size: int) -> torch.Tensor:
+    """Flat loss gradients ``[n_query, P]`` of the query points (their own labels)."""
+    parts = [solver.train_grads(model, x, y) for x, y, _ in queries.batches(batch_size)]
+    return torch.cat(parts)
+
+
+def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
+    """``[n_damping * n_query, P]``: each damping's ``(G + λI)^-1 g_q``, stacked damping-major."""
+    pre = torch.cat([solver.precondition(grads, d) for d in dampings])
+    _finite_or_raise(pre, "preconditioned query gradients", solver)
+    return pre
+
+
+def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def _chunked(kind: str, cache: Cache, key: str, n: int, chunk_size: int, compute) -> torch.Tensor:
+    """Concatenate chunk results along the last dim, computing (and caching) only the missing chunks."""
+    parts = []
+    chunks = _chunks(n, chunk_size)
+    for i, (s, e) in enumerate(progress(chunks, desc=kind)):
+        ckey = f"{key}/chunk{i:05d}_{s}_{e}"
+        hit = cache.get(kind, ckey)
+        if hit is not None:
+            parts.append(hit[0]["scores"])
+            continue
+        out = compute(s, e)
+        cache.put(kind, ckey, {"scores": out}, config={"parent": key, "start": s, "end": e})
+        parts.append(out)
+    return torch.cat(parts, dim=-1)
+
+
+def pairwise_scores(solver: Solver, model: nn.Module, train: LabeledData, preconditioned: torch.Tensor,
+                    cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096) -> torch.Tensor:
+    """Scores ``[rows of preconditioned, n_train]``; ``preconditioned`` from :func:`precondition_queries`."""
+
+    def compute(s: int, e: int) -> torch.Tensor:
+        part = train.subset(torch.arange(s, e))
+        cols = [solver.pairwise(model, preconditioned, x, y).detach().cpu()
+                for x, y, _ in part.batches(batch_size)]
+        out = torch.cat(cols, dim=1)
+        _finite_or_raise(out, "pairwise scores", solver)
+        return out
+
+    return _chunked("pairwise", cache, key, len(train), chunk_size, compute)
+
+
+def self_scores(solver: Solver, model: nn.Module, train: LabeledData, dampings: Sequence[Damping],
+                cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096) -> torch.Tensor:
+    """Self-influence ``[n_damping, n_train]``: ``g_z^T (G + λI)^-1 g_z`` for every training point."""
+
+    def compute(s: int, e: int) -> torch.Tensor:
+        part = train.subset(torch.arange(s, e))
+        cols = [solver.self_influence(model, x, y, dampings).detach().cpu() for x, y, _ in part.batches(batch_size)]
+        out = torch.cat(cols, dim=1)
+        _finite_or_raise(out, "self-influence scores", solver)
+        return out
+
+    return _chunked("self", cache, key, len(train), chunk_size, compute)
+
+
+def n_chunks(n: int, chunk_size: int) -> int:
+    return math.ceil(n / chunk_size)

@@ -1,0 +1,133 @@
+"""The one interface every inverse-curvature solver implements.
+
+A solver approximates ``(G + λI)^-1`` on the tracked parameters (see :mod:`.layout`), where ``G`` is
+the mean per-example curvature of the training cross-entropy at the trained parameters:
+
+* ``curvature="fisher"`` (default): true Fisher = Gauss-Newton for cross-entropy. Product-based solvers
+  (exact, cg, lissa) use it exactly (``J^T (diag p - p p^T) J``); EK-FAC/K-FAC estimate it with labels
+  sampled from the model.
+* ``"empirical_fisher"``: mean of ``g g^T`` with the training labels.
+* ``"hessian"``: the exact Hessian (product-based solvers only).
+
+``fit`` computes whatever the solver needs once (factors, nothing, a dense matrix); ``precondition``
+applies ``(G + λI)^-1`` to many flat vectors at once. Damping is applied at precondition time, so one
+fit serves every damping value when the solver allows it (``damping`` may be a float, ``"auto"`` or a
+list of those). Influence of training point z on query q is then ``g_q^T (G + λI)^-1 g_z``
+(positive = helpful: upweighting z lowers the query loss).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data.base import LabeledData
+from ..errors import ConfigError, check
+from .layout import ParamLayout
+
+Damping = float | str  # a float > 0 or "auto"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_dampings(value: Any) -> list[Damping]:
+    """``solver.damping`` -> list of floats / ``"auto"``; one-line error otherwise."""
+    values = list(value) if isinstance(value, (list, tuple)) or (
+        hasattr(value, "__iter__") and not isinstance(value, str)) else [value]
+    out: list[Damping] = []
+    for v in values:
+        if isinstance(v, str) and v == "auto":
+            out.append("auto")
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not (f >= 0.0 and f < float("inf")):
+            raise ConfigError(f"solver.damping={value!r} is invalid: use a float >= 0, 'auto', or a list of them")
+        out.append(f)
+    if not out:
+        raise ConfigError("solver.damping=[] is invalid: give at least one value")
+    return out
+
+
+class Solver(ABC):
+    """Inverse damped curvature on a model's tracked parameters. Subclass, set ``name``, implement
+    :meth:`fit` and :meth:`precondition`; add ``conf/solver/<name>.yaml`` with ``_target_`` to it."""
+
+    name: ClassVar[str] = "solver"
+    curvatures: ClassVar[tuple[str, ...]] = ("fisher", "empirical_fisher")
+    #: whether :meth:`fit` is independent of the damping (so one fit serves a whole damping list)
+    damping_free_fit: ClassVar[bool] = True
+
+    def __init__(self, damping: Any = 1e-3, curvature: str = "fisher", modules: str | Sequence[str] = "all",
+                 dtype: str = "float32", batch_size: int = 128, device: str = "cpu", seed: int = 0):
+        self.dampings: list[Damping] = parse_dampings(damping)
+        check(curvature in self.curvatures, "solver.curvature", curvature,
+              f"solver {self.name} supports {', '.join(self.curvatures)}")
+        check(dtype in DTYPES, "solver.dtype", dtype, f"use one of {', '.join(DTYPES)}")
+        check(isinstance(batch_size, int) and batch_size >= 1, "solver.batch_size", batch_size, "must be >= 1")
+        self.curvature = curvature
+        self.modules = modules if isinstance(modules, str) else list(modules)
+        self.dtype = DTYPES[dtype]
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.layout: ParamLayout | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> ParamLayout:
+        """Resolve the tracked modules of ``model`` (logs the untracked parameters once)."""
+        self.layout = ParamLayout(model, self.modules)
+        self.layout.log_untracked()
+        return self.layout
+
+    @abstractmethod
+    def fit(self, model: nn.Module, data: LabeledData) -> None:
+        """Compute the solver's state from the training data (``setup`` is called first if needed)."""
+
+    @abstractmethod
+    def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """``(G + λI)^-1 v`` for flat vectors ``v`` of shape ``[k, P]`` (many at once)."""
+
+    # -- caching ----------------------------------------------------------------------------------
+    def fit_config(self) -> dict[str, Any]:
+        """Everything the fitted state depends on (not the damping when ``damping_free_fit``)."""
+        cfg = {k: v for k, v in vars(self).items()
+               if k not in ("layout", "device", "dampings") and not k.startswith("_")
+               and not isinstance(v, (torch.Tensor, nn.Module, dict))}
+        cfg["dtype"] = str(self.dtype)
+        cfg["solver"] = self.name
+        if not self.damping_free_fit:
+            cfg["dampings"] = self.dampings
+        return cfg
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Fitted tensors to cache (empty for solvers with nothing to fit)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (``setup`` must have been called)."""
+
+    # -- scoring (defaults use torch.func per-example gradients; solvers may specialise) ------------
+    def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Flat per-example loss gradients ``[b, P]`` of a batch (model in eval mode)."""
+        from .grads import per_sample_grads
+
+        assert self.layout is not None, "call setup(model) first"
+        return per_sample_grads(model, self.layout, x.to(self.device, self.dtype), y.to(self.device))
+
+    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """Scores ``[k, b]`` of already preconditioned query gradients ``[k, P]`` against a training batch."""
+        return preconditioned @ self.train_grads(model, x, y).T
+
+    def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       dampings: Sequence[Damping]) -> torch.Tensor:
+        """``g^T (G + λI)^-1 g`` for each example of a batch and each damping: ``[len(dampings), b]``."""
+        g = self.train_grads(model, x, y)
+        return torch.stack([(self.precondition(g, d) * g).sum(dim=1) for d in dampings])

@@ -1,0 +1,61 @@
+"""Shared test fixtures: W&B disabled, an isolated cache, and composing/running configs in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from influencelab.cli import CONFIG_DIR, run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(overrides: list[str], cache: Path | None = None) -> DictConfig:
+    """Compose the app's config with ``overrides`` (and an isolated cache dir)."""
+    extra = [f"paths.cache={cache}"] if cache is not None else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=["logger=none", *extra, *overrides])
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def run_pipeline(tmp_path: Path, cache_dir: Path):
+    """``run_pipeline(overrides, name="run")`` -> (run_dir, metrics), in-process, isolated cache."""
+
+    def _run(overrides: list[str], name: str = "run") -> tuple[Path, dict]:
+        cfg = make_config(overrides, cache_dir)
+        run_dir = tmp_path / name
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        return run_dir, run(cfg, run_dir)
+
+    return _run
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m influencelab ARGS`` in ``cwd`` (a real process: exit codes, stderr)."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "INFLUENCELAB_CACHE": str(cwd / "cache"), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    if env and "HYDRA_FULL_ERROR" in env:
+        full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
+    return subprocess.run([sys.executable, "-m", "influencelab", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
