@@ -15,10 +15,10 @@ help: ## Show this help
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,cluster]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install influencelab with dev + benchmark extras (idempotent)
+install: $(STAMP) ## Create .venv and install influencelab with dev, benchmark and cluster extras (idempotent)
 
 demo: $(STAMP) ## Quickstart on embedded digits: train, EK-FAC, mislabel detection, attribution figure (<5 min)
 	$(VENV)/bin/influencelab experiment=quickstart $(ARGS)
@@ -38,6 +38,9 @@ format: $(STAMP) ## Auto-format and fix imports (ruff)
 
 bench: $(STAMP) ## Benchmarks against kronfluence and dattri (prints tables with ratios)
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+report: $(STAMP) ## Table (markdown + CSV) and comparison plots of a run/multirun dir: make report DIR=multirun/...
+	$(VENV)/bin/influencelab-report $(DIR)
 
 clean: ## Remove caches and run outputs (keeps .venv)
 	rm -rf outputs multirun cache .pytest_cache .ruff_cache build dist src/*.egg-info

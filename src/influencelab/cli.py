@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,19 +26,41 @@ log = logging.getLogger("influencelab")
 
 def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None = None) -> dict:
     """Run ``cfg.stages`` with outputs in ``run_dir``; returns the metrics. Usable without Hydra's CLI."""
-    from .pipeline import STAGES, Context, build
+    from . import distributed
+    from .pipeline import STAGES, Context, PartitionDone, build
+    from .tracking import Tracker
 
-    tracker = build(cfg.logger)
+    tracker = build(cfg.logger) if distributed.is_main() else Tracker(backend="none")
     ctx = Context(cfg, run_dir, tracker)  # validates the whole config before anything is written
-    tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True), job_name, group)
+    distributed.maybe_init(ctx.device)
+    if not distributed.is_main():
+        tracker = ctx.tracker = Tracker(backend="none")
+    else:
+        tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True), job_name, group)
     try:
         for name in cfg.stages:
             t0 = time.perf_counter()
-            STAGES[name](ctx)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                STAGES[name](ctx)
+            except PartitionDone as e:
+                log.info("%s", e)
+                break
+            tracker.log(peak_memory(name))
             log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
     finally:
         tracker.finish()
     return tracker.metrics
+
+
+def peak_memory(stage: str) -> dict[str, float]:
+    """Peak resident memory of the process so far (and CUDA peak during the stage, when on a GPU), in MB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out = {"mem/peak_rss_mb": rss, f"mem/{stage}_peak_rss_mb": rss}
+    if torch.cuda.is_available():
+        out[f"mem/{stage}_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
@@ -75,7 +99,12 @@ def app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Under torchrun, ranks > 0 write no Hydra output directory."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        import tempfile
+
+        sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='influencelab-rank')}", "hydra.output_subdir=null",
+                     "hydra/job_logging=disabled"]
     app()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -25,10 +27,10 @@ def detection_curve(scores: torch.Tensor | np.ndarray, flipped: torch.Tensor | n
 
 
 def recall_at(scores, flipped, fraction: float) -> float:
-    """Fraction of flipped labels among the top ``fraction`` (rounded to whole points) of the ranking."""
+    """Fraction of flipped labels among the top ``ceil(fraction * n)`` points of the ranking."""
     frac, rec = detection_curve(scores, flipped)
     n = len(frac) - 1
-    return float(rec[int(round(fraction * n))])
+    return float(rec[min(n, math.ceil(fraction * n - 1e-9))])
 
 
 def detection_metrics(scores, flipped, prefix: str) -> dict[str, float]:

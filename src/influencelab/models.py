@@ -13,6 +13,11 @@ from torch import nn
 from .errors import ConfigError, check
 
 
+def linear(num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    """Multinomial logistic regression (flatten -> Linear): the convex model, with trainer.weight_decay as L2."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * image_size * image_size, num_classes))
+
+
 def mlp(num_classes: int, in_chans: int, image_size: int, hidden: int = 32, depth: int = 1,
         activation: str = "tanh") -> nn.Module:
     """A tiny MLP (flatten -> [Linear -> act] x depth -> Linear): for tests and exact references."""

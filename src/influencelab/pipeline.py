@@ -7,6 +7,7 @@ its own and reuses whatever earlier runs already computed.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -15,7 +16,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -25,16 +25,19 @@ from torch import nn
 from . import plots
 from .cache import Cache
 from .data.base import DatasetSpec, LabeledData
-from .errors import ConfigError, InfluenceLabError, check
-from .evaluation import detection_metrics
-from .scores import pairwise_scores, precondition_queries, query_gradients, self_scores
+from .errors import InfluenceLabError, check
+from .scores import pairwise_scores, parse_partition, precondition_queries, query_gradients, self_scores
 from .solvers.base import Solver
 from .tracking import Tracker
-from .train import Trainer, evaluate, per_example_loss, resolve_device
+from .train import Trainer, evaluate, resolve_device
 
 log = logging.getLogger("influencelab")
 
 STAGES: dict[str, Callable[[Context], None]] = {}
+
+
+class PartitionDone(Exception):
+    """Raised when a ``score.partition`` job has written its share: the remaining stages are skipped."""
 
 
 def stage(name: str):
@@ -72,6 +75,7 @@ class Context:
         self.run_dir = Path(run_dir)
         self.cache = Cache(cfg.paths.cache)
         self.tracker = tracker or Tracker(backend="none")
+        self._model_copies: dict[tuple[str, torch.dtype], nn.Module] = {}
         unknown = [s for s in cfg.stages if s not in STAGES]
         check(not unknown, "stages", list(cfg.stages), f"unknown {unknown}; available: {sorted(STAGES)}")
         # Validate everything at composition time, before any data is read or anything is written.
@@ -79,7 +83,7 @@ class Context:
         self.trainer: Trainer = build(cfg.trainer)
         self.device = resolve_device(self.trainer.device)
         self.initial_model = self.build_model()
-        if any(s in cfg.stages for s in ("fit", "pairwise", "self", "mislabel", "attribution")):
+        if any(s != "train" for s in cfg.stages):
             self.new_solver()
 
     # -- building blocks --------------------------------------------------------------------------
@@ -140,26 +144,38 @@ class Context:
     @cached_property
     def solver(self) -> Solver:
         """The configured solver, fitted (or its factors loaded from the cache)."""
-        return self.fitted_solver(self.new_solver())
+        t0 = time.perf_counter()
+        solver = self.fitted_solver(self.new_solver())
+        self.tracker.log({"time/fit_s": time.perf_counter() - t0})
+        return solver
 
     def influence_model(self, solver: Solver) -> nn.Module:
-        return self.model.to(device=solver.device, dtype=solver.dtype)
+        """The trained model on the solver's device and dtype (a copy when they differ; eval mode)."""
+        p = next(self.model.parameters())
+        if p.device == solver.device and p.dtype == solver.dtype:
+            return self.model
+        key = (str(solver.device), solver.dtype)
+        if key not in self._model_copies:
+            self._model_copies[key] = copy.deepcopy(self.model).to(device=solver.device, dtype=solver.dtype).eval()
+        return self._model_copies[key]
 
     def fitted_solver(self, solver: Solver) -> Solver:
+        """Set up and fit ``solver`` on the trained model, or load its cached state; ``solver.fit_key`` names it."""
         model = self.influence_model(solver)
         solver.setup(model)
         fit_cfg = {"model": self.model_key, "solver": solver.fit_config()}
         key = self.cache.key(fit_cfg)
         hit = self.cache.get("factors", key)
-        t0 = time.perf_counter()
         if hit is not None:
             solver.load_state_dict({k: v.to(solver.device) for k, v in hit[0].items()})
-            log.info("reusing cached %s factors %s", solver.name, key)
+            solver.fit_seconds = float(hit[1].get("fit_s", 0.0))
+            log.info("reusing cached %s factors %s (fitted in %.1fs)", solver.name, key, solver.fit_seconds)
         else:
+            t0 = time.perf_counter()
             solver.fit(model, self.train_data)
-            self.cache.put("factors", key, solver.state_dict(), fit_cfg)
-        self.fit_key = key
-        self.tracker.log({"time/fit_s": time.perf_counter() - t0})
+            solver.fit_seconds = time.perf_counter() - t0
+            self.cache.put("factors", key, solver.state_dict(), fit_cfg, {"fit_s": solver.fit_seconds})
+        solver.fit_key = key
         return solver
 
     @cached_property
@@ -176,8 +192,9 @@ class Context:
         g = torch.Generator().manual_seed(int(q.seed))
         return torch.randperm(n_test, generator=g)[: min(int(q.n), n_test)].sort().values
 
-    def score_key(self, what: str, extra: Any = None) -> str:
-        return self.cache.key({"what": what, "factors": self.fit_key, "dampings": self.solver.dampings,
+    def score_key(self, solver: Solver, what: str, extra: Any = None) -> str:
+        """Cache key of a score computation: the fitted solver, its dampings, the data and the queries."""
+        return self.cache.key({"what": what, "factors": solver.fit_key, "dampings": solver.dampings,
                                "train": self.dataset_spec.cache_key(), "extra": extra})
 
     def save_scores(self, name: str, scores: torch.Tensor, extra: dict[str, torch.Tensor]) -> Path:
@@ -196,9 +213,19 @@ class Context:
         solver = self.solver
         t0 = time.perf_counter()
         s = self_scores(solver, self.influence_model(solver), self.train_data, solver.dampings, self.cache,
-                        self.score_key("self"), self.cfg.score.batch_size, self.cfg.score.chunk_size)
+                        self.score_key(solver, "self"), self.cfg.score.batch_size, self.cfg.score.chunk_size,
+                        self.partition)
         self.tracker.log({"time/self_s": time.perf_counter() - t0})
-        return s
+        return self._complete(s, "self")
+
+    def baseline_self_influence(self, solver_name: str) -> torch.Tensor:
+        """Self-influence ``[n_train]`` with another solver (e.g. ``identity`` = squared gradient norm)."""
+        node = OmegaConf.load(Path(__file__).parent / "conf" / "solver" / f"{solver_name}.yaml")
+        node.seed = self.cfg.seed
+        node.modules = self.cfg.solver.get("modules", "all")
+        solver = self.fitted_solver(self.new_solver(node))
+        return self_scores(solver, self.influence_model(solver), self.train_data, solver.dampings[:1], self.cache,
+                           self.score_key(solver, "self"), self.cfg.score.batch_size, self.cfg.score.chunk_size)[0]
 
     @cached_property
     def pairwise(self) -> torch.Tensor:
@@ -209,11 +236,24 @@ class Context:
         queries = self.test_data.subset(self.query_positions)
         grads = query_gradients(solver, model, queries, self.cfg.score.batch_size)
         pre = precondition_queries(solver, grads, solver.dampings)
-        key = self.score_key("pairwise", self.query_positions.tolist())
+        key = self.score_key(solver, "pairwise", self.query_positions.tolist())
         s = pairwise_scores(solver, model, self.train_data, pre, self.cache, key, self.cfg.score.batch_size,
-                            self.cfg.score.chunk_size)
+                            self.cfg.score.chunk_size, self.partition)
         self.tracker.log({"time/pairwise_s": time.perf_counter() - t0})
-        return s.reshape(len(solver.dampings), len(queries), -1)
+        return self._complete(s, "pairwise").reshape(len(solver.dampings), len(queries), -1)
+
+    @cached_property
+    def partition(self) -> tuple[int, int]:
+        return parse_partition(self.cfg.score.get("partition"))
+
+    def _complete(self, scores: torch.Tensor | None, what: str) -> torch.Tensor:
+        """Scores of a partition job are only cached; stop the job there (other partitions still to run)."""
+        if scores is None:
+            i, k = self.partition
+            self.tracker.log({f"score/{what}_partition": f"{i}/{k}"})
+            raise PartitionDone(f"partition {i}/{k} of the {what} scores is cached; run the other partitions, "
+                                f"then the same command without score.partition to merge them")
+        return scores
 
 
 # -- stages ---------------------------------------------------------------------------------------------
@@ -252,44 +292,5 @@ def self_stage(ctx: Context) -> None:
     ctx.save_scores("self", ctx.self_influence, {})
 
 
-@stage("mislabel")
-def mislabel_stage(ctx: Context) -> None:
-    """Rank training points by self-influence; recall of flipped labels vs the loss and random baselines."""
-    flipped = ctx.train_data.flipped
-    if not flipped.any():
-        raise ConfigError("stage mislabel needs flipped labels: dataset.label_noise=0.0 is invalid here; "
-                          "set e.g. dataset.label_noise=0.1")
-    rankings = {"self_influence": ctx.self_influence[0].numpy(),
-                "loss": per_example_loss(ctx.model, ctx.train_data).numpy(),
-                "random": np.random.default_rng(ctx.cfg.seed).random(len(flipped))}
-    metrics: dict[str, float] = {}
-    for name, scores in rankings.items():
-        metrics.update(detection_metrics(scores, flipped.numpy(), f"mislabel/{name}"))
-    ctx.tracker.log(metrics)
-    labels = {f"self-influence ({ctx.solver.name})" if k == "self_influence" else k: v for k, v in rankings.items()}
-    ctx.tracker.figure("mislabel_detection", plots.detection_curves(
-        labels, flipped.numpy(), f"{ctx.dataset_spec.name}: {int(flipped.sum())} flipped of {len(flipped)}"))
-
-
-@stage("attribution")
-def attribution_stage(ctx: Context) -> None:
-    """Grid of the most helpful / harmful training images for (up to) 3 query test images (paper Fig. 2)."""
-    scores = ctx.pairwise[0]
-    k = 3
-    train, test = ctx.train_data, ctx.test_data
-    names = train.classes
-    helpful, harmful = [], []
-    qpos = ctx.query_positions[:3]
-    for i in range(len(qpos)):
-        top = torch.argsort(scores[i], descending=True)
-        rows = []
-        for order in (top[:k], top.flip(0)[:k]):
-            imgs = train.images(order)
-            rows.append([(imgs[j], names[int(train.targets[t])] + (" (flipped)" if train.flipped[t] else ""),
-                          float(scores[i, t])) for j, t in enumerate(order.tolist())])
-        helpful.append(rows[0])
-        harmful.append(rows[1])
-    qimgs = test.images(qpos)
-    labels = [names[int(test.targets[p])] for p in qpos]
-    fig = plots.attribution_grid(qimgs, labels, helpful, harmful, ctx.dataset_spec.mean, ctx.dataset_spec.std)
-    ctx.tracker.figure("attribution", fig)
+# the paper's evaluation stages register themselves on import
+from . import studies  # noqa: E402,F401

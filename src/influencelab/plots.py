@@ -74,3 +74,14 @@ def attribution_grid(queries: torch.Tensor, query_labels: Sequence[str], helpful
     fig.suptitle(f"test image | top-{k} most helpful | top-{k} most harmful training images", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def loo_scatter(predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float):
+    """Predicted vs actual leave-one-out change of query loss (Koh & Liang Fig. 2 style)."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(predicted, actual, s=14)
+    lim = float(np.abs(np.concatenate([predicted, actual])).max() or 1.0) * 1.1
+    ax.plot([-lim, lim], [-lim, lim], color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="predicted Δ query loss (score / n)", ylabel="actual Δ query loss (retrained)",
+           title=f"leave-one-out: Pearson {pearson:.2f}, Spearman {spearman:.2f}")
+    return fig

@@ -62,6 +62,25 @@ class Run:
         return None if s is None else s["scores"]
 
 
+    def influence(self, test_positions: list[int] | torch.Tensor, solver: str | None = None) -> torch.Tensor:
+        """Scores ``[k, n_train]`` of any test images (positions in ``run.test``) against every training point,
+        with the run's solver (or ``solver``, a name in conf/solver/), reusing its cached factors."""
+        from .pipeline import Context
+        from .scores import precondition_queries, query_gradients
+
+        cfg = self.config.copy()
+        if solver is not None:
+            cfg.solver = OmegaConf.load(Path(__file__).parent / "conf" / "solver" / f"{solver}.yaml")
+        ctx = Context(cfg, self.run_dir)
+        ctx.__dict__.update(model=self.model, data=(self.train, self.test))  # the run's own weights and data
+        s = ctx.solver
+        model = ctx.influence_model(s)
+        queries = ctx.test_data.subset(torch.as_tensor(test_positions).long())
+        pre = precondition_queries(s, query_gradients(s, model, queries, 64), s.dampings[:1])
+        cols = [s.pairwise(model, pre, x, y).detach().cpu() for x, y, _ in ctx.train_data.batches(256)]
+        return torch.cat(cols, dim=1)
+
+
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Load a run directory written by ``influencelab`` (the model in eval mode on ``device``)."""
     from .pipeline import build

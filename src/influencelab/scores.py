@@ -9,15 +9,15 @@ identical results (chunks do not depend on each other).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from . import distributed
 from .cache import Cache
 from .data.base import LabeledData
-from .errors import SolverDivergedError
+from .errors import ConfigError, SolverDivergedError
 from .solvers.base import Damping, Solver
 from .train import progress
 
@@ -48,24 +48,52 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
-def _chunked(kind: str, cache: Cache, key: str, n: int, chunk_size: int, compute) -> torch.Tensor:
-    """Concatenate chunk results along the last dim, computing (and caching) only the missing chunks."""
-    parts = []
+def parse_partition(spec: str | None) -> tuple[int, int]:
+    """``score.partition``: ``None`` (everything) or ``"i/k"`` (the i-th of k disjoint parts, 0-based)."""
+    if spec in (None, "", "null"):
+        return 0, 1
+    try:
+        i, k = (int(v) for v in str(spec).split("/"))
+        assert 0 <= i < k
+    except (ValueError, AssertionError):
+        raise ConfigError(f"score.partition={spec!r} is invalid: use i/k with 0 <= i < k, e.g. 0/4") from None
+    return i, k
+
+
+def _chunked(kind: str, cache: Cache, key: str, n: int, chunk_size: int, compute,
+             partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
+    """Compute the missing chunks this worker owns (chunk ``c`` belongs to worker ``c % n_workers``, workers
+    being partitions x ranks), write each to the cache atomically, then assemble all chunks along the last
+    dim. Returns ``None`` when chunks owned by other partitions are still missing (a partition job)."""
+    part, n_parts = partition
+    workers, me = n_parts * distributed.world_size(), part * distributed.world_size() + distributed.rank()
     chunks = _chunks(n, chunk_size)
-    for i, (s, e) in enumerate(progress(chunks, desc=kind)):
-        ckey = f"{key}/chunk{i:05d}_{s}_{e}"
-        hit = cache.get(kind, ckey)
+    ckeys = [f"{key}/chunk{i:05d}_{s}_{e}" for i, (s, e) in enumerate(chunks)]
+    done: dict[int, torch.Tensor] = {}
+    for i in progress([i for i in range(len(chunks)) if i % workers == me], desc=kind):
+        hit = cache.get(kind, ckeys[i])
         if hit is not None:
-            parts.append(hit[0]["scores"])
+            done[i] = hit[0]["scores"]
             continue
+        s, e = chunks[i]
         out = compute(s, e)
-        cache.put(kind, ckey, {"scores": out}, config={"parent": key, "start": s, "end": e})
-        parts.append(out)
+        cache.put(kind, ckeys[i], {"scores": out}, config={"parent": key, "start": s, "end": e})
+        done[i] = out
+    distributed.barrier()
+    parts = []
+    for i in range(len(chunks)):
+        if i not in done:
+            hit = cache.get(kind, ckeys[i])
+            if hit is None:
+                return None
+            done[i] = hit[0]["scores"]
+        parts.append(done[i])
     return torch.cat(parts, dim=-1)
 
 
 def pairwise_scores(solver: Solver, model: nn.Module, train: LabeledData, preconditioned: torch.Tensor,
-                    cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096) -> torch.Tensor:
+                    cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096,
+                    partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
     """Scores ``[rows of preconditioned, n_train]``; ``preconditioned`` from :func:`precondition_queries`."""
 
     def compute(s: int, e: int) -> torch.Tensor:
@@ -76,11 +104,12 @@ def pairwise_scores(solver: Solver, model: nn.Module, train: LabeledData, precon
         _finite_or_raise(out, "pairwise scores", solver)
         return out
 
-    return _chunked("pairwise", cache, key, len(train), chunk_size, compute)
+    return _chunked("pairwise", cache, key, len(train), chunk_size, compute, partition)
 
 
 def self_scores(solver: Solver, model: nn.Module, train: LabeledData, dampings: Sequence[Damping],
-                cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096) -> torch.Tensor:
+                cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096,
+                partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
     """Self-influence ``[n_damping, n_train]``: ``g_z^T (G + λI)^-1 g_z`` for every training point."""
 
     def compute(s: int, e: int) -> torch.Tensor:
@@ -90,8 +119,5 @@ def self_scores(solver: Solver, model: nn.Module, train: LabeledData, dampings: 
         _finite_or_raise(out, "self-influence scores", solver)
         return out
 
-    return _chunked("self", cache, key, len(train), chunk_size, compute)
+    return _chunked("self", cache, key, len(train), chunk_size, compute, partition)
 
-
-def n_chunks(n: int, chunk_size: int) -> int:
-    return math.ceil(n / chunk_size)

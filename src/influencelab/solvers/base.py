@@ -78,6 +78,8 @@ class Solver(ABC):
         self.device = torch.device(device)
         self.seed = seed
         self.layout: ParamLayout | None = None
+        self.fit_key: str | None = None  # set by the pipeline: cache key of the fitted state
+        self.fit_seconds: float = 0.0  # set by the pipeline: wall time of the (possibly cached) fit
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> ParamLayout:
@@ -98,7 +100,7 @@ class Solver(ABC):
     def fit_config(self) -> dict[str, Any]:
         """Everything the fitted state depends on (not the damping when ``damping_free_fit``)."""
         cfg = {k: v for k, v in vars(self).items()
-               if k not in ("layout", "device", "dampings") and not k.startswith("_")
+               if k not in ("layout", "device", "dampings", "fit_key", "fit_seconds") and not k.startswith("_")
                and not isinstance(v, (torch.Tensor, nn.Module, dict))}
         cfg["dtype"] = str(self.dtype)
         cfg["solver"] = self.name
@@ -112,6 +114,7 @@ class Solver(ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned (``setup`` must have been called)."""
+        return None
 
     # -- scoring (defaults use torch.func per-example gradients; solvers may specialise) ------------
     def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

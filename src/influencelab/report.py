@@ -1,0 +1,159 @@
+"""``influencelab-report DIR``: turn a run or multirun directory into a table (markdown + CSV) and plots.
+
+Every job directory under DIR (one with ``metrics.json``) becomes a row: its Hydra overrides
+(``.hydra/overrides.yaml``) as columns, then every metric. Comparison plots are drawn when the metrics
+are there: IHVP error vs damping per solver, detection curves across runs, LDS per solver with intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def find_jobs(root: Path) -> list[Path]:
+    """Job directories under ``root`` (itself included), sorted naturally."""
+    jobs = {p.parent for p in root.rglob("metrics.json")}
+    return sorted(jobs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(root).parts])
+
+
+def overrides(job: Path) -> dict[str, str]:
+    """The job's command-line overrides, ``key -> value``."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    out = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Rows (one per job) and the column order: ``job``, override keys, metric keys."""
+    rows, okeys, mkeys = [], [], []
+    for job in find_jobs(root):
+        o = overrides(job)
+        m = json.loads((job / "metrics.json").read_text())
+        okeys += [k for k in o if k not in okeys]
+        mkeys += [k for k in m if k not in mkeys]
+        rows.append({"job": str(job.relative_to(root)) or ".", **o, **m})
+    return ["job", *okeys, *sorted(mkeys)], rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return "" if v is None else str(v)
+
+
+def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def _label(row: dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
+    keys = [k for k in row if "=" not in k and k not in ("job",) and "/" not in k and k not in exclude]
+    return ", ".join(f"{k}={row[k]}" for k in keys) or row["job"]
+
+
+def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Comparison figures from whatever metrics the jobs have."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: list[Path] = []
+    fig_dir = root / "report_figures"
+    # IHVP relative error vs damping, one line per solver
+    pts = [(r.get("ihvp/solver", r.get("solver", "?")), r["ihvp/damping"], r["ihvp/rel_error"], r.get("ihvp/time_s"))
+           for r in rows if "ihvp/rel_error" in r and "ihvp/damping" in r]
+    if pts:
+        fig_dir.mkdir(exist_ok=True)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for solver in sorted({p[0] for p in pts}):
+            sel = sorted((p for p in pts if p[0] == solver), key=lambda p: p[1])
+            a1.plot([p[1] for p in sel], [p[2] for p in sel], marker="o", label=solver)
+            a2.scatter([p[3] for p in sel], [p[2] for p in sel], label=solver)
+        a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error vs CG", title="error vs damping")
+        a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
+        a1.legend()
+        fig.tight_layout()
+        out.append(fig_dir / "ihvp_error.png")
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
+    # detection curves across runs
+    curves = [(r, root / r["job"] / "mislabel_curve.csv") for r in rows]
+    curves = [(r, p) for r, p in curves if p.exists()]
+    if curves:
+        fig_dir.mkdir(exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r, p in curves:
+            with open(p) as f:
+                data = list(csv.DictReader(f))
+            for col in [c for c in data[0] if c != "fraction"]:
+                if col == "random" and r is not curves[0][0]:
+                    continue
+                ax.plot([float(d["fraction"]) for d in data], [float(d[col]) for d in data],
+                        label=f"{col} [{_label(r)}]" if len(curves) > 1 else col)
+        ax.set(xlabel="fraction inspected", ylabel="fraction of flipped labels found", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+        out.append(fig_dir / "detection_curves.png")
+        fig.savefig(out[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    # LDS per solver with intervals
+    lds = [r for r in rows if "lds/mean" in r]
+    if lds:
+        fig_dir.mkdir(exist_ok=True)
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(lds)), 3.5))
+        lo = [r["lds/mean"] - r.get("lds/ci_low", r["lds/mean"]) for r in lds]
+        hi = [r.get("lds/ci_high", r["lds/mean"]) - r["lds/mean"] for r in lds]
+        ax.bar(range(len(lds)), [r["lds/mean"] for r in lds], yerr=[lo, hi], capsize=4)
+        ax.set_xticks(range(len(lds)), [_label(r) for r in lds], rotation=30, ha="right", fontsize=7)
+        ax.set(ylabel="LDS (Spearman)", title="Linear Datamodeling Score (95% bootstrap CI)")
+        fig.tight_layout()
+        out.append(fig_dir / "lds.png")
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
+    return out
+
+
+def report(root: Path) -> tuple[Path, Path, list[Path]]:
+    """Write ``report.md`` and ``report.csv`` (and figures) into ``root``."""
+    columns, rows = collect(root)
+    if not rows:
+        raise SystemExit(f"error: no runs (metrics.json) under {root}")
+    md, csv_path = root / "report.md", root / "report.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    figs = plots(root, rows)
+    md.write_text(f"# Report: {root}\n\n{len(rows)} run(s).\n\n" + markdown(columns, rows)
+                  + "".join(f"\n![{p.stem}]({p.relative_to(root)})\n" for p in figs))
+    return md, csv_path, figs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="influencelab-report", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path, help="a run or multirun directory")
+    args = parser.parse_args(argv)
+    if not args.dir.is_dir():
+        print(f"error: {args.dir} is not a directory", file=sys.stderr)
+        raise SystemExit(2)
+    md, csv_path, figs = report(args.dir)
+    print(md.read_text() if md.stat().st_size < 20_000 else f"wrote {md}")
+    print(f"wrote {md}, {csv_path}" + "".join(f", {p}" for p in figs))
+
+
+if __name__ == "__main__":
+    main()
