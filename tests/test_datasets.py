@@ -1,0 +1,99 @@
+"""Datasets: real FashionMNIST (Debian package), stand-in files in the real on-disk layouts, noise and subsets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import standins
+import torch
+
+from influencelab.data.digits import Digits
+from influencelab.data.fashion_mnist import FashionMNIST
+from influencelab.data.flowers102 import Flowers102
+from influencelab.data.food101 import Food101
+from influencelab.data.mnist import MNIST
+from influencelab.errors import ConfigError, DataNotFoundError
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_standin_idx_files_load(tmp_path, gz):
+    """Stand-in IDX files (random pixels) in torchvision's layout, raw or gzipped."""
+    standins.mnist_like(tmp_path, n_train=50, n_test=20, gz=gz)
+    train, test = MNIST(root=str(tmp_path), download=False, subset=30, label_noise=0.2, seed=1).load()
+    assert train.x.shape == (30, 1, 28, 28) and test.x.shape == (20, 1, 28, 28)
+    assert int(train.flipped.sum()) == 6 and set(test.targets.tolist()) <= set(range(10))
+
+
+def test_mnist_resized(tmp_path):
+    standins.mnist_like(tmp_path)
+    train, _ = MNIST(root=str(tmp_path), download=False, image_size=32).load()
+    assert train.x.shape[-2:] == (32, 32)
+
+
+def test_flowers102_standin_layout_loads_lazily(tmp_path):
+    """Stand-in .mat files and JPEGs in torchvision's flowers-102 layout (random pixels)."""
+    standins.flowers102(tmp_path, per_split=4)
+    spec = Flowers102(root=str(tmp_path), download=False, image_size=32)
+    train, test = spec.load()
+    assert len(train) == 4 and len(test) == 4 and not train.in_memory
+    assert train.targets.tolist() == [0, 1, 2, 3] and test.targets.tolist() == [8, 9, 10, 11]
+    x = train.images([0, 3])
+    assert x.shape == (2, 3, 32, 32)
+    both = Flowers102(root=str(tmp_path), download=False, image_size=32, train_splits=["trnid", "valid"]).load()[0]
+    assert len(both) == 8
+    xb, yb, pos = next(train.batches(3))
+    assert xb.shape == (3, 3, 32, 32) and pos.tolist() == [0, 1, 2]
+
+
+def test_food101_standin_layout_loads(tmp_path):
+    """Stand-in meta/*.json and JPEGs in torchvision's food-101 layout (random pixels)."""
+    standins.food101(tmp_path, per_class=2)
+    train, test = Food101(root=str(tmp_path), download=False, image_size=24, label_noise=0.5).load()
+    assert len(train) == 6 and len(test) == 6
+    assert int(train.flipped.sum()) == 3
+    assert train.images([5]).shape == (1, 3, 24, 24)
+    assert train.classes[:3] == ["apple_pie", "baby_back_ribs", "waffles"]
+
+
+@pytest.mark.parametrize("spec", [MNIST, Flowers102, Food101])
+def test_missing_files_one_line_error(tmp_path, spec):
+    with pytest.raises(DataNotFoundError) as e:
+        spec(root=str(tmp_path / "nothing"), download=False).load()
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "nothing") in msg and "download" in msg
+
+
+def test_real_fashion_mnist():
+    """The real files from Debian's dataset-fashion-mnist (found without configuring anything)."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install dataset-fashion-mnist")
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    spec = FashionMNIST(root="/nonexistent", download=False)
+    train, test = spec.load()
+    assert len(train) == 60_000 and len(test) == 10_000
+    assert torch.bincount(train.targets).tolist() == [6000] * 10
+    assert abs(train.x.mean().item()) < 0.01 and abs(train.x.std().item() - 1) < 0.01  # normalised
+
+
+def test_label_noise_exact_count_different_class_and_seeded():
+    spec = Digits(label_noise=0.1, seed=3)
+    a, _ = spec.load()
+    b, _ = Digits(label_noise=0.1, seed=3).load()
+    c, _ = Digits(label_noise=0.1, seed=4).load()
+    assert int(a.flipped.sum()) == round(0.1 * len(a))
+    assert (a.targets[a.flipped] != a.clean_targets[a.flipped]).all()
+    assert torch.equal(a.targets, b.targets) and not torch.equal(a.flipped, c.flipped)
+
+
+def test_subset_seeded_and_too_large_is_config_error():
+    a, _ = Digits(subset=100, seed=0).load()
+    b, _ = Digits(subset=100, seed=0).load()
+    c, _ = Digits(subset=100, seed=1).load()
+    assert torch.equal(a.indices, b.indices) and not torch.equal(a.indices, c.indices)
+    with pytest.raises(ConfigError, match="dataset.subset"):
+        Digits(subset=5000).load()
