@@ -168,6 +168,7 @@ class Context:
         hit = self.cache.get("factors", key)
         if hit is not None:
             solver.load_state_dict({k: v.to(solver.device) for k, v in hit[0].items()})
+            solver.bind(model, self.train_data)
             solver.fit_seconds = float(hit[1].get("fit_s", 0.0))
             log.info("reusing cached %s factors %s (fitted in %.1fs)", solver.name, key, solver.fit_seconds)
         else:
@@ -236,9 +237,9 @@ class Context:
         queries = self.test_data.subset(self.query_positions)
         grads = query_gradients(solver, model, queries, self.cfg.score.batch_size)
         pre = precondition_queries(solver, grads, solver.dampings)
-        key = self.score_key(solver, "pairwise", self.query_positions.tolist())
+        key = self.score_key(solver, "pairwise", [self.query_positions.tolist(), self.cfg.score.get("query_rank")])
         s = pairwise_scores(solver, model, self.train_data, pre, self.cache, key, self.cfg.score.batch_size,
-                            self.cfg.score.chunk_size, self.partition)
+                            self.cfg.score.chunk_size, self.partition, self.cfg.score.get("query_rank"))
         self.tracker.log({"time/pairwise_s": time.perf_counter() - t0})
         return self._complete(s, "pairwise").reshape(len(solver.dampings), len(queries), -1)
 

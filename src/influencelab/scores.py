@@ -39,9 +39,20 @@ def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batc
 
 def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
     """``[n_damping * n_query, P]``: each damping's ``(G + λI)^-1 g_q``, stacked damping-major."""
-    pre = torch.cat([solver.precondition(grads, d) for d in dampings])
+    pre = solver.precondition_all(grads, dampings).flatten(0, 1)
     _finite_or_raise(pre, "preconditioned query gradients", solver)
     return pre
+
+
+def compress(preconditioned: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Optional low-rank compression of preconditioned queries ``[k, P] ~ coef [k, r] @ basis [r, P]``.
+
+    Scoring then costs ``r`` instead of ``k`` products per training gradient and holds ``r x P`` instead of
+    ``k x P``; ``rank=None`` (or >= k) keeps them exact (returns the matrix itself and ``None``)."""
+    if rank is None or rank >= min(preconditioned.shape):
+        return preconditioned, None
+    u, s, vh = torch.linalg.svd(preconditioned.double(), full_matrices=False)
+    return vh[:rank].to(preconditioned.dtype), (u[:, :rank] * s[:rank]).to(preconditioned.dtype)
 
 
 def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -93,14 +104,16 @@ def _chunked(kind: str, cache: Cache, key: str, n: int, chunk_size: int, compute
 
 def pairwise_scores(solver: Solver, model: nn.Module, train: LabeledData, preconditioned: torch.Tensor,
                     cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096,
-                    partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
-    """Scores ``[rows of preconditioned, n_train]``; ``preconditioned`` from :func:`precondition_queries`."""
+                    partition: tuple[int, int] = (0, 1), rank: int | None = None) -> torch.Tensor | None:
+    """Scores ``[rows of preconditioned, n_train]``; ``preconditioned`` from :func:`precondition_queries`
+    (optionally compressed to ``rank``, see :func:`compress`)."""
+    basis, coef = compress(preconditioned, rank)
 
     def compute(s: int, e: int) -> torch.Tensor:
         part = train.subset(torch.arange(s, e))
-        cols = [solver.pairwise(model, preconditioned, x, y).detach().cpu()
-                for x, y, _ in part.batches(batch_size)]
+        cols = [solver.pairwise(model, basis, x, y).detach() for x, y, _ in part.batches(batch_size)]
         out = torch.cat(cols, dim=1)
+        out = (out if coef is None else coef @ out).cpu()
         _finite_or_raise(out, "pairwise scores", solver)
         return out
 

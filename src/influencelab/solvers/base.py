@@ -96,6 +96,10 @@ class Solver(ABC):
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         """``(G + λI)^-1 v`` for flat vectors ``v`` of shape ``[k, P]`` (many at once)."""
 
+    def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
+        """``[len(dampings), k, P]``: :meth:`precondition` for every damping (solvers may do them jointly)."""
+        return torch.stack([self.precondition(v, d) for d in dampings])
+
     # -- caching ----------------------------------------------------------------------------------
     def fit_config(self) -> dict[str, Any]:
         """Everything the fitted state depends on (not the damping when ``damping_free_fit``)."""
@@ -114,6 +118,11 @@ class Solver(ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned (``setup`` must have been called)."""
+        return None
+
+    def bind(self, model: nn.Module, data: LabeledData) -> None:
+        """Attach the model and training data after a cached state was loaded (solvers that compute
+        curvature products at precondition time, CG and LiSSA, need them; others ignore this)."""
         return None
 
     # -- scoring (defaults use torch.func per-example gradients; solvers may specialise) ------------

@@ -1,0 +1,239 @@
+"""EK-FAC and K-FAC: Kronecker-factored curvature per tracked block, with (EK-FAC) or without (K-FAC) the
+eigenvalue correction of George et al. (2018), as used for influence by Grosse et al. (2023).
+
+Per block with inputs ``a`` (bias column = 1; Conv2d: unfolded patches) and pre-activation output
+gradients ``s`` over positions ``t`` (1 for a plain Linear; conv locations or ViT tokens otherwise), the
+per-example gradient is ``G_i = sum_t s_t a_t^T``. Fitting takes two passes over the training data:
+
+1. covariances ``A = E_i[sum_t a a^T]`` and ``S = E_i[sum_t s s^T] / T``; eigenbases ``Q_A``, ``Q_S`` (float64);
+2. (EK-FAC) corrected eigenvalues ``Λ = E_i[(Q_S^T G_i Q_A)^2]`` — exact diagonal of the block curvature in
+   the Kronecker eigenbasis. K-FAC uses ``Λ = λ_S λ_A^T`` instead (so ``G ≈ S ⊗ A``, exact for one example
+   with one position).
+
+``(G + λI)^-1 v = Q_S [(Q_S^T V Q_A) / (Λ + λ)] Q_A^T`` per block: the damping enters only here, so one fit
+serves every damping; ``auto`` = 0.1 x the block's mean eigenvalue. ``curvature="fisher"`` samples labels
+from the model (true Fisher); ``"empirical_fisher"`` uses the training labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from ..data.base import LabeledData
+from ..errors import ConfigError
+from ..train import progress
+from .base import Damping, Solver
+from .layout import Block
+
+
+class _Capture:
+    """Forward/backward hooks that record each tracked block's inputs ``[b, T, in]`` and output grads ``[b, T, out]``."""
+
+    def __init__(self, modules: dict[str, nn.Module], blocks: list[Block]):
+        self.blocks = blocks
+        self.modules = modules
+        self.a: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def _inputs(self, blk: Block, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
+                raise ConfigError(f"solver.modules includes {blk.name!r}: Conv2d with groups={m.groups}, "
+                                  f"padding={m.padding!r}, padding_mode={m.padding_mode!r} is not supported by "
+                                  f"EK-FAC; exclude it with solver.modules=re:PATTERN")
+            a = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        else:
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+        if blk.bias is not None:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return a
+
+    def __enter__(self) -> _Capture:
+        for blk in self.blocks:
+            m = self.modules[blk.name]
+
+            def fwd(mod, inp, out, blk=blk):
+                self.a[blk.name] = self._inputs(blk, mod, inp[0].detach())
+                conv = isinstance(mod, nn.Conv2d)
+                if out.requires_grad:
+                    def bwd(g, blk=blk, conv=conv):
+                        g = g.detach()
+                        self.s[blk.name] = (g.flatten(2).transpose(1, 2) if conv
+                                            else g.reshape(g.shape[0], -1, g.shape[-1]))
+                    out.register_hook(bwd)
+
+            self.handles.append(m.register_forward_hook(fwd))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.a.clear()
+        self.s.clear()
+
+
+class EKFAC(Solver):
+    """Eigenvalue-corrected K-FAC (``correct=True``); :class:`KFAC` is the same without the correction."""
+
+    name = "ekfac"
+    correct: bool = True
+
+    def __init__(self, *args: Any, fisher_samples: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(fisher_samples, int) or fisher_samples < 1:
+            raise ConfigError(f"solver.fisher_samples={fisher_samples!r} is invalid: must be an integer >= 1")
+        self.fisher_samples = fisher_samples
+        self.state: dict[str, torch.Tensor] = {}
+
+    # -- gradients of a batch, block by block ------------------------------------------------------------
+    @contextmanager
+    def _captured(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  generator: torch.Generator | None = None) -> Iterator[_Capture]:
+        """Run forward + backward of the summed per-example loss; yields the captured a / s per block.
+        With a ``generator`` and ``curvature="fisher"``, labels are sampled from the model's own predictions."""
+        assert self.layout is not None
+        with _Capture(self.layout.modules, self.layout.blocks) as cap, torch.enable_grad():
+            params = [p for p in model.parameters()]
+            req = [p.requires_grad for p in params]
+            for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
+                p.requires_grad_(False)
+            try:
+                x = x.to(self.device, self.dtype).requires_grad_(True)
+                out = model(x)
+                if generator is not None and self.curvature == "fisher":
+                    probs = torch.softmax(out.detach().double(), dim=-1).cpu()
+                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                F.cross_entropy(out, y.to(self.device), reduction="sum").backward()
+            finally:
+                for p, r in zip(params, req, strict=True):
+                    p.requires_grad_(r)
+            yield cap
+
+    def _block_grads(self, cap: _Capture, blk: Block) -> torch.Tensor:
+        """Per-example gradients ``[b, out, in]`` of one block."""
+        return torch.bmm(cap.s[blk.name].transpose(1, 2), cap.a[blk.name])
+
+    # -- fitting ------------------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, data: LabeledData) -> None:
+        if self.layout is None:
+            self.setup(model)
+        assert self.layout is not None
+        blocks = self.layout.blocks
+        gen = torch.Generator().manual_seed(self.seed)
+        shard = data.subset(distributed.shard(len(data)))
+        f64 = dict(dtype=torch.float64, device=self.device)
+        A = {b.name: torch.zeros(b.in_dim, b.in_dim, **f64) for b in blocks}
+        S = {b.name: torch.zeros(b.out_dim, b.out_dim, **f64) for b in blocks}
+        n = torch.zeros((), **f64)
+        positions = {b.name: torch.zeros((), **f64) for b in blocks}
+        for x, y, _ in progress(shard.batches(self.batch_size), desc=f"{self.name} covariances"):
+            for _ in range(self.fisher_samples):
+                with self._captured(model, x, y, gen) as cap:
+                    for b in blocks:
+                        a, s = cap.a[b.name], cap.s[b.name]
+                        A[b.name] += (a.flatten(0, 1).T @ a.flatten(0, 1)).double()
+                        S[b.name] += (s.flatten(0, 1).T @ s.flatten(0, 1)).double()
+                        positions[b.name] += a.shape[0] * a.shape[1]
+            n += len(y) * self.fisher_samples
+        for t in [n, *A.values(), *S.values(), *positions.values()]:
+            distributed.all_reduce_sum(t)
+        state: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(blocks):
+            T = positions[b.name] / n
+            eva, qa = torch.linalg.eigh(A[b.name] / n)
+            evs, qs = torch.linalg.eigh(S[b.name] / n / T)
+            state[f"{i}.QA"], state[f"{i}.QS"] = qa, qs
+            state[f"{i}.lambda"] = torch.outer(evs.clamp_min(0), eva.clamp_min(0))
+        self.state = state
+        if self.correct:
+            self._correct(model, shard, gen)
+        self.state = {k: v.to(self.dtype) if k.endswith(("QA", "QS")) else v for k, v in self.state.items()}
+
+    def _correct(self, model: nn.Module, data: LabeledData, gen: torch.Generator) -> None:
+        """EK-FAC eigenvalue correction: mean squared per-example gradient in the Kronecker eigenbasis."""
+        assert self.layout is not None
+        blocks = self.layout.blocks
+        lam = {i: torch.zeros(b.out_dim, b.in_dim, dtype=torch.float64, device=self.device) for i, b in enumerate(blocks)}
+        n = torch.zeros((), dtype=torch.float64, device=self.device)
+        qa = {i: self.state[f"{i}.QA"].to(self.dtype) for i in range(len(blocks))}
+        qs = {i: self.state[f"{i}.QS"].to(self.dtype) for i in range(len(blocks))}
+        for x, y, _ in progress(data.batches(self.batch_size), desc=f"{self.name} eigenvalue correction"):
+            for _ in range(self.fisher_samples):
+                with self._captured(model, x, y, gen) as cap:
+                    for i, b in enumerate(blocks):
+                        rot = self._rotate(cap, b, qa[i], qs[i])
+                        lam[i] += rot.square().sum(0).double()
+            n += len(y) * self.fisher_samples
+        distributed.all_reduce_sum(n)
+        for i in lam:
+            self.state[f"{i}.lambda"] = distributed.all_reduce_sum(lam[i]) / n
+
+    def _rotate(self, cap: _Capture, b: Block, qa: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients of a block in its eigenbasis, ``Q_S^T G_i Q_A``: ``[b, out, in]``."""
+        a, s = cap.a[b.name], cap.s[b.name]
+        if a.shape[1] == 1:  # rank one: rotate the two factors, O(out^2 + in^2) per example
+            return (s[:, 0] @ qs).unsqueeze(2) * (a[:, 0] @ qa).unsqueeze(1)
+        return torch.bmm((s @ qs).transpose(1, 2), a @ qa)
+
+    # -- applying the inverse --------------------------------------------------------------------------------
+    def _inverse_eigenvalues(self, i: int, damping: Damping) -> torch.Tensor:
+        lam = self.state[f"{i}.lambda"]
+        d = 0.1 * lam.mean() if damping == "auto" else torch.as_tensor(float(damping), dtype=lam.dtype)
+        return (1.0 / (lam + d)).to(self.dtype)
+
+    def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        assert self.layout is not None and self.state, "fit the solver first"
+        out = torch.empty_like(v)
+        for i, b in enumerate(self.layout.blocks):
+            qa, qs = self.state[f"{i}.QA"], self.state[f"{i}.QS"]
+            V = self.layout.block(v, b).to(self.dtype)
+            rot = qs.T @ V @ qa
+            out[:, b.slice] = (qs @ (rot * self._inverse_eigenvalues(i, damping)) @ qa.T).reshape(len(v), -1).to(v.dtype)
+        return out
+
+    # -- scoring specialisations -------------------------------------------------------------------------------
+    def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        assert self.layout is not None
+        with self._captured(model, x, y) as cap:
+            return torch.cat([self._block_grads(cap, b).flatten(1) for b in self.layout.blocks], dim=1)
+
+    def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       dampings: Sequence[Damping]) -> torch.Tensor:
+        """``sum_blocks sum (Q_S^T G_i Q_A)^2 / (Λ + λ)`` without forming per-example gradients for 1-position blocks."""
+        assert self.layout is not None
+        out = torch.zeros(len(dampings), len(x), dtype=torch.float64, device=self.device)
+        with self._captured(model, x, y) as cap:
+            for i, b in enumerate(self.layout.blocks):
+                qa, qs = self.state[f"{i}.QA"], self.state[f"{i}.QS"]
+                a, s = cap.a[b.name], cap.s[b.name]
+                if a.shape[1] == 1:
+                    s2, a2 = (s[:, 0] @ qs).square(), (a[:, 0] @ qa).square()
+                    for j, d in enumerate(dampings):
+                        out[j] += ((s2 @ self._inverse_eigenvalues(i, d)) * a2).sum(1).double()
+                else:
+                    r2 = self._rotate(cap, b, qa, qs).square()
+                    for j, d in enumerate(dampings):
+                        out[j] += (r2 * self._inverse_eigenvalues(i, d)).sum((1, 2)).double()
+        return out
+
+    # -- caching --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = {k: v.to(self.device) for k, v in state.items()}
+
+
+class KFAC(EKFAC):
+    """K-FAC: Kronecker-factored eigenvalues ``λ_S λ_A^T`` (no correction pass)."""
+
+    name = "kfac"
+    correct = False
