@@ -80,6 +80,22 @@ class _Capture:
         self.s.clear()
 
 
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition (float64) that survives rank-deficient covariances: LAPACK's eigh can fail
+    to converge on those, so retry with a tiny relative jitter, then fall back to an SVD."""
+    m = (m + m.T) / 2
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError:
+        eps = 1e-12 * float(m.diagonal().abs().mean() + 1e-30)
+        try:
+            evals, evecs = torch.linalg.eigh(m + eps * torch.eye(len(m), dtype=m.dtype, device=m.device))
+            return evals - eps, evecs
+        except torch.linalg.LinAlgError:
+            u, sv, _ = torch.linalg.svd(m)
+            return sv.flip(0), u.flip(1)
+
+
 class EKFAC(Solver):
     """Eigenvalue-corrected K-FAC (``correct=True``); :class:`KFAC` is the same without the correction."""
 
@@ -148,8 +164,8 @@ class EKFAC(Solver):
         state: dict[str, torch.Tensor] = {}
         for i, b in enumerate(blocks):
             T = positions[b.name] / n
-            eva, qa = torch.linalg.eigh(A[b.name] / n)
-            evs, qs = torch.linalg.eigh(S[b.name] / n / T)
+            eva, qa = _eigh(A[b.name] / n)
+            evs, qs = _eigh(S[b.name] / n / T)
             state[f"{i}.QA"], state[f"{i}.QS"] = qa, qs
             state[f"{i}.lambda"] = torch.outer(evs.clamp_min(0), eva.clamp_min(0))
         self.state = state

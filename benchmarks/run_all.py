@@ -1,0 +1,39 @@
+"""``make bench``: every benchmark in one go, each printing its own markdown table with ratios vs the peers.
+
+    python benchmarks/run_all.py            # full sizes (tens of minutes on 2 CPU cores)
+    python benchmarks/run_all.py --quick    # reduced sizes, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sizes for a fast look")
+    args = ap.parse_args()
+    quick = args.quick
+    jobs = [
+        ("EK-FAC vs kronfluence", ["bench_ekfac.py", *(["--n", "5000"] if quick else [])]),
+        ("LiSSA vs dattri", ["bench_lissa.py", *(["--n", "1000", "--depth", "50"] if quick else [])]),
+        ("damping sweep and memory", ["bench_pipeline.py", *(["--n", "2000"] if quick else [])]),
+        ("scaling in n_train", ["bench_scaling.py", *(["--sizes", "1000,2000,4000"] if quick else [])]),
+    ]
+    failed = []
+    for title, cmd in jobs:
+        print(f"\n## {title}\n", flush=True)
+        r = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        if r.returncode != 0:
+            failed.append(title)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
