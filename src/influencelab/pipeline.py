@@ -200,7 +200,7 @@ class Context:
 
     def save_scores(self, name: str, scores: torch.Tensor, extra: dict[str, torch.Tensor]) -> Path:
         """``scores/<name>.safetensors``: ``scores`` for the first damping (+ ``scores_by_damping``)."""
-        tensors = {"scores": scores[0].contiguous(), "train_indices": self.train_data.indices, **extra}
+        tensors = {"scores": scores[0].clone(), "train_indices": self.train_data.indices, **extra}
         if scores.shape[0] > 1:
             tensors["scores_by_damping"] = scores
         meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.name}

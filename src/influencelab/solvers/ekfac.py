@@ -238,7 +238,7 @@ class EKFAC(Solver):
                     r2 = self._rotate(cap, b, qa, qs).square()
                     for j, d in enumerate(dampings):
                         out[j] += (r2 * self._inverse_eigenvalues(i, d)).sum((1, 2)).double()
-        return out
+        return out.to(self.dtype)
 
     # -- caching --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,136 @@
+"""Scores through the pipeline: the quickstart, caching, chunking, dampings, partitions, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+import influencelab
+
+TINY = ["dataset.subset=300", "dataset.label_noise=0.1", "trainer.epochs=3", "query.n=4"]
+
+
+def test_quickstart_end_to_end(run_pipeline):
+    run_dir, m = run_pipeline(["experiment=quickstart"])
+    for key in ("time/fit_s", "time/pairwise_s", "time/self_s", "mislabel/self_influence/recall@10",
+                "mislabel/self_influence/recall@20", "mislabel/loss/recall@10", "mislabel/identity/recall@10",
+                "mislabel/random/recall@10", "mem/peak_rss_mb"):
+        assert key in m, key
+    assert m["mislabel/self_influence/recall@20"] > 2 * m["mislabel/random/recall@20"]
+    for fig in ("training", "mislabel_detection", "attribution"):
+        assert (run_dir / "figures" / f"{fig}.png").stat().st_size > 10_000
+    run = influencelab.load_run(run_dir)
+    assert run.pairwise_scores.shape == (3, len(run.train)) and run.self_scores.shape == (len(run.train),)
+    assert run.scores("pairwise")["query_indices"].shape == (3,)
+    assert torch.equal(run.scores("self")["train_indices"], run.train.indices)
+
+
+def test_self_scores_equal_diagonal_of_pairwise_through_the_pipeline(run_pipeline):
+    """Query = training points (digits' test split replaced by train positions via query.indices on a
+    tiny config): self-influence equals the diagonal of the pairwise matrix."""
+    run_dir, _ = run_pipeline([*TINY, "stages=[train,fit,self]"], "a")
+    run = influencelab.load_run(run_dir)
+    from influencelab.pipeline import Context
+
+    ctx = Context(run.config, run_dir)
+    ctx.__dict__.update(model=run.model, data=(run.train, run.train))  # queries drawn from the training set
+    ctx.cfg.query.indices = [0, 5, 17]
+    ctx.cfg.query.n = 3
+    pw = ctx.pairwise[0]
+    torch.testing.assert_close(pw[:, [0, 5, 17]].diagonal(), run.self_scores[[0, 5, 17]], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_size_chunking_and_damping_lists_do_not_change_scores(run_pipeline):
+    _, _ = run_pipeline([*TINY, "stages=[train]"], "train")
+    runs = {}
+    for name, extra in {"base": [], "chunked": ["score.chunk_size=37", "score.batch_size=11"],
+                        "list": ["solver.damping=[1e-3,1e-2]"], "other": ["solver.damping=1e-2"]}.items():
+        d, _ = run_pipeline([*TINY, "stages=[fit,pairwise,self]", *extra], name)
+        runs[name] = {k: _load(d / "scores" / f"{k}.safetensors") for k in ("pairwise", "self")}
+    for k in ("pairwise", "self"):  # float32: equal up to round-off relative to the scores' scale
+        tol = {"rtol": 1e-4, "atol": 1e-5 * float(runs["base"][k]["scores"].abs().max())}
+        torch.testing.assert_close(runs["chunked"][k]["scores"], runs["base"][k]["scores"], **tol)
+        torch.testing.assert_close(runs["list"][k]["scores"], runs["base"][k]["scores"], **tol)
+        torch.testing.assert_close(runs["list"][k]["scores_by_damping"][1], runs["other"][k]["scores"], **tol)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_scores_are_cached_and_factors_reused(run_pipeline, cache_dir):
+    _, m1 = run_pipeline([*TINY, "stages=[train,fit,self]"], "a")
+    n_chunks = len(list((cache_dir / "self").rglob("*.safetensors")))
+    _, m2 = run_pipeline([*TINY, "stages=[train,fit,self]", "solver.damping=1e-2"], "b")
+    assert len(list((cache_dir / "factors").glob("*.safetensors"))) == 1  # one fit serves both dampings
+    assert len(list((cache_dir / "self").rglob("*.safetensors"))) == 2 * n_chunks
+
+
+def test_partitions_merge_to_the_full_run(run_pipeline):
+    base = [*TINY, "stages=[train,fit,self]", "score.chunk_size=50"]
+    full_dir, _ = run_pipeline(base, "full")
+    from conftest import make_config
+
+    from influencelab.cli import run
+
+    cache = full_dir.parent / "cache_parts"
+    for i in range(2):
+        cfg = make_config([*base, f"score.partition={i}/3"], cache)
+        m = run(cfg, full_dir.parent / f"part{i}")  # a separate cache: the partitions compute everything
+        assert m["score/self_partition"] == f"{i}/3"
+        assert not (full_dir.parent / f"part{i}" / "scores" / "self.safetensors").exists()
+    # the last partition to finish finds every chunk and writes the merged scores itself ...
+    run(make_config([*base, "score.partition=2/3"], cache), full_dir.parent / "part2")
+    last = _load(full_dir.parent / "part2" / "scores" / "self.safetensors")["scores"]
+    # ... and so does a run without score.partition, from the cache alone
+    merged = run(make_config(base, cache), full_dir.parent / "merged")
+    assert merged["time/self_s"] < 5
+    full = _load(full_dir / "scores" / "self.safetensors")["scores"]
+    torch.testing.assert_close(_load(full_dir.parent / "merged" / "scores" / "self.safetensors")["scores"], full)
+    torch.testing.assert_close(last, full)
+
+
+def test_divergence_is_one_line_error_and_nothing_saved(tmp_path):
+    r = run_cli([*TINY, "solver=lissa", "solver.scale=1e-4", "solver.depth=50", "stages=[train,fit,pairwise]"],
+                tmp_path)
+    assert r.returncode == 2 and "scale" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list((tmp_path / "outputs").rglob("pairwise.safetensors"))
+    assert not (tmp_path / "cache" / "pairwise").exists() or not list((tmp_path / "cache" / "pairwise").rglob("*.safetensors"))
+
+
+def test_sigkill_during_scoring_resumes_with_identical_results(tmp_path):
+    """Kill the process mid-way through self-influence chunks; the re-run reuses the finished chunks."""
+    args = ["dataset=digits", "dataset.label_noise=0.1", "trainer.epochs=2", "stages=[train,fit,self]",
+            "score.chunk_size=16", "score.batch_size=16", "solver=exact", "model=mlp", "model.hidden=8",
+            "hydra.run.dir=run"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "INFLUENCELAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "influencelab", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chunks = tmp_path / "cache" / "self"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(chunks.rglob("*.json"))) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(chunks.rglob("*.json")))
+    total = -(-1437 // 16)
+    assert 5 <= done < total, done
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    resumed = _load(tmp_path / "run" / "scores" / "self.safetensors")["scores"]
+    r2 = run_cli([*args, "hydra.run.dir=fresh"], tmp_path, env={"INFLUENCELAB_CACHE": str(tmp_path / "cache2")})
+    assert r2.returncode == 0, r2.stderr
+    fresh = _load(tmp_path / "fresh" / "scores" / "self.safetensors")["scores"]
+    torch.testing.assert_close(resumed, fresh, rtol=1e-12, atol=0)  # float64: equal up to BLAS round-off
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train/cached"] is True
