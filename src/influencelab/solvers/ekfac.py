@@ -33,8 +33,24 @@ from .base import Damping, Solver
 from .layout import Block
 
 
+def _cov_a(a: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``sum_rows [a, 1]^T [a, 1]`` for ``a [N, in]`` without materialising the column of ones."""
+    if not bias:
+        return a.T @ a
+    top = a.T @ a
+    col = a.sum(0, keepdim=True)
+    n = torch.full((1, 1), float(len(a)), dtype=a.dtype, device=a.device)
+    return torch.cat([torch.cat([top, col.T], 1), torch.cat([col, n], 1)], 0)
+
+
+def _rot_a(a: torch.Tensor, qa: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``[a, 1] @ Q_A`` without materialising the column of ones."""
+    return a @ qa[:-1] + qa[-1] if bias else a @ qa
+
+
 class _Capture:
-    """Forward/backward hooks that record each tracked block's inputs ``[b, T, in]`` and output grads ``[b, T, out]``."""
+    """Forward/backward hooks that record each tracked block's inputs ``[b, T, in]`` (without the bias column)
+    and output gradients ``[b, T, out]``."""
 
     def __init__(self, modules: dict[str, nn.Module], blocks: list[Block]):
         self.blocks = blocks
@@ -52,9 +68,7 @@ class _Capture:
             a = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
         else:
             a = x.reshape(x.shape[0], -1, x.shape[-1])
-        if blk.bias is not None:
-            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-        return a
+        return a  # the bias column of ones is implicit (see _cov_a, _rot_a, _block_grads)
 
     def __enter__(self) -> _Capture:
         for blk in self.blocks:
@@ -108,6 +122,7 @@ class EKFAC(Solver):
             raise ConfigError(f"solver.fisher_samples={fisher_samples!r} is invalid: must be an integer >= 1")
         self.fisher_samples = fisher_samples
         self.state: dict[str, torch.Tensor] = {}
+        self._qcache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # -- gradients of a batch, block by block ------------------------------------------------------------
     @contextmanager
@@ -134,8 +149,10 @@ class EKFAC(Solver):
             yield cap
 
     def _block_grads(self, cap: _Capture, blk: Block) -> torch.Tensor:
-        """Per-example gradients ``[b, out, in]`` of one block."""
-        return torch.bmm(cap.s[blk.name].transpose(1, 2), cap.a[blk.name])
+        """Per-example gradients ``[b, out, in]`` of one block (bias gradient as the last column)."""
+        a, s = cap.a[blk.name], cap.s[blk.name]
+        g = torch.bmm(s.transpose(1, 2), a)
+        return torch.cat([g, s.sum(1, keepdim=True).transpose(1, 2)], dim=2) if blk.bias is not None else g
 
     # -- fitting ------------------------------------------------------------------------------------------
     def fit(self, model: nn.Module, data: LabeledData) -> None:
@@ -155,7 +172,7 @@ class EKFAC(Solver):
                 with self._captured(model, x, y, gen) as cap:
                     for b in blocks:
                         a, s = cap.a[b.name], cap.s[b.name]
-                        A[b.name] += (a.flatten(0, 1).T @ a.flatten(0, 1)).double()
+                        A[b.name] += _cov_a(a.flatten(0, 1), b.bias is not None).double()
                         S[b.name] += (s.flatten(0, 1).T @ s.flatten(0, 1)).double()
                         positions[b.name] += a.shape[0] * a.shape[1]
             n += len(y) * self.fisher_samples
@@ -195,9 +212,10 @@ class EKFAC(Solver):
     def _rotate(self, cap: _Capture, b: Block, qa: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
         """Per-example gradients of a block in its eigenbasis, ``Q_S^T G_i Q_A``: ``[b, out, in]``."""
         a, s = cap.a[b.name], cap.s[b.name]
+        bias = b.bias is not None
         if a.shape[1] == 1:  # rank one: rotate the two factors, O(out^2 + in^2) per example
-            return (s[:, 0] @ qs).unsqueeze(2) * (a[:, 0] @ qa).unsqueeze(1)
-        return torch.bmm((s @ qs).transpose(1, 2), a @ qa)
+            return (s[:, 0] @ qs).unsqueeze(2) * _rot_a(a[:, 0], qa, bias).unsqueeze(1)
+        return torch.bmm((s @ qs).transpose(1, 2), _rot_a(a, qa, bias))
 
     # -- applying the inverse --------------------------------------------------------------------------------
     def _inverse_eigenvalues(self, i: int, damping: Damping) -> torch.Tensor:
@@ -221,6 +239,39 @@ class EKFAC(Solver):
         with self._captured(model, x, y) as cap:
             return torch.cat([self._block_grads(cap, b).flatten(1) for b in self.layout.blocks], dim=1)
 
+    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """Block by block, without concatenating per-example gradients; one-position blocks (plain Linear)
+        use ``s^T Q a`` and never form ``s a^T``."""
+        assert self.layout is not None
+        k = len(preconditioned)
+        out = torch.zeros(k, len(x), dtype=self.dtype, device=self.device)
+        with self._captured(model, x, y) as cap:
+            for b in self.layout.blocks:
+                Qw, Qb = self._query_block(preconditioned, b)
+                a, s = cap.a[b.name], cap.s[b.name]
+                if a.shape[1] == 1:
+                    t = (Qw.reshape(k * b.out_dim, -1) @ a[:, 0].T).view(k, b.out_dim, -1)
+                    out += torch.einsum("kob,bo->kb", t, s[:, 0])
+                else:
+                    g = torch.bmm(s.transpose(1, 2), a)
+                    out += Qw.reshape(k, -1) @ g.reshape(len(x), -1).T
+                if Qb is not None:
+                    out += Qb @ s.sum(1).T
+        return out
+
+    def _query_block(self, pre: torch.Tensor, b: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Contiguous weight / bias parts of a block of the preconditioned queries (memoised per tensor)."""
+        key = (pre.data_ptr(), tuple(pre.shape), b.name)
+        if key not in self._qcache:
+            if len(self._qcache) > 4 * len(self.layout.blocks):
+                self._qcache.clear()
+            Q = self.layout.block(pre, b).to(self.dtype)
+            bias = b.bias is not None
+            self._qcache[key] = (Q[..., :-1].contiguous() if bias else Q.contiguous(),
+                                 Q[..., -1].contiguous() if bias else None)
+        return self._qcache[key]
+
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
         """``sum_blocks sum (Q_S^T G_i Q_A)^2 / (Λ + λ)`` without forming per-example gradients for 1-position blocks."""
@@ -231,7 +282,7 @@ class EKFAC(Solver):
                 qa, qs = self.state[f"{i}.QA"], self.state[f"{i}.QS"]
                 a, s = cap.a[b.name], cap.s[b.name]
                 if a.shape[1] == 1:
-                    s2, a2 = (s[:, 0] @ qs).square(), (a[:, 0] @ qa).square()
+                    s2, a2 = (s[:, 0] @ qs).square(), _rot_a(a[:, 0], qa, b.bias is not None).square()
                     for j, d in enumerate(dampings):
                         out[j] += ((s2 @ self._inverse_eigenvalues(i, d)) * a2).sum(1).double()
                 else:
