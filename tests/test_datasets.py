@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-import standins
 import torch
 
+import standins
 from influencelab.data.digits import Digits
 from influencelab.data.fashion_mnist import FashionMNIST
 from influencelab.data.flowers102 import Flowers102

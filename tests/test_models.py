@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-import standins
 import torch
 import torch.nn.functional as F
-from conftest import make_config
 
+import standins
+from conftest import make_config
 from influencelab.pipeline import build
 from influencelab.solvers.ekfac import EKFAC
 

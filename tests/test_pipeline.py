@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config, run_cli
 
 import influencelab
+from conftest import make_config, run_cli
 from influencelab.cache import Cache
 from influencelab.pipeline import Context
 

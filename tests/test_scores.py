@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import run_cli
 
 import influencelab
+from conftest import run_cli
 
 TINY = ["dataset.subset=300", "dataset.label_noise=0.1", "trainer.epochs=3", "query.n=4"]
 
@@ -81,7 +80,6 @@ def test_partitions_merge_to_the_full_run(run_pipeline):
     base = [*TINY, "stages=[train,fit,self]", "score.chunk_size=50"]
     full_dir, _ = run_pipeline(base, "full")
     from conftest import make_config
-
     from influencelab.cli import run
 
     cache = full_dir.parent / "cache_parts"

@@ -22,10 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import plots
+from . import distributed, plots
 from .cache import Cache
 from .data.base import DatasetSpec, LabeledData
-from .errors import InfluenceLabError, check
+from .errors import ConfigError, InfluenceLabError, check
 from .scores import pairwise_scores, parse_partition, precondition_queries, query_gradients, self_scores
 from .solvers.base import Solver
 from .tracking import Tracker
@@ -60,6 +60,11 @@ def build(node: Any, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        if isinstance(e.__cause__, TypeError) and "unexpected keyword argument" in str(e.__cause__):
+            target = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+            bad = str(e.__cause__).rsplit("argument", 1)[-1].strip(" '")
+            raise ConfigError(f"{bad} is not a key of {target}; remove it (e.g. ~solver.{bad}) or pick a "
+                              f"config that has it") from None
         raise
 
 
@@ -80,6 +85,9 @@ class Context:
         check(not unknown, "stages", list(cfg.stages), f"unknown {unknown}; available: {sorted(STAGES)}")
         # Validate everything at composition time, before any data is read or anything is written.
         self.dataset_spec: DatasetSpec = build(cfg.dataset)
+        if "mislabel" in cfg.stages and not self.dataset_spec.label_noise > 0:
+            raise ConfigError(f"dataset.label_noise={self.dataset_spec.label_noise} is invalid for stage mislabel: "
+                              f"it needs flipped labels; set e.g. dataset.label_noise=0.1")
         self.trainer: Trainer = build(cfg.trainer)
         self.device = resolve_device(self.trainer.device)
         self.initial_model = self.build_model()
@@ -121,6 +129,8 @@ class Context:
     def model(self) -> nn.Module:
         """The trained model (eval mode), from the cache or trained now."""
         model = self.initial_model
+        if not distributed.is_main():
+            distributed.barrier()  # under torchrun, rank 0 trains (or finds) the model and caches it first
         hit = self.cache.get("models", self.model_key)
         if hit is not None:
             tensors, info = hit
@@ -128,17 +138,21 @@ class Context:
             log.info("reusing cached model %s (trained in %.1fs)", self.model_key, info["train_s"])
             self.train_info = {**info, "cached": True}
         else:
-            log.info("training %s on %s (%d points)", self.cfg.model._target_.rsplit(".", 1)[-1],
-                     self.dataset_spec.name, len(self.train_data))
-            t0 = time.perf_counter()
-            history = self.trainer.fit(model, self.train_data, self.test_data)
-            train_s = time.perf_counter() - t0
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.cache.put("models", self.model_key, state, self.model_config,
-                           {"train_s": train_s, "history": history})
-            self.train_info = {"train_s": train_s, "history": history, "cached": False}
+            self._train_and_cache(model)
+        if distributed.is_main():
+            distributed.barrier()
         model.to(self.device).eval()
         return model
+
+    def _train_and_cache(self, model: nn.Module) -> None:
+        log.info("training %s on %s (%d points)", self.cfg.model._target_.rsplit(".", 1)[-1],
+                 self.dataset_spec.name, len(self.train_data))
+        t0 = time.perf_counter()
+        history = self.trainer.fit(model, self.train_data, self.test_data)
+        train_s = time.perf_counter() - t0
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.cache.put("models", self.model_key, state, self.model_config, {"train_s": train_s, "history": history})
+        self.train_info = {"train_s": train_s, "history": history, "cached": False}
 
     # -- influence ----------------------------------------------------------------------------------
     @cached_property
@@ -175,7 +189,8 @@ class Context:
             t0 = time.perf_counter()
             solver.fit(model, self.train_data)
             solver.fit_seconds = time.perf_counter() - t0
-            self.cache.put("factors", key, solver.state_dict(), fit_cfg, {"fit_s": solver.fit_seconds})
+            if distributed.is_main():
+                self.cache.put("factors", key, solver.state_dict(), fit_cfg, {"fit_s": solver.fit_seconds})
         solver.fit_key = key
         return solver
 

@@ -61,7 +61,9 @@ class Tracker:
         """Save a matplotlib figure as ``figures/<name>.png`` (and to W&B as an image)."""
         import matplotlib.pyplot as plt
 
-        assert self.run_dir is not None
+        if self.run_dir is None:  # not started (a non-zero rank): nothing is written
+            plt.close(fig)
+            return Path(os.devnull)
         path = self.run_dir / "figures" / f"{name}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -73,7 +75,8 @@ class Tracker:
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A small table: written as ``<name>.csv`` in the run dir and logged to W&B as a Table."""
-        assert self.run_dir is not None
+        if self.run_dir is None:
+            return
         lines = [",".join(columns)] + [",".join(str(v) for v in r) for r in rows]
         atomic_write_bytes(self.run_dir / f"{name.replace('/', '_')}.csv", ("\n".join(lines) + "\n").encode())
         if self._wandb is not None:
@@ -92,7 +95,8 @@ class Tracker:
 
     def save_tensors(self, relpath: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
         """Atomically write a safetensors file under the run dir."""
-        assert self.run_dir is not None
+        if self.run_dir is None:
+            return Path(os.devnull)
         path = self.run_dir / relpath
         save_tensors(path, tensors, metadata)
         return path

@@ -1,0 +1,108 @@
+"""The paper's experiment presets end to end on tiny configurations, the report command and the notebook."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+SMALL = ["dataset.subset=200", "trainer.epochs=2", "dataset.test_subset=100"]
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_attribution_preset(run_pipeline):
+    run_dir, m = run_pipeline(["experiment=attribution", "dataset=digits", *SMALL])
+    assert (run_dir / "figures" / "attribution.png").stat().st_size > 10_000
+    assert (run_dir / "scores" / "pairwise.safetensors").exists()
+
+
+def test_mislabel_preset_reports_all_baselines(run_pipeline):
+    run_dir, m = run_pipeline(["experiment=mislabel", "dataset=digits", *SMALL, "dataset.label_noise=0.1"])
+    for method in ("self_influence", "identity", "loss", "random"):
+        for key in ("recall@10", "recall@20", "recall@30", "recall@40", "recall@50", "curve_auc", "roc_auc", "ap"):
+            assert f"mislabel/{method}/{key}" in m
+    with open(run_dir / "mislabel_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 201 and float(rows[-1]["self_influence"]) == 1.0
+    assert (run_dir / "figures" / "mislabel_detection.png").exists()
+
+
+def test_mislabel_without_noise_is_one_line_error(tmp_path):
+    r = run_cli(["experiment=mislabel", "dataset=digits", *SMALL, "dataset.label_noise=0.0"], tmp_path)
+    assert r.returncode == 2 and "dataset.label_noise" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ihvp_preset_against_cg(run_pipeline):
+    _, m = run_pipeline(["experiment=ihvp_cnn", "dataset=digits", *SMALL, "query.n=3", "solver=ekfac",
+                         "solver.damping=[1e-2,100]", "+ihvp.reference_args.tol=1e-5"])
+    for d in ("0.01", "100"):
+        assert 0 <= m[f"ihvp/rel_error@{d}"] < 2 and -1 <= m[f"ihvp/cosine@{d}"] <= 1
+    # damping much larger than the curvature: both are ~ v / λ, so the error vanishes
+    assert m["ihvp/rel_error@100"] < 0.05 < m["ihvp/rel_error@0.01"]
+
+
+def test_ihvp_lissa_single_damping_metrics(run_pipeline):
+    _, m = run_pipeline(["experiment=ihvp_cnn", "dataset=digits", *SMALL, "query.n=2", "solver=lissa",
+                         "solver.damping=0.1", "solver.depth=20", "+ihvp.reference_args.tol=1e-5"])
+    assert m["ihvp/solver"] == "lissa" and m["ihvp/damping"] == 0.1 and m["ihvp/time_s"] > 0
+
+
+def test_lds_preset_on_tiny_config(run_pipeline, cache_dir):
+    overrides = ["experiment=lds", "dataset=digits", "dataset.subset=120", "trainer.epochs=2", "query.n=6",
+                 "lds.n_subsets=6", "lds.bootstrap=50"]
+    run_dir, m = run_pipeline(overrides, "ekfac")
+    for key in ("lds/mean", "lds/std", "lds/ci_low", "lds/ci_high", "lds_margin/mean"):
+        assert key in m
+    assert -1 <= m["lds/mean"] <= 1 and m["lds/ci_low"] <= m["lds/mean"] <= m["lds/ci_high"]
+    n_truth = len(list((cache_dir / "retrain").glob("*.safetensors")))
+    assert n_truth == 6
+    _, m2 = run_pipeline([*overrides, "solver=identity"], "identity")  # same ground truth, computed once
+    assert len(list((cache_dir / "retrain").glob("*.safetensors"))) == n_truth
+    assert m2["time/lds_truth_s"] < m["time/lds_truth_s"]
+
+
+def test_loo_preset(run_pipeline):
+    run_dir, m = run_pipeline(["experiment=loo", "dataset.subset=100", "trainer.epochs=3", "loo.k=3"])
+    assert m["loo/n_points"] == 3 and (run_dir / "figures" / "loo.png").exists()
+
+
+def test_report_on_a_small_multirun(tmp_path):
+    r = run_cli(["-m", "experiment=mislabel", "dataset=digits", *SMALL, "solver=ekfac,identity"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (sweep,) = list((tmp_path / "multirun").glob("*/*"))
+    from influencelab.report import report
+
+    md, csv_path, figs = report(sweep)
+    text = md.read_text()
+    assert "solver" in text and "mislabel/self_influence/recall@10" in text
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["solver"] for r in rows} == {"ekfac", "identity"}
+    assert any(p.name == "detection_curves.png" for p in figs)
+
+
+def test_notebook_executes_on_a_small_run(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    r = run_cli(["experiment=quickstart", "dataset.subset=300", "trainer.epochs=3", "hydra.run.dir=run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    nb = nbformat.read(REPO / "notebooks" / "explore_run.ipynb", as_version=4)
+    os.environ["INFLUENCELAB_RUN"] = str(tmp_path / "run")
+    os.environ["INFLUENCELAB_CACHE"] = str(tmp_path / "cache")
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("INFLUENCELAB_RUN")
+        os.environ.pop("INFLUENCELAB_CACHE")
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 3
