@@ -8,7 +8,10 @@ REPORT="${REPORT:-.venv/bin/influencelab-report}"
 run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copied to experiments/results/NAME
   local name=$1; shift
   local t0=$SECONDS
-  "$IL" -m "$@" logger=none hydra.sweep.dir="multirun/$name"
+  if [ ! -e "multirun/$name/.done" ]; then  # resumable: finished sweeps are skipped
+    "$IL" -m "$@" logger=none hydra.sweep.dir="multirun/$name"
+    touch "multirun/$name/.done"
+  fi
   "$REPORT" "multirun/$name" > /dev/null
   mkdir -p "experiments/results/$name"
   cp "multirun/$name/report.md" "multirun/$name/report.csv" "experiments/results/$name/"
@@ -24,4 +27,4 @@ run ihvp_cnn experiment=ihvp_cnn dataset.subset=2000 query.n=8 solver=ekfac,kfac
 run lds experiment=lds solver=ekfac,kfac,identity
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-4,1e-2,1e-1,auto
 run lds_seeds experiment=lds solver=ekfac,identity lds.seeds_per_subset=2
-run mislabel_lissa experiment=mislabel dataset.subset=1000 solver=lissa,ekfac solver.depth=50 query.n=4
+run mislabel_lissa experiment=mislabel dataset.subset=1000 solver=lissa solver.depth=50
