@@ -309,4 +309,4 @@ def self_stage(ctx: Context) -> None:
 
 
 # the paper's evaluation stages register themselves on import
-from . import studies  # noqa: E402,F401
+from . import studies, unlearn  # noqa: E402,F401

@@ -85,3 +85,22 @@ def loo_scatter(predicted: np.ndarray, actual: np.ndarray, pearson: float, spear
     ax.set(xlabel="predicted Δ query loss (score / n)", ylabel="actual Δ query loss (retrained)",
            title=f"leave-one-out: Pearson {pearson:.2f}, Spearman {spearman:.2f}")
     return fig
+
+
+def unlearn_bars(metrics: dict, mode: str, size: int, selection: str):
+    """Original / edited (one Newton step) / fine-tuned / retrained: test accuracy, accuracy on the set,
+    agreement with and KL to the retrained model."""
+    names = ["original", "edited", "finetuned", "retrained"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, title in ((axes[0], "test_accuracy", "test accuracy"),
+                           (axes[1], "set_accuracy", "accuracy on R" + (" (corrected labels)" if mode == "repair"
+                                                                       else " (its labels)")),
+                           (axes[2], "agreement", "agreement with retrained (test)")):
+        vals = [metrics.get(f"unlearn/{n}/{key}", 1.0 if key == "agreement" else np.nan) for n in names]
+        ax.bar(names, vals, color=["gray", "tab:blue", "tab:orange", "tab:green"])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{mode} of {size} points ({selection})", fontsize=10)
+    fig.tight_layout()
+    return fig
