@@ -61,7 +61,7 @@ def main() -> None:
 
         def loss(t: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             p = {n: s.reshape(sh) for n, s, sh in zip(names, t.split(sizes), shapes, strict=True)}
-            return F.cross_entropy(functional_call(model, p, (xb,)), yb)
+            return F.cross_entropy(functional_call(model, p, (xb,)), yb.long())
 
         # dattri's update h = v + (1 - d) h - H h / s equals ours with d = damping / scale
         ihvp = ihvp_lissa(loss, argnums=0, batch_size=args.batch, recursion_depth=args.depth,
@@ -70,7 +70,8 @@ def main() -> None:
         order = ours.layout.unflatten(v, model)
         v_param = torch.cat([order[n].reshape(len(v), -1) for n in names], dim=1)
         t0 = time.perf_counter()
-        x_dattri = ihvp((theta, train.x, train.targets), v_param, in_dims=(None, 0, 0))
+        # labels passed as floats: dattri's rev-rev mode differentiates through every input
+        x_dattri = ihvp((theta, train.x, train.targets.float()), v_param, in_dims=(None, 0, 0))
         rows.append(("dattri 0.3.0", time.perf_counter() - t0))
         got = ours.layout.unflatten(x_ours, model)
         x_ours_param = torch.cat([got[n].reshape(len(v), -1) for n in names], dim=1)

@@ -35,6 +35,9 @@ def mislabel_stage(ctx: Context) -> None:
     metrics: dict[str, float] = {}
     for name, scores in rankings.items():
         metrics.update(detection_metrics(scores, flipped.numpy(), f"mislabel/{name}"))
+    for di, d in enumerate(ctx.solver.dampings[1:], start=1):  # a damping list: every value from one pass
+        metrics.update(detection_metrics(ctx.self_influence[di].numpy(), flipped.numpy(),
+                                         f"mislabel/self_influence@{d}"))
     ctx.tracker.log(metrics)
     labels = {"self_influence": f"self-influence ({ctx.solver.name})", "identity": "gradient norm (identity)"}
     shown = {labels.get(k, k): v for k, v in rankings.items()}
