@@ -69,9 +69,62 @@ def lds(name: str) -> None:
               f"{f(r.get('lds/ci_high'))}] | {f(r.get('lds_margin/mean'))} | {f(r.get('time/lds_truth_s'))} |")
 
 
+def mislabel_damping(name: str) -> None:
+    """Per-damping recall of self-influence (every damping of a list from one fit and one scoring pass)."""
+    rs = rows(name)
+    if not rs:
+        return
+    print(f"\n#### {name}: test accuracy {f(rs[0]['train/test_accuracy'])}\n")
+    print("| solver | curvature | damping | top 10% | top 20% | ROC AUC | AP |\n|---|---|---|---|---|---|---|")
+    for r in rs:
+        first = r.get("solver.damping", "").strip("[]").split(",")[0]
+        dampings = [(first, "mislabel/self_influence")] + sorted(
+            ((k.split("@")[1].split("/")[0], k.split("/recall")[0]) for k in r
+             if k.startswith("mislabel/self_influence@") and k.endswith("recall@10") and r[k] != ""),
+            key=lambda t: float(t[0]))
+        for d, prefix in dampings:
+            print(f"| {r['solver']} | {r.get('solver.curvature') or 'fisher'} | {float(d):g} | "
+                  f"{f(r[prefix + '/recall@10'], True)} | {f(r[prefix + '/recall@20'], True)} | "
+                  f"{f(r[prefix + '/roc_auc'])} | {f(r[prefix + '/ap'])} |")
+
+
+def unlearn(name: str) -> None:
+    """Edited (one Newton step) vs fine-tuned vs retrained, per job."""
+    rs = rows(name)
+    if not rs:
+        return
+    print(f"\n#### {name}\n")
+    print("| mode | selection | points (flipped) | solver | damping | test acc orig / edit / ft / retrain | "
+          "set loss orig / edit / retrain | set acc orig / edit / retrain | agreement edit / ft / orig | "
+          "KL edit / orig | param dist edit | edit s / retrain s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rs:
+        u = "unlearn/"
+
+        def g(m: str, k: str, r: dict[str, str] = r) -> str:
+            return f(r.get(f"unlearn/{m}/{k}"))
+        print(f"| {r.get('unlearn.mode') or 'remove'} | {r.get('unlearn.selection') or ''} | "
+              f"{r[u + 'n_points']} ({r[u + 'n_flipped_in_set']}) | {r.get('solver') or 'ekfac'} | "
+              f"{r.get('solver.damping') or ''} | "
+              + " / ".join(g(m, "test_accuracy") for m in ("original", "edited", "finetuned", "retrained")) + " | "
+              + " / ".join(g(m, "set_loss") for m in ("original", "edited", "retrained")) + " | "
+              + " / ".join(g(m, "set_accuracy") for m in ("original", "edited", "retrained")) + " | "
+              + " / ".join(g(m, "agreement") for m in ("edited", "finetuned", "original")) + " | "
+              + " / ".join(g(m, "kl_to_retrained") for m in ("edited", "original")) + " | "
+              + g("edited", "param_dist_rel") + " | "
+              + f"{float(r['time/unlearn_edit_s']):.2f} / {float(r['time/unlearn_retrain_s']):.1f} |")
+
+
 if __name__ == "__main__":
-    for n in ("mislabel_standard", "mislabel_memorize", "mislabel_lissa"):
+    for n in ("mislabel_standard", "mislabel_memorize", "mislabel_small", "mislabel_lissa"):
         mislabel(n)
-    ihvp("ihvp_cnn")
+    for n in ("mislabel_damping", "mislabel_damping_high", "mislabel_damping_seed1", "mislabel_small",
+              "mislabel_lissa"):
+        mislabel_damping(n)
+    for n in ("ihvp_cnn", "ihvp_depth"):
+        ihvp(n)
     for n in ("lds", "lds_damping", "lds_seeds"):
         lds(n)
+    for n in ("unlearn_remove", "unlearn_repair", "unlearn_solvers", "unlearn_fmnist", "clean_pipeline",
+              "clean_pipeline_fmnist"):
+        unlearn(n)

@@ -48,6 +48,22 @@ def test_two_processes_equal_one(tmp_path):
     assert not list(tmp_path.glob("influencelab-rank*"))  # only rank 0 wrote a run directory here
 
 
+def test_two_processes_split_lissa_products(tmp_path):
+    """LiSSA's scale estimate and query IHVPs split each batch's curvature products over 2 ranks (an odd batch
+    of 7: uneven shares); pairwise scores equal one process's."""
+    args = [*ARGS[:4], "solver=lissa", "solver.dtype=float64", "solver.batch_size=7", "solver.depth=15",
+            "solver.damping=0.1", "query.n=3", "score.chunk_size=50", "stages=[train,fit,pairwise]", "logger=none"]
+    one = subprocess.run([sys.executable, "-m", "influencelab", *args, "hydra.run.dir=one"], cwd=tmp_path,
+                         env=_env(tmp_path, "c1"), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "influencelab", *args, "hydra.run.dir=two"],
+                         cwd=tmp_path, env=_env(tmp_path, "c2"), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (load_file(str(tmp_path / d / "scores" / "pairwise.safetensors"))["scores"] for d in ("one", "two"))
+    torch.testing.assert_close(s1, s2, rtol=1e-8, atol=1e-10)
+
+
 def test_submitit_local_two_job_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     r = subprocess.run([sys.executable, "-m", "influencelab", "-m", "hydra/launcher=submitit_local",

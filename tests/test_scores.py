@@ -132,3 +132,31 @@ def test_sigkill_during_scoring_resumes_with_identical_results(tmp_path):
     fresh = _load(tmp_path / "fresh" / "scores" / "self.safetensors")["scores"]
     torch.testing.assert_close(resumed, fresh, rtol=1e-12, atol=0)  # float64: equal up to BLAS round-off
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train/cached"] is True
+
+
+def test_sigkill_during_fitting_resumes_with_identical_factors(tmp_path):
+    """Kill the process in EK-FAC's eigenvalue-correction pass; the re-run restores the snapshotted sums and
+    sampling state, skips the finished batches and ends with the factors of an uninterrupted fit."""
+    args = ["dataset=digits", "trainer.epochs=1", "stages=[train,fit]", "model=mlp", "model.hidden=16",
+            "solver=ekfac", "solver.dtype=float64", "solver.batch_size=8", "fit.checkpoint_s=0", "hydra.run.dir=run"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "INFLUENCELAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "influencelab", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snaps = tmp_path / "cache" / "snapshots"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(snaps.glob("*-correction.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cache" / "factors").exists(), "the fit finished before the kill"
+    assert list(snaps.glob("*-covariances.json")) and list(snaps.glob("*-correction.json"))
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming ekfac correction from batch" in r.stdout + r.stderr, r.stdout[-2000:]
+    assert not list(snaps.glob("*.json")), "snapshots are removed once the factors are cached"
+    r2 = run_cli(args, tmp_path, env={"INFLUENCELAB_CACHE": str(tmp_path / "cache2")})
+    assert r2.returncode == 0, r2.stderr
+    resumed, fresh = (_load(next((tmp_path / c / "factors").glob("*.safetensors"))) for c in ("cache", "cache2"))
+    assert resumed.keys() == fresh.keys()
+    for k in fresh:
+        torch.testing.assert_close(resumed[k], fresh[k], rtol=0, atol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,3 +280,29 @@ def test_modules_selection_and_errors(setup):
     for bad in ("last:0", "re:zzz", ["nope"], "everything"):
         with pytest.raises(ConfigError, match="solver.modules"):
             ParamLayout(model, bad)
+
+
+@pytest.mark.parametrize("cls", [EKFAC, Identity])
+def test_bf16_autocast_gradients_and_scores_track_float32(setup, cls):
+    """``solver.autocast=bf16`` runs the gradient passes in bfloat16 (results change at bf16 precision) while
+    sums and inverses stay in float32/float64: self-influence keeps its ranking."""
+    from scipy.stats import spearmanr
+
+    model64, _, train, x, y, _ = setup["cnn"]
+    model = copy.deepcopy(model64).float()
+    full, amp = cls(damping=1e-2, batch_size=16), cls(damping=1e-2, batch_size=16, autocast="bf16")
+    for s in (full, amp):
+        s.fit(model, train) if cls is EKFAC else s.setup(model)
+    xf = x.float()
+    g, g_amp = full.train_grads(model, xf, y), amp.train_grads(model, xf, y)
+    assert g_amp.dtype == torch.float32 and not torch.equal(g, g_amp)  # bf16 passes really ran
+    assert float((g - g_amp).norm() / g.norm()) < 0.05
+    a, b = (s.self_influence(model, xf, y, [1e-2])[0] for s in (full, amp))
+    assert spearmanr(a.numpy(), b.numpy()).statistic > 0.98
+
+
+def test_autocast_config_errors():
+    with pytest.raises(ConfigError, match="solver.autocast"):
+        EKFAC(autocast="int8")
+    with pytest.raises(ConfigError, match="solver.dtype=float32"):
+        EKFAC(autocast="bf16", dtype="float64")

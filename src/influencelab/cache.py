@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,29 @@ class Cache:
         record = {"kind": kind, "key": key, "sha256": digest, "config": config, **(info or {})}
         atomic_write_bytes(jpath, json.dumps(record, indent=2, default=str).encode())
         return tpath
+
+
+class Snapshots:
+    """Periodic snapshots of a long computation's running state (a solver's sums during ``fit``), so that a
+    killed run resumes from its last snapshot instead of from scratch. Stored in the cache under
+    ``snapshots/<key>-<phase>`` (verified like any entry) and cleared once the final result is cached."""
+
+    def __init__(self, cache: Cache, key: str, every_s: float = 30.0):
+        self.cache, self.key, self.every_s = cache, key, float(every_s)
+        self._last = time.monotonic()
+
+    def load(self, phase: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """``(steps done, tensors)`` of the last snapshot of ``phase``, or ``None``."""
+        hit = self.cache.get("snapshots", f"{self.key}-{phase}")
+        return None if hit is None else (int(hit[1]["done"]), hit[0])
+
+    def save(self, phase: str, done: int, tensors: dict[str, torch.Tensor], final: bool = False) -> None:
+        """Snapshot ``tensors`` after ``done`` steps, at most every ``every_s`` seconds (always when ``final``)."""
+        if not final and time.monotonic() - self._last < self.every_s:
+            return
+        self.cache.put("snapshots", f"{self.key}-{phase}", tensors, None, {"done": done})
+        self._last = time.monotonic()
+
+    def clear(self) -> None:
+        for path in (self.cache.root / "snapshots").glob(f"{self.key}-*"):
+            path.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Multi-process support on torch.distributed (``torchrun --nproc_per_node=N -m influencelab ...``).
 
-Work is split by rank and summed with all-reduce (curvature statistics, curvature-vector products) or
+Work is split by rank and summed with all-reduce (curvature statistics; curvature-vector products inside
+:func:`collective` sections, where every rank solves the same vectors: fitting and query preconditioning) or
 split by chunks of training points that each rank writes to the shared cache (scores); rank 0 alone
 writes the run directory and logs to W&B. Without torchrun every function here is a cheap no-op.
 """
@@ -8,6 +9,8 @@ writes the run directory and logs to W&B. Without torchrun every function here i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -57,3 +60,24 @@ def shard(n: int) -> torch.Tensor:
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return torch.arange(start, start + base + (1 if r < extra else 0))
+
+
+_collective = False
+
+
+@contextmanager
+def collective() -> Iterator[None]:
+    """A section that every rank runs on the same inputs in lockstep, so the curvature-vector products inside
+    it may split their batch across ranks and all-reduce (used for fitting and for preconditioning queries;
+    not for per-chunk training scores, where ranks already work on different data)."""
+    global _collective
+    before, _collective = _collective, True
+    try:
+        yield
+    finally:
+        _collective = before
+
+
+def split_batch() -> bool:
+    """Whether batch-level work should be split across ranks right now (inside :func:`collective`)."""
+    return _collective and active()

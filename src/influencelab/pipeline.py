@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import distributed, plots
-from .cache import Cache
+from .cache import Cache, Snapshots
 from .data.base import DatasetSpec, LabeledData
 from .errors import ConfigError, InfluenceLabError, check
 from .scores import pairwise_scores, parse_partition, precondition_queries, query_gradients, self_scores
@@ -88,6 +88,9 @@ class Context:
         if "mislabel" in cfg.stages and not self.dataset_spec.label_noise > 0:
             raise ConfigError(f"dataset.label_noise={self.dataset_spec.label_noise} is invalid for stage mislabel: "
                               f"it needs flipped labels; set e.g. dataset.label_noise=0.1")
+        every = OmegaConf.select(cfg, "fit.checkpoint_s", default=30.0)
+        check(isinstance(every, (int, float)) and every >= 0, "fit.checkpoint_s", every,
+              "must be a number of seconds >= 0 (0 = snapshot after every batch)")
         self.trainer: Trainer = build(cfg.trainer)
         self.device = resolve_device(self.trainer.device)
         self.initial_model = self.build_model()
@@ -187,10 +190,17 @@ class Context:
             log.info("reusing cached %s factors %s (fitted in %.1fs)", solver.name, key, solver.fit_seconds)
         else:
             t0 = time.perf_counter()
-            solver.fit(model, self.train_data)
+            every = OmegaConf.select(self.cfg, "fit.checkpoint_s", default=30.0)
+            solver._snapshots = Snapshots(self.cache, f"{key}-r{distributed.rank()}of{distributed.world_size()}",
+                                          every)
+            with distributed.collective():
+                solver.fit(model, self.train_data)
             solver.fit_seconds = time.perf_counter() - t0
             if distributed.is_main():
                 self.cache.put("factors", key, solver.state_dict(), fit_cfg, {"fit_s": solver.fit_seconds})
+            distributed.barrier()
+            solver._snapshots.clear()
+            solver._snapshots = None
         solver.fit_key = key
         return solver
 

@@ -38,8 +38,10 @@ def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batc
 
 
 def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
-    """``[n_damping * n_query, P]``: each damping's ``(G + λI)^-1 g_q``, stacked damping-major."""
-    pre = solver.precondition_all(grads, dampings).flatten(0, 1)
+    """``[n_damping * n_query, P]``: each damping's ``(G + λI)^-1 g_q``, stacked damping-major (every rank
+    solves the same queries, so curvature products are split across torchrun ranks)."""
+    with distributed.collective():
+        pre = solver.precondition_all(grads, dampings).flatten(0, 1)
     _finite_or_raise(pre, "preconditioned query gradients", solver)
     return pre
 

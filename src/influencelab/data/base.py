@@ -64,12 +64,14 @@ class LabeledData(Dataset):
         return LabeledData(x, self.targets[idx], self.clean_targets[idx], self.indices[idx],
                            self.num_classes, self.classes)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(x, y, positions)`` batches; in-memory data is sliced directly (no DataLoader cost)."""
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+                skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y, positions)`` batches (after the first ``skip``, when resuming); in-memory data is
+        sliced directly (no DataLoader cost)."""
         n = len(self)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
-                 else torch.arange(n))
+                 else torch.arange(n))[skip * batch_size:]
+        n = len(order)
         if self.in_memory:
             for s in range(0, n, batch_size):
                 pos = order[s:s + batch_size]

@@ -18,6 +18,7 @@ list of those). Influence of training point z on query q is then ``g_q^T (G + λ
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -25,13 +26,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..cache import Snapshots
 from ..data.base import LabeledData
 from ..errors import ConfigError, check
 from .layout import ParamLayout
 
+log = logging.getLogger(__name__)
+
 Damping = float | str  # a float > 0 or "auto"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: ``solver.autocast``: lower precision for the forward/backward passes that produce per-example gradients
+#: and EK-FAC statistics; sums, eigendecompositions and inverses stay in ``solver.dtype`` / float64
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_dampings(value: Any) -> list[Damping]:
@@ -65,11 +72,17 @@ class Solver(ABC):
     damping_free_fit: ClassVar[bool] = True
 
     def __init__(self, damping: Any = 1e-3, curvature: str = "fisher", modules: str | Sequence[str] = "all",
-                 dtype: str = "float32", batch_size: int = 128, device: str = "cpu", seed: int = 0):
+                 dtype: str = "float32", batch_size: int = 128, device: str = "cpu", seed: int = 0,
+                 autocast: str | None = None):
         self.dampings: list[Damping] = parse_dampings(damping)
         check(curvature in self.curvatures, "solver.curvature", curvature,
               f"solver {self.name} supports {', '.join(self.curvatures)}")
         check(dtype in DTYPES, "solver.dtype", dtype, f"use one of {', '.join(DTYPES)}")
+        check(autocast is None or autocast in AUTOCAST, "solver.autocast", autocast,
+              f"use null or one of {', '.join(AUTOCAST)}")
+        check(autocast is None or dtype == "float32", "solver.autocast", autocast,
+              f"needs solver.dtype=float32 (got {dtype}); or set solver.autocast=null")
+        self.autocast = autocast
         check(isinstance(batch_size, int) and batch_size >= 1, "solver.batch_size", batch_size, "must be >= 1")
         self.curvature = curvature
         self.modules = modules if isinstance(modules, str) else list(modules)
@@ -80,6 +93,7 @@ class Solver(ABC):
         self.layout: ParamLayout | None = None
         self.fit_key: str | None = None  # set by the pipeline: cache key of the fitted state
         self.fit_seconds: float = 0.0  # set by the pipeline: wall time of the (possibly cached) fit
+        self._snapshots: Snapshots | None = None  # set by the pipeline: makes a long fit resumable
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> ParamLayout:
@@ -99,6 +113,27 @@ class Solver(ABC):
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         """``[len(dampings), k, P]``: :meth:`precondition` for every damping (solvers may do them jointly)."""
         return torch.stack([self.precondition(v, d) for d in dampings])
+
+    # -- resumable fitting: a pass over the data snapshots its running sums (see cache.Snapshots) -----
+    def _resume(self, phase: str, sums: dict[str, torch.Tensor], gen: torch.Generator | None) -> int:
+        """Restore ``sums`` (in place) and ``gen`` from the last snapshot of ``phase``; batches already done."""
+        snap = self._snapshots.load(phase) if self._snapshots is not None else None
+        if snap is None:
+            return 0
+        done, tensors = snap
+        for k, t in sums.items():
+            t.copy_(tensors[k])
+        if gen is not None:
+            gen.set_state(tensors["_generator"])
+        log.info("resuming %s %s from batch %d (snapshot)", self.name, phase, done)
+        return done
+
+    def _snapshot(self, phase: str, done: int, sums: dict[str, torch.Tensor], gen: torch.Generator | None,
+                  final: bool = False) -> None:
+        """Snapshot ``sums`` and ``gen`` after ``done`` batches of ``phase`` (throttled unless ``final``)."""
+        if self._snapshots is not None:
+            extra = {"_generator": gen.get_state()} if gen is not None else {}
+            self._snapshots.save(phase, done, {**sums, **extra}, final)
 
     # -- caching ----------------------------------------------------------------------------------
     def fit_config(self) -> dict[str, Any]:
@@ -126,12 +161,19 @@ class Solver(ABC):
         return None
 
     # -- scoring (defaults use torch.func per-example gradients; solvers may specialise) ------------
+    def amp(self) -> torch.autocast:
+        """The autocast context of ``solver.autocast`` (disabled when null)."""
+        return torch.autocast(self.device.type, dtype=AUTOCAST.get(self.autocast or "bf16"),
+                              enabled=self.autocast is not None)
+
     def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Flat per-example loss gradients ``[b, P]`` of a batch (model in eval mode)."""
         from .grads import per_sample_grads
 
         assert self.layout is not None, "call setup(model) first"
-        return per_sample_grads(model, self.layout, x.to(self.device, self.dtype), y.to(self.device))
+        with self.amp():
+            g = per_sample_grads(model, self.layout, x.to(self.device, self.dtype), y.to(self.device))
+        return g.to(self.dtype)
 
     def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
+from .. import distributed
 from ..data.base import LabeledData
 from .grads import per_sample_grads, split_params
 from .layout import ParamLayout
@@ -41,7 +42,15 @@ class Curvature:
 
     # -- products ----------------------------------------------------------------------------------------
     def product(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``mean_i C_i V^T`` for ``V [k, P]`` over the batch ``(x, y)``: returns ``[k, P]``."""
+        """``mean_i C_i V^T`` for ``V [k, P]`` over the batch ``(x, y)``: returns ``[k, P]``. Under torchrun,
+        inside a :func:`distributed.collective` section, each rank takes a share of the batch (all-reduced)."""
+        if distributed.split_batch():
+            rows = distributed.shard(len(x))
+            part = self._product(V, x[rows], y[rows]) * len(rows) if len(rows) else torch.zeros_like(V)
+            return distributed.all_reduce_sum(part) / len(x)
+        return self._product(V, x, y)
+
+    def _product(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.to(self.device, self.dtype), y.to(self.device)
         if self.kind == "empirical_fisher":
             g = per_sample_grads(self.model, self.layout, x, y)

@@ -52,9 +52,10 @@ class _Capture:
     """Forward/backward hooks that record each tracked block's inputs ``[b, T, in]`` (without the bias column)
     and output gradients ``[b, T, out]``."""
 
-    def __init__(self, modules: dict[str, nn.Module], blocks: list[Block]):
+    def __init__(self, modules: dict[str, nn.Module], blocks: list[Block], dtype: torch.dtype):
         self.blocks = blocks
         self.modules = modules
+        self.dtype = dtype  # captured tensors are cast to it (they are bf16/fp16 under autocast)
         self.a: dict[str, torch.Tensor] = {}
         self.s: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
@@ -75,11 +76,11 @@ class _Capture:
             m = self.modules[blk.name]
 
             def fwd(mod, inp, out, blk=blk):
-                self.a[blk.name] = self._inputs(blk, mod, inp[0].detach())
+                self.a[blk.name] = self._inputs(blk, mod, inp[0].detach().to(self.dtype))
                 conv = isinstance(mod, nn.Conv2d)
                 if out.requires_grad:
                     def bwd(g, blk=blk, conv=conv):
-                        g = g.detach()
+                        g = g.detach().to(self.dtype)
                         self.s[blk.name] = (g.flatten(2).transpose(1, 2) if conv
                                             else g.reshape(g.shape[0], -1, g.shape[-1]))
                     out.register_hook(bwd)
@@ -131,14 +132,15 @@ class EKFAC(Solver):
         """Run forward + backward of the summed per-example loss; yields the captured a / s per block.
         With a ``generator`` and ``curvature="fisher"``, labels are sampled from the model's own predictions."""
         assert self.layout is not None
-        with _Capture(self.layout.modules, self.layout.blocks) as cap, torch.enable_grad():
+        with _Capture(self.layout.modules, self.layout.blocks, self.dtype) as cap, torch.enable_grad():
             params = [p for p in model.parameters()]
             req = [p.requires_grad for p in params]
             for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
                 p.requires_grad_(False)
             try:
                 x = x.to(self.device, self.dtype).requires_grad_(True)
-                out = model(x)
+                with self.amp():
+                    out = model(x).to(self.dtype)
                 if generator is not None and self.curvature == "fisher":
                     probs = torch.softmax(out.detach().double(), dim=-1).cpu()
                     y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -167,7 +169,10 @@ class EKFAC(Solver):
         S = {b.name: torch.zeros(b.out_dim, b.out_dim, **f64) for b in blocks}
         n = torch.zeros((), **f64)
         positions = {b.name: torch.zeros((), **f64) for b in blocks}
-        for x, y, _ in progress(shard.batches(self.batch_size), desc=f"{self.name} covariances"):
+        sums = {"n": n, **{f"A/{k}": v for k, v in A.items()}, **{f"S/{k}": v for k, v in S.items()},
+                **{f"T/{k}": v for k, v in positions.items()}}
+        done = self._resume("covariances", sums, gen)
+        for x, y, _ in progress(shard.batches(self.batch_size, skip=done), desc=f"{self.name} covariances"):
             for _ in range(self.fisher_samples):
                 with self._captured(model, x, y, gen) as cap:
                     for b in blocks:
@@ -176,6 +181,10 @@ class EKFAC(Solver):
                         S[b.name] += (s.flatten(0, 1).T @ s.flatten(0, 1)).double()
                         positions[b.name] += a.shape[0] * a.shape[1]
             n += len(y) * self.fisher_samples
+            done += 1
+            self._snapshot("covariances", done, sums, gen)
+        if self.correct:  # the correction pass resumes from here (kept until the fit is cached)
+            self._snapshot("covariances", done, sums, gen, final=True)
         for t in [n, *A.values(), *S.values(), *positions.values()]:
             distributed.all_reduce_sum(t)
         state: dict[str, torch.Tensor] = {}
@@ -198,13 +207,17 @@ class EKFAC(Solver):
         n = torch.zeros((), dtype=torch.float64, device=self.device)
         qa = {i: self.state[f"{i}.QA"].to(self.dtype) for i in range(len(blocks))}
         qs = {i: self.state[f"{i}.QS"].to(self.dtype) for i in range(len(blocks))}
-        for x, y, _ in progress(data.batches(self.batch_size), desc=f"{self.name} eigenvalue correction"):
+        sums = {"n": n, **{f"lambda/{i}": v for i, v in lam.items()}}
+        done = self._resume("correction", sums, gen)
+        for x, y, _ in progress(data.batches(self.batch_size, skip=done), desc=f"{self.name} eigenvalue correction"):
             for _ in range(self.fisher_samples):
                 with self._captured(model, x, y, gen) as cap:
                     for i, b in enumerate(blocks):
                         rot = self._rotate(cap, b, qa[i], qs[i])
                         lam[i] += rot.square().sum(0).double()
             n += len(y) * self.fisher_samples
+            done += 1
+            self._snapshot("correction", done, sums, gen)
         distributed.all_reduce_sum(n)
         for i in lam:
             self.state[f"{i}.lambda"] = distributed.all_reduce_sum(lam[i]) / n
