@@ -1,11 +1,12 @@
-"""EK-FAC: influencelab vs kronfluence on the same trained CNN and data, in the same process.
+"""EK-FAC, K-FAC and identity: influencelab vs kronfluence on the same trained CNN and data, in the same process.
 
-    python benchmarks/bench_ekfac.py [--n 20000] [--queries 100] [--batch 256] [--epochs 2]
+    python benchmarks/bench_ekfac.py [--n 20000] [--queries 100] [--batch 256] [--epochs 2] [--strategies ekfac]
 
 FashionMNIST from Debian's dataset-fashion-mnist (falls back to digits), 10% flipped labels. Both use the
 empirical Fisher and the same explicit damping, so their scores agree (Spearman printed). Prints a markdown
 table of wall time per stage, ours / kronfluence (targets: fit + self <= 0.5, pairwise <= 0.5), and peak
-memory; writes benchmarks/results/ekfac.csv.
+memory; then the low-rank query compression (``score.query_rank``) against full rank, and, when CUDA is
+present, the same stages on the GPU. Writes benchmarks/results/ekfac.csv.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from influencelab.data.digits import Digits
 from influencelab.data.fashion_mnist import FashionMNIST
 from influencelab.errors import DataNotFoundError
 from influencelab.models import cnn
-from influencelab.solvers.ekfac import EKFAC
+from influencelab.scores import compress
+from influencelab.solvers.ekfac import EKFAC, KFAC
+from influencelab.solvers.identity import Identity
 from influencelab.train import Trainer
 
 DAMPING = 1e-3
@@ -48,8 +51,11 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def ours(model, train, queries, batch):
-    s = EKFAC(damping=DAMPING, curvature="empirical_fisher", batch_size=batch)
+OURS = {"ekfac": EKFAC, "kfac": KFAC, "identity": Identity}
+
+
+def ours(model, train, queries, batch, strategy="ekfac", device="cpu"):
+    s = OURS[strategy](damping=DAMPING, curvature="empirical_fisher", batch_size=batch, device=device)
     _, fit = timed(lambda: s.fit(model, train))
 
     def self_scores():
@@ -65,7 +71,7 @@ def ours(model, train, queries, batch):
     return {"fit": fit, "self": self_t, "pairwise": pair_t}, sv, pw
 
 
-def kronfluence(model, train, queries, batch, out_dir):
+def kronfluence(model, train, queries, batch, out_dir, strategy="ekfac"):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -84,7 +90,8 @@ def kronfluence(model, train, queries, batch, out_dir):
     qs = TensorDataset(queries.x, queries.targets)
     sargs = ScoreArguments(damping_factor=DAMPING)
     _, fit = timed(lambda: an.fit_all_factors("f", tr, per_device_batch_size=batch,
-                                              factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True)))
+                                              factor_args=FactorArguments(strategy=strategy,
+                                                                                           use_empirical_fisher=True)))
     _, self_t = timed(lambda: an.compute_self_scores("s", "f", tr, per_device_train_batch_size=batch, score_args=sargs))
     _, pair_t = timed(lambda: an.compute_pairwise_scores("p", "f", qs, tr, per_device_query_batch_size=len(qs),
                                                          per_device_train_batch_size=batch, score_args=sargs))
@@ -100,6 +107,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--strategies", default="ekfac,kfac,identity")
     args = ap.parse_args()
     name, train, test = load(args.n)
     queries = test.subset(torch.arange(args.queries))
@@ -110,32 +118,63 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {len(train)} training points, {args.queries} queries, CNN with {n_params:,} parameters, "
           f"batch {args.batch}, {torch.get_num_threads()} threads", flush=True)
-    t_ours, s_ours, p_ours = ours(model, train, queries, args.batch)
-    mem_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows = [("influencelab", t_ours)]
-    if not args.skip_peer:
-        with tempfile.TemporaryDirectory() as tmp:
-            t_k, s_k, p_k = kronfluence(model, train, queries, args.batch, tmp)
-        rows.append(("kronfluence 1.0.1", t_k))
-    print("\n| implementation | fit s | self s | fit + self s | pairwise s |\n|---|---|---|---|---|")
-    for impl, t in rows:
-        print(f"| {impl} | {t['fit']:.1f} | {t['self']:.1f} | {t['fit'] + t['self']:.1f} | {t['pairwise']:.1f} |")
-    if not args.skip_peer:
-        r_fs = (t_ours["fit"] + t_ours["self"]) / (t_k["fit"] + t_k["self"])
-        r_pw = t_ours["pairwise"] / t_k["pairwise"]
-        print(f"| **ratio ours / kronfluence** | {t_ours['fit'] / t_k['fit']:.2f} | {t_ours['self'] / t_k['self']:.2f} "
-              f"| **{r_fs:.2f}** (target <= 0.5) | **{r_pw:.2f}** (target <= 0.5) |")
-        rho_s = spearmanr(s_ours.numpy(), s_k.numpy()).statistic
-        rho_p = spearmanr(p_ours.flatten().numpy(), p_k.flatten().numpy()).statistic
-        print(f"\nagreement: Spearman self {rho_s:.4f}, pairwise {rho_p:.4f}; peak RSS after ours {mem_ours:.0f} MB")
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        with open(out / "ekfac.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["impl", "n", "fit_s", "self_s", "pairwise_s"])
-            for impl, t in rows:
-                w.writerow([impl, len(train), t["fit"], t["self"], t["pairwise"]])
+    csv_rows = []
+    for strategy in args.strategies.split(","):
+        print(f"\n### {strategy}\n", flush=True)
+        t_ours, s_ours, p_ours = ours(model, train, queries, args.batch, strategy)
+        mem_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows = [("influencelab", t_ours)]
+        if not args.skip_peer:
+            with tempfile.TemporaryDirectory() as tmp:
+                t_k, s_k, p_k = kronfluence(model, train, queries, args.batch, tmp, strategy)
+            rows.append(("kronfluence 1.0.1", t_k))
+        print("| implementation | fit s | self s | fit + self s | pairwise s |\n|---|---|---|---|---|")
+        for impl, t in rows:
+            print(f"| {impl} | {t['fit']:.1f} | {t['self']:.1f} | {t['fit'] + t['self']:.1f} | {t['pairwise']:.1f} |")
+            csv_rows.append([strategy, impl, len(train), t["fit"], t["self"], t["pairwise"]])
+        if not args.skip_peer:
+            r_fs = (t_ours["fit"] + t_ours["self"]) / max(t_k["fit"] + t_k["self"], 1e-9)
+            r_pw = t_ours["pairwise"] / t_k["pairwise"]
+            print(f"| **ratio ours / kronfluence** | {t_ours['fit'] / max(t_k['fit'], 1e-9):.2f} | "
+                  f"{t_ours['self'] / t_k['self']:.2f} | **{r_fs:.2f}** (target <= 0.5) | **{r_pw:.2f}** "
+                  f"(target <= 0.5) |")
+            rho_s = spearmanr(s_ours.detach().numpy(), s_k.numpy()).statistic
+            rho_p = spearmanr(p_ours.detach().flatten().numpy(), p_k.flatten().numpy()).statistic
+            print(f"\nagreement: Spearman self {rho_s:.4f}, pairwise {rho_p:.4f}; peak RSS after ours "
+                  f"{mem_ours:.0f} MB")
+        if strategy == "ekfac":
+            compression(model, train, queries, args.batch, p_ours)
+    if torch.cuda.is_available():  # the GPU section (not in CI)
+        print("\n### GPU (ours, EK-FAC)\n\n| device | fit s | self s | pairwise s |\n|---|---|---|---|")
+        gpu_model = copy.deepcopy(model).cuda()
+        t_gpu, _, _ = ours(gpu_model, train, queries, args.batch, "ekfac", device="cuda")
+        print(f"| {torch.cuda.get_device_name()} | {t_gpu['fit']:.1f} | {t_gpu['self']:.1f} | {t_gpu['pairwise']:.1f} |")
+        csv_rows.append(["ekfac", "influencelab cuda", len(train), t_gpu["fit"], t_gpu["self"], t_gpu["pairwise"]])
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    with open(out / "ekfac.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["strategy", "impl", "n", "fit_s", "self_s", "pairwise_s"])
+        w.writerows(csv_rows)
 
+
+def compression(model, train, queries, batch, full: torch.Tensor) -> None:
+    """Pairwise scores from rank-r compressed preconditioned queries vs full rank: time, memory, correlation."""
+    s = EKFAC(damping=DAMPING, curvature="empirical_fisher", batch_size=batch)
+    s.fit(model, train)
+    pre = s.precondition(s.train_grads(model, queries.x, queries.targets), DAMPING)
+    print("\n| query_rank | pairwise s | query matrix MB | Spearman vs full | Pearson vs full |\n|---|---|---|---|---|")
+    for r in (None, 64, 32, 8):
+        basis, coef = compress(pre, r)
+
+        def run(basis=basis, coef=coef):
+            out = torch.cat([s.pairwise(model, basis, x, y) for x, y, _ in train.batches(batch)], dim=1)
+            return out if coef is None else coef @ out
+
+        got, t = timed(run)
+        rho = spearmanr(got.flatten().numpy(), full.flatten().numpy()).statistic
+        pr = torch.corrcoef(torch.stack([got.flatten(), full.flatten()]))[0, 1].item()
+        print(f"| {r or 'full'} | {t:.1f} | {basis.numel() * 4 / 2**20:.1f} | {rho:.4f} | {pr:.4f} |")
 
 if __name__ == "__main__":
     main()
