@@ -71,14 +71,19 @@ def ours(model, train, queries, batch, strategy="ekfac", device="cpu"):
     return {"fit": fit, "self": self_t, "pairwise": pair_t}, sv, pw
 
 
-def kronfluence(model, train, queries, batch, out_dir, strategy="ekfac"):
+def kronfluence(model, train, queries, batch, out_dir, strategy="ekfac", empirical=True, damping=DAMPING):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
     class Classification(Task):
         def compute_train_loss(self, batch, model, sample=False):
-            return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+            logits = model(batch[0])
+            if not sample:
+                return F.cross_entropy(logits, batch[1], reduction="sum")
+            with torch.no_grad():  # true Fisher: labels sampled from the model
+                y = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
 
         def compute_measurement(self, batch, model):
             return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
@@ -88,10 +93,10 @@ def kronfluence(model, train, queries, batch, out_dir, strategy="ekfac"):
     an = Analyzer("bench", km, task, cpu=True, disable_tqdm=True, output_dir=out_dir, log_level=40)
     tr = TensorDataset(train.x, train.targets)
     qs = TensorDataset(queries.x, queries.targets)
-    sargs = ScoreArguments(damping_factor=DAMPING)
+    sargs = ScoreArguments(damping_factor=damping)
     _, fit = timed(lambda: an.fit_all_factors("f", tr, per_device_batch_size=batch,
                                               factor_args=FactorArguments(strategy=strategy,
-                                                                                           use_empirical_fisher=True)))
+                                                                                           use_empirical_fisher=empirical)))
     _, self_t = timed(lambda: an.compute_self_scores("s", "f", tr, per_device_train_batch_size=batch, score_args=sargs))
     _, pair_t = timed(lambda: an.compute_pairwise_scores("p", "f", qs, tr, per_device_query_batch_size=len(qs),
                                                          per_device_train_batch_size=batch, score_args=sargs))

@@ -26,15 +26,20 @@ def _env(tmp_path, cache: str) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", "INFLUENCELAB_CACHE": str(tmp_path / cache), "OMP_NUM_THREADS": "1"}
 
 
-def test_two_processes_equal_one(tmp_path):
-    """Uneven shards (301 points over 2 ranks, 7 score chunks): factors and scores match a single process."""
-    one = subprocess.run([sys.executable, "-m", "influencelab", *ARGS, "hydra.run.dir=one"], cwd=tmp_path,
+def _one_and_two_processes(tmp_path, args: list[str]) -> None:
+    """Run ``args`` as 1 process (run dir ``one``, cache ``c1``) and under torchrun with 2 (``two``, ``c2``)."""
+    one = subprocess.run([sys.executable, "-m", "influencelab", *args, "hydra.run.dir=one"], cwd=tmp_path,
                          env=_env(tmp_path, "c1"), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "influencelab", *ARGS, "hydra.run.dir=two"],
+                          f"--master_port={_free_port()}", "-m", "influencelab", *args, "hydra.run.dir=two"],
                          cwd=tmp_path, env=_env(tmp_path, "c2"), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """Uneven shards (301 points over 2 ranks, 7 score chunks): factors and scores match a single process."""
+    _one_and_two_processes(tmp_path, ARGS)
     for kind in ("factors",):
         (f1,), (f2,) = (list((tmp_path / c / kind).glob("*.safetensors")) for c in ("c1", "c2"))
         a, b = load_file(str(f1)), load_file(str(f2))
@@ -53,13 +58,7 @@ def test_two_processes_split_lissa_products(tmp_path):
     of 7: uneven shares); pairwise scores equal one process's."""
     args = [*ARGS[:4], "solver=lissa", "solver.dtype=float64", "solver.batch_size=7", "solver.depth=15",
             "solver.damping=0.1", "query.n=3", "score.chunk_size=50", "stages=[train,fit,pairwise]", "logger=none"]
-    one = subprocess.run([sys.executable, "-m", "influencelab", *args, "hydra.run.dir=one"], cwd=tmp_path,
-                         env=_env(tmp_path, "c1"), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "influencelab", *args, "hydra.run.dir=two"],
-                         cwd=tmp_path, env=_env(tmp_path, "c2"), capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two_processes(tmp_path, args)
     s1, s2 = (load_file(str(tmp_path / d / "scores" / "pairwise.safetensors"))["scores"] for d in ("one", "two"))
     torch.testing.assert_close(s1, s2, rtol=1e-8, atol=1e-10)
 
