@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_cli
 from influencelab.data.digits import Digits
 from influencelab.models import linear
 from influencelab.solvers.exact import Exact
@@ -103,3 +106,16 @@ def test_unlearn_stage_end_to_end(run_pipeline, mode, selection):
 def test_clean_pipeline_preset(run_pipeline):
     _, m = run_pipeline(["experiment=clean_pipeline", "dataset.subset=200", "trainer.epochs=3", "unlearn.size=20"])
     assert m["unlearn/n_points"] == m["unlearn/n_flipped_in_set"] >= 1  # repair keeps the flipped among the top 20
+
+
+def test_report_plots_a_removal_size_sweep(tmp_path):
+    r = run_cli(["-m", "experiment=unlearn", "dataset.subset=200", "trainer.epochs=3", "unlearn.size=2,5",
+                 "logger=none"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (sweep,) = list((tmp_path / "multirun").glob("*/*"))
+    from influencelab.report import report
+
+    _, csv_path, figs = report(sweep)
+    with open(csv_path) as f:
+        assert sorted(float(row["unlearn/n_points"]) for row in csv.DictReader(f)) == [2, 5]
+    assert [p.name for p in figs] == ["unlearn.png"] and figs[0].stat().st_size > 10_000

@@ -116,22 +116,35 @@ class Cache:
 class Snapshots:
     """Periodic snapshots of a long computation's running state (a solver's sums during ``fit``), so that a
     killed run resumes from its last snapshot instead of from scratch. Stored in the cache under
-    ``snapshots/<key>-<phase>`` (verified like any entry) and cleared once the final result is cached."""
+    ``snapshots/<key>-<phase>-<slot>`` (verified like any entry) and cleared once the final result is cached.
+
+    Two slots are written alternately: a kill while one is being overwritten (tensors replaced, JSON not
+    yet) leaves the other one valid, so a resume never falls back further than one snapshot."""
+
+    SLOTS = ("a", "b")
 
     def __init__(self, cache: Cache, key: str, every_s: float = 30.0):
         self.cache, self.key, self.every_s = cache, key, float(every_s)
         self._last = time.monotonic()
+        self._next: dict[str, int] = {}
 
     def load(self, phase: str) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """``(steps done, tensors)`` of the last snapshot of ``phase``, or ``None``."""
-        hit = self.cache.get("snapshots", f"{self.key}-{phase}")
-        return None if hit is None else (int(hit[1]["done"]), hit[0])
+        """``(steps done, tensors)`` of the latest valid snapshot of ``phase``, or ``None``."""
+        best: tuple[int, dict[str, torch.Tensor]] | None = None
+        for i, slot in enumerate(self.SLOTS):
+            hit = self.cache.get("snapshots", f"{self.key}-{phase}-{slot}")
+            if hit is not None and (best is None or int(hit[1]["done"]) > best[0]):
+                best = (int(hit[1]["done"]), hit[0])
+                self._next[phase] = 1 - i  # overwrite the older slot next
+        return best
 
     def save(self, phase: str, done: int, tensors: dict[str, torch.Tensor], final: bool = False) -> None:
         """Snapshot ``tensors`` after ``done`` steps, at most every ``every_s`` seconds (always when ``final``)."""
         if not final and time.monotonic() - self._last < self.every_s:
             return
-        self.cache.put("snapshots", f"{self.key}-{phase}", tensors, None, {"done": done})
+        i = self._next.get(phase, 0)
+        self.cache.put("snapshots", f"{self.key}-{phase}-{self.SLOTS[i]}", tensors, None, {"done": done})
+        self._next[phase] = 1 - i
         self._last = time.monotonic()
 
     def clear(self) -> None:

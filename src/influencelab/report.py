@@ -124,6 +124,37 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
         out.append(fig_dir / "lds.png")
         fig.savefig(out[-1], dpi=120)
         plt.close(fig)
+    # unlearning: test accuracy and KL to the retrained model against the size of the edited set
+    unl = [r for r in rows if "unlearn/n_points" in r and "unlearn/edited/test_accuracy" in r]
+    if unl:
+        fig_dir.mkdir(exist_ok=True)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        groups: dict[str, list[dict[str, Any]]] = {}
+        keys = [k for k in unl[0] if "/" not in k and k not in ("job", "unlearn.size")]
+        varying = [k for k in keys if len({str(r.get(k)) for r in unl}) > 1]
+        for r in unl:
+            groups.setdefault(", ".join(f"{k}={r.get(k)}" for k in varying) or "all", []).append(r)
+        for i, (name, rs) in enumerate(sorted(groups.items())):
+            rs = sorted(rs, key=lambda r: r["unlearn/n_points"])
+            n = [r["unlearn/n_points"] for r in rs]
+            color = f"C{i % 10}"
+            for method, style in (("edited", "-o"), ("finetuned", ":s"), ("retrained", "--^")):
+                a1.plot(n, [r[f"unlearn/{method}/test_accuracy"] for r in rs], style, color=color,
+                        label=f"{method} [{name}]", markersize=4)
+            a2.plot(n, [r["unlearn/edited/kl_to_retrained"] for r in rs], "-o", color=color,
+                    label=f"edited [{name}]", markersize=4)
+            a2.plot(n, [r["unlearn/original/kl_to_retrained"] for r in rs], ":", color=color,
+                    label=f"original [{name}]")
+        a1.set(xscale="log", xlabel="points edited |R|", ylabel="test accuracy", title="one Newton step vs retraining")
+        a2.set(xscale="log", yscale="log", xlabel="points edited |R|", ylabel="KL(retrained || model), test",
+               title="distance to the retrained model")
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=6)
+        fig.tight_layout()
+        out.append(fig_dir / "unlearn.png")
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
     return out
 
 
