@@ -40,9 +40,9 @@ run mislabel_damping_seed1 experiment=mislabel seed=1 solver=ekfac 'solver.dampi
 run mislabel_lissa experiment=mislabel dataset.subset=500 solver=lissa solver.depth=50 'solver.damping=[1e-3,1]'
 run mislabel_small experiment=mislabel dataset.subset=500 solver=ekfac,identity 'solver.damping=[1e-3,1]'
 # Sec. 6.2: IHVP error against CG and wall time across damping (CNN on CPU; ResNet-18 needs a GPU).
-# The CG reference (8 queries, exact GGN products over all 1,000 points) costs minutes per damping value.
-run ihvp_cnn experiment=ihvp_cnn dataset.subset=1000 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
-run ihvp_depth experiment=ihvp_cnn dataset.subset=1000 solver=lissa solver.damping=1e-2 solver.depth=25,50,100,400
+# The CG reference (8 queries, exact GGN products over all 500 points) costs minutes per damping value.
+run ihvp_cnn experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
+run ihvp_depth experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.damping=1e-2 solver.depth=25,50,100,400
 # LDS on one retraining ground truth (computed once, cached)
 run lds experiment=lds solver=ekfac,kfac,identity
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-5,1e-4,1e-2,1e-1,auto
@@ -62,3 +62,5 @@ run clean_pipeline_fmnist experiment=clean_pipeline dataset=$F dataset.subset=50
 # Fig. 2: most helpful / harmful training images (FashionMNIST; MNIST needs its IDX files), and leave-one-out
 run attribution experiment=attribution
 run loo experiment=loo loo.n_queries=3
+# the same, retraining warm from the trained model (with and without each point: shared SGD noise), by damping
+run loo_warm experiment=loo loo.n_queries=3 loo.retrain=warm solver.damping=1e-3,1e-2,1e-1

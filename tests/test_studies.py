@@ -69,9 +69,12 @@ def test_lds_preset_on_tiny_config(run_pipeline, cache_dir):
     assert m2["time/lds_truth_s"] < m["time/lds_truth_s"]
 
 
-def test_loo_preset(run_pipeline):
-    run_dir, m = run_pipeline(["experiment=loo", "dataset.subset=100", "trainer.epochs=3", "loo.k=3"])
-    assert m["loo/n_points"] == 3 and (run_dir / "figures" / "loo.png").exists()
+@pytest.mark.parametrize("retrain", ["scratch", "warm"])
+def test_loo_preset(run_pipeline, retrain):
+    run_dir, m = run_pipeline(["experiment=loo", "dataset.subset=100", "trainer.epochs=3", "loo.k=3",
+                               "loo.n_queries=2", f"loo.retrain={retrain}", "loo.warm_epochs=1"])
+    assert m["loo/n_points"] == 6 and (run_dir / "figures" / "loo.png").exists()
+    assert -1 <= m["loo/spearman"] <= 1
 
 
 def test_report_on_a_small_multirun(tmp_path):

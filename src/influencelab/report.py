@@ -59,9 +59,14 @@ def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
-def _label(row: dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
-    keys = [k for k in row if "=" not in k and k not in ("job",) and "/" not in k and k not in exclude]
-    return ", ".join(f"{k}={row[k]}" for k in keys) or row["job"]
+def _labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str | None = None) -> list[str]:
+    """A short legend label per row: only the overrides that differ between ``rows`` (``same`` when none
+    does; default: the job number)."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if "/" not in k and k != "job" and k not in exclude]
+    varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+    return [", ".join(f"{k}={r.get(k)}" for k in varying) or (same if same is not None else f"job {r['job']}")
+            for r in rows]
 
 
 def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -93,6 +98,7 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     # detection curves across runs
     curves = [(r, root / r["job"] / "mislabel_curve.csv") for r in rows]
     curves = [(r, p) for r, p in curves if p.exists()]
+    names = dict(zip((r["job"] for r, _ in curves), _labels([r for r, _ in curves])))
     if curves:
         fig_dir.mkdir(exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -103,7 +109,7 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 if col == "random" and r is not curves[0][0]:
                     continue
                 ax.plot([float(d["fraction"]) for d in data], [float(d[col]) for d in data],
-                        label=f"{col} [{_label(r)}]" if len(curves) > 1 else col)
+                        label=f"{col} [{names[r['job']]}]" if len(curves) > 1 else col)
         ax.set(xlabel="fraction inspected", ylabel="fraction of flipped labels found", xlim=(0, 1), ylim=(0, 1.02))
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
@@ -114,12 +120,12 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     lds = [r for r in rows if "lds/mean" in r]
     if lds:
         fig_dir.mkdir(exist_ok=True)
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(lds)), 3.5))
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(lds)), 3.8))
         lo = [r["lds/mean"] - r.get("lds/ci_low", r["lds/mean"]) for r in lds]
         hi = [r.get("lds/ci_high", r["lds/mean"]) - r["lds/mean"] for r in lds]
         ax.bar(range(len(lds)), [r["lds/mean"] for r in lds], yerr=[lo, hi], capsize=4)
-        ax.set_xticks(range(len(lds)), [_label(r) for r in lds], rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel="LDS (Spearman)", title="Linear Datamodeling Score (95% bootstrap CI)")
+        ax.set_xticks(range(len(lds)), _labels(lds), rotation=30, ha="right", fontsize=7)
+        ax.set(ylabel="LDS (Spearman, mean over queries)", title="LDS with 95% bootstrap CI")
         fig.tight_layout()
         out.append(fig_dir / "lds.png")
         fig.savefig(out[-1], dpi=120)
@@ -130,10 +136,8 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
         fig_dir.mkdir(exist_ok=True)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
         groups: dict[str, list[dict[str, Any]]] = {}
-        keys = [k for k in unl[0] if "/" not in k and k not in ("job", "unlearn.size")]
-        varying = [k for k in keys if len({str(r.get(k)) for r in unl}) > 1]
-        for r in unl:
-            groups.setdefault(", ".join(f"{k}={r.get(k)}" for k in varying) or "all", []).append(r)
+        for r, name in zip(unl, _labels(unl, exclude=("unlearn.size",), same="all")):
+            groups.setdefault(name, []).append(r)
         for i, (name, rs) in enumerate(sorted(groups.items())):
             rs = sorted(rs, key=lambda r: r["unlearn/n_points"])
             n = [r["unlearn/n_points"] for r in rs]

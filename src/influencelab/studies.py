@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -153,17 +154,24 @@ def query_measurements(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 
 def retrained_measurements(ctx: Context, positions: torch.Tensor, seed: int, x: torch.Tensor, y: torch.Tensor,
-                           tag: str) -> dict[str, torch.Tensor]:
+                           tag: str, warm: tuple[int, float] | None = None) -> dict[str, torch.Tensor]:
     """Train a fresh model (the run's model and trainer config, trainer seed ``seed``) on the training points
-    at ``positions``, and measure the queries; cached per (model config, positions, seed, queries)."""
+    at ``positions``, and measure the queries; cached per (model config, positions, seed, queries).
+    ``warm=(epochs, lr_scale)`` instead continues training the run's trained model for that many epochs at
+    that learning-rate scale (Koh & Liang's leave-one-out protocol: it removes most of the retraining noise)."""
     key = ctx.cache.key({"model": ctx.model_config, "positions": _digest(positions), "seed": seed,
-                         "queries": _digest(y) + _digest(x), "tag": tag})
+                         "queries": _digest(y) + _digest(x), "tag": tag,
+                         **({"warm": list(warm), "from": ctx.model_key} if warm else {})})
     hit = ctx.cache.get("retrain", key)
     if hit is not None:
         return hit[0]
     trainer = dataclasses.replace(ctx.trainer, seed=seed)
     torch.manual_seed(seed)
-    model = build(ctx.cfg.model)
+    if warm:
+        model = copy.deepcopy(ctx.model).train()
+        trainer = dataclasses.replace(trainer, epochs=int(warm[0]), lr=trainer.lr * float(warm[1]))
+    else:
+        model = build(ctx.cfg.model)
     trainer.fit(model, ctx.train_data.subset(positions))
     out = query_measurements(model.eval(), x, y.to(next(model.parameters()).device))
     ctx.cache.put("retrain", key, out, {"n": len(positions), "seed": seed, "tag": tag})
@@ -237,8 +245,14 @@ def summarize(values: np.ndarray, n_bootstrap: int, seed: int) -> dict[str, floa
 @stage("loo")
 def loo_stage(ctx: Context) -> None:
     """Actual vs predicted change of a query's loss when one of its most influential training points is
-    removed and the model retrained from the same seed (Koh & Liang style). Predicted = score / n."""
+    removed and the model retrained (Koh & Liang style). Predicted = score / n. ``loo.retrain``: ``scratch``
+    (same seed and schedule from initialisation) or ``warm`` (continue from the trained model for
+    ``loo.warm_epochs``, with and without the point, so that both sides share the same SGD noise)."""
     c = ctx.cfg.loo
+    check(c.retrain in ("scratch", "warm"), "loo.retrain", c.retrain, "use scratch or warm")
+    check(c.n_queries <= len(ctx.query_positions), "loo.n_queries", c.n_queries,
+          f"must be <= query.n ({len(ctx.query_positions)}); raise query.n")
+    warm = (int(c.warm_epochs), float(c.warm_lr_scale)) if c.retrain == "warm" else None
     train, test = ctx.train_data, ctx.test_data
     n = len(train)
     scores = ctx.pairwise[0]
@@ -247,11 +261,11 @@ def loo_stage(ctx: Context) -> None:
     for qi in q_rows:
         qpos = ctx.query_positions[qi:qi + 1]
         qx, qy = test.images(qpos), test.targets[qpos]
-        base = retrained_measurements(ctx, torch.arange(n), ctx.trainer.seed, qx, qy, "loo")["loss"][0]
+        base = retrained_measurements(ctx, torch.arange(n), ctx.trainer.seed, qx, qy, "loo", warm)["loss"][0]
         top = torch.argsort(scores[qi].abs(), descending=True)[: c.k]
         for t in top.tolist():
             keep = torch.cat([torch.arange(t), torch.arange(t + 1, n)])
-            loss = retrained_measurements(ctx, keep, ctx.trainer.seed, qx, qy, "loo")["loss"][0]
+            loss = retrained_measurements(ctx, keep, ctx.trainer.seed, qx, qy, "loo", warm)["loss"][0]
             actual.append(float(loss - base))
             predicted.append(float(scores[qi, t]) / n)
     a, p = np.asarray(actual), np.asarray(predicted)
