@@ -137,6 +137,22 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
     assert all(0 < a <= 1 for a in accs)
 
 
+def test_a_bad_job_does_not_stop_the_sweep(tmp_path):
+    """The issue's sweep ``dataset=digits,fashion_mnist dataset.subset=2000`` has one invalid job (digits has
+    1,437 points): it gets its one-line error, the other jobs still run, and the sweep exits 2 listing it."""
+    r = run_cli(["-m", "trainer.epochs=1", "dataset.subset=5000,300"], tmp_path)
+    assert r.returncode == 2
+    assert "error: dataset.subset=5000 is invalid" in r.stderr and "1 job(s) of the sweep failed" in r.stderr
+    assert "Traceback" not in r.stderr
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    assert "dataset.subset" in (sweep / "0" / "error.txt").read_text()
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["train/n_train"] == 300
+    from influencelab.report import collect
+
+    _, rows = collect(sweep)
+    assert "dataset.subset=5000" in rows[0]["error"] and "error" not in rows[1]
+
+
 def test_context_validates_before_reading_data(tmp_path):
     """Invalid values fail at composition, before any data is loaded or cache written."""
     from influencelab.errors import ConfigError

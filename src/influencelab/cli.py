@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import InfluenceLabError
@@ -94,8 +95,32 @@ def app(cfg: DictConfig) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if group is None:
+            sys.exit(2)
+        # in a sweep, one bad job does not stop the others: it is recorded, and the sweep exits 2 at the end
+        (run_dir / "error.txt").write_text(f"{e}\n")
+        with open(Path(hc.sweep.dir) / FailedJobs.FILE, "a") as f:
+            f.write(f"job {name} ({' '.join(hc.overrides.task)}): {e}\n")
+        return
     print(summary(metrics, run_dir))
+
+
+class FailedJobs(Callback):
+    """At the end of a sweep, lists the jobs that stopped on bad input and exits with status 2 if any did."""
+
+    FILE = "failed_jobs.txt"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        (Path(config.hydra.sweep.dir) / self.FILE).unlink(missing_ok=True)  # a re-run starts a fresh list
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        path = Path(config.hydra.sweep.dir) / self.FILE
+        if path.exists():
+            failed = path.read_text().splitlines()
+            print(f"error: {len(failed)} job(s) of the sweep failed (the others ran):", file=sys.stderr)
+            for line in failed:
+                print(f"  {line}", file=sys.stderr)
+            sys.exit(2)
 
 
 def main() -> None:

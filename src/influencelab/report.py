@@ -42,6 +42,8 @@ def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
     for job in find_jobs(root):
         o = overrides(job)
         m = json.loads((job / "metrics.json").read_text())
+        if (job / "error.txt").exists():  # a job of the sweep that stopped on bad input
+            m = {**m, "error": (job / "error.txt").read_text().strip()}
         okeys += [k for k in o if k not in okeys]
         mkeys += [k for k in m if k not in mkeys]
         rows.append({"job": str(job.relative_to(root)) or ".", **o, **m})
