@@ -92,6 +92,7 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
             a2.scatter([p[3] for p in sel], [p[2] for p in sel], label=solver)
         a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error vs CG", title="error vs damping")
         a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
+        a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         a1.legend()
         fig.tight_layout()
         out.append(fig_dir / "ihvp_error.png")
