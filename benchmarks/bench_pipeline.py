@@ -23,7 +23,9 @@ DAMPINGS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 def run_cli(args: list[str], cwd: Path) -> tuple[float, int]:
     """Run ``python -m influencelab ARGS``; returns (wall seconds, peak RSS of the child in MB)."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "influencelab", "logger=none", *args], cwd=cwd,
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (e.g. -m) go before the overrides
+    args = [a for a in args if not a.startswith("-")]
+    r = subprocess.run([sys.executable, "-m", "influencelab", *flags, "logger=none", *args], cwd=cwd,
                        capture_output=True, text=True, env={**os.environ, "INFLUENCELAB_CACHE": str(cwd / "cache")})
     if r.returncode != 0:
         raise SystemExit(r.stderr)
