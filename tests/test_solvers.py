@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 from influencelab.data.digits import Digits
@@ -263,13 +264,28 @@ def test_ekfac_factors_do_not_depend_on_batch_size(setup):
             torch.testing.assert_close(a.state[k], b.state[k])
 
 
-def test_identity_is_gradient_dot_product(setup):
-    model, _, train, x, y, _ = setup["mlp"]
-    s = Identity()
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_identity_is_gradient_dot_product(setup, name):
+    """The hook-captured gradients, pairwise and self scores equal torch.func per-example gradients."""
+    model, _, train, x, y, _ = setup[name]
+    s = Identity(dtype="float64")
     s.setup(model)
-    s.dtype = torch.float64
-    g = per_sample_grads(model, s.layout, x[:4], y[:4])
-    torch.testing.assert_close(s.self_influence(model, x[:4], y[:4], [0.0])[0], (g * g).sum(1))
+    g = per_sample_grads(model, s.layout, x[:6], y[:6])
+    torch.testing.assert_close(s.train_grads(model, x[:6], y[:6]), g)
+    torch.testing.assert_close(s.self_influence(model, x[:6], y[:6], [0.0, 1.0]), (g * g).sum(1).expand(2, -1))
+    torch.testing.assert_close(s.pairwise(model, g[:2], x[:6], y[:6]), g[:2] @ g.T)
+
+
+def test_identity_falls_back_to_torch_func_for_grouped_convs():
+    """A grouped conv cannot be captured by the hooks; identity scores it through torch.func instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    s = Identity(dtype="float64")
+    s.setup(model)
+    g = per_sample_grads(model, s.layout, x, y)
+    torch.testing.assert_close(s.self_influence(model, x, y, [0.0])[0], (g * g).sum(1))
+    torch.testing.assert_close(s.pairwise(model, g[:2], x, y), g[:2] @ g.T)
 
 
 def test_modules_selection_and_errors(setup):

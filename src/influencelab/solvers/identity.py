@@ -1,16 +1,24 @@
 """Identity: no curvature at all, so the influence score is the gradient dot product ``g_q^T g_z``
-(TracIn-style baseline; self-influence is the squared gradient norm). ``damping`` is accepted and ignored."""
+(TracIn-style baseline; self-influence is the squared gradient norm). ``damping`` is accepted and ignored.
+
+Gradients come from the captured block inputs/output-gradients (:mod:`.blocks`), like EK-FAC's: a plain
+Linear block's squared gradient norm is ``|s|^2 (|a|^2 + 1)`` and is never formed. Models with a tracked
+module the hooks cannot express (grouped convs) fall back to torch.func per-example gradients.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..data.base import LabeledData
 from .base import Damping, Solver
+from .blocks import BlockGradSolver, capturable
 
 
-class Identity(Solver):
+class Identity(BlockGradSolver):
     name = "identity"
 
     def fit(self, model: nn.Module, data: LabeledData) -> None:
@@ -20,3 +28,33 @@ class Identity(Solver):
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         return v
+
+    def _hooks(self) -> bool:
+        assert self.layout is not None, "call setup(model) first"
+        return all(capturable(m) for m in self.layout.modules.values())
+
+    def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return super().train_grads(model, x, y) if self._hooks() else Solver.train_grads(self, model, x, y)
+
+    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        if self._hooks():
+            return super().pairwise(model, preconditioned, x, y)
+        return Solver.pairwise(self, model, preconditioned, x, y)
+
+    def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       dampings: Sequence[Damping]) -> torch.Tensor:
+        """``|g|^2`` block by block (the same for every damping): ``[len(dampings), b]``."""
+        if not self._hooks():
+            return Solver.self_influence(self, model, x, y, dampings)
+        assert self.layout is not None
+        out = torch.zeros(len(x), dtype=torch.float64, device=self.device)
+        with self._captured(model, x, y) as cap:
+            for b in self.layout.blocks:
+                a, s = cap.a[b.name], cap.s[b.name]
+                if a.shape[1] == 1:
+                    a2 = a[:, 0].square().sum(1) + (1.0 if b.bias is not None else 0.0)
+                    out += (s[:, 0].square().sum(1) * a2).double()
+                else:
+                    out += self._block_grads(cap, b).square().sum((1, 2)).double()
+        return out.to(self.dtype).expand(len(dampings), -1).clone()
