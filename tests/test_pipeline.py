@@ -172,3 +172,26 @@ def test_fashion_mnist_cnn_reaches_80_percent(run_pipeline):
     _, m = run_pipeline(["dataset=fashion_mnist", "dataset.subset=3000", "dataset.test_subset=2000",
                          "trainer.epochs=4", "stages=[train]"])
     assert m["train/test_accuracy"] >= 0.80
+
+
+def test_training_without_a_point_keeps_every_other_batch():
+    """``Trainer.fit(exclude=...)``: excluding nothing changes nothing; excluding one point moves the model far
+    less than retraining on the subset without it (which reshuffles every batch) — the leave-one-out setting."""
+    from influencelab.data.digits import Digits
+    from influencelab.models import cnn
+    from influencelab.train import Trainer
+
+    train, _ = Digits(subset=300, seed=0).load()
+    trainer = Trainer(epochs=3, batch_size=32, lr=3e-3, seed=0, device="cpu")
+
+    def fit(data, exclude=None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = cnn(10, 1, 8, channels=(8, 16), hidden=32)
+        trainer.fit(model, data, exclude=exclude)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    full = fit(train)
+    assert torch.equal(fit(train, exclude=torch.tensor([], dtype=torch.long)), full)
+    dropped = (fit(train, exclude=torch.tensor([17])) - full).norm()
+    reshuffled = (fit(train.subset(torch.cat([torch.arange(17), torch.arange(18, 300)]))) - full).norm()
+    assert 0 < dropped < 0.5 * reshuffled, (float(dropped), float(reshuffled))

@@ -74,7 +74,8 @@ def test_loo_preset(run_pipeline, retrain):
     run_dir, m = run_pipeline(["experiment=loo", "dataset.subset=100", "trainer.epochs=3", "loo.k=3",
                                "loo.n_queries=2", f"loo.retrain={retrain}", "loo.warm_epochs=1"])
     assert m["loo/n_points"] == 6 and (run_dir / "figures" / "loo.png").exists()
-    assert -1 <= m["loo/spearman"] <= 1
+    for key in ("loo/pearson", "loo/spearman", "loo/pearson_within", "loo/spearman_within"):
+        assert -1 <= m[key] <= 1, key
 
 
 def test_report_on_a_small_multirun(tmp_path):

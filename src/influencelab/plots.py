@@ -76,15 +76,41 @@ def attribution_grid(queries: torch.Tensor, query_labels: Sequence[str], helpful
     return fig
 
 
-def loo_scatter(predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float):
-    """Predicted vs actual leave-one-out change of query loss (Koh & Liang Fig. 2 style)."""
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(predicted, actual, s=14)
-    lim = float(np.abs(np.concatenate([predicted, actual])).max() or 1.0) * 1.1
-    ax.plot([-lim, lim], [-lim, lim], color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="predicted Δ query loss (score / n)", ylabel="actual Δ query loss (retrained)",
-           title=f"leave-one-out: Pearson {pearson:.2f}, Spearman {spearman:.2f}")
+def loo_scatter(predicted: np.ndarray, actual: np.ndarray, query: np.ndarray, metrics: dict[str, float]):
+    """Predicted vs actual leave-one-out change of query loss (Koh & Liang Fig. 2 style), one colour per query.
+    Both axes are symmetric-log (queries differ by orders of magnitude; predictions are often far off in scale),
+    each fitted to its own data; the dashed curve is y = x."""
+    fig, ax = plt.subplots(figsize=(5.8, 4.2))
+    for i in np.unique(query):
+        ax.scatter(predicted[query == i], actual[query == i], s=14, label=f"query {i}")
+    for axis, values in ((ax.xaxis, predicted), (ax.yaxis, actual)):
+        nonzero = np.abs(values[values != 0])
+        if len(nonzero):
+            linthresh = float(np.quantile(nonzero, 0.1))
+            (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("symlog", linthresh=linthresh)
+            decades = np.arange(np.ceil(np.log10(linthresh)) + 1, np.floor(np.log10(nonzero.max())) + 1)
+            decades = decades[::-1][:: max(1, int(np.ceil(len(decades) / 3)))]
+            axis.set_ticks(sorted([0.0, *(10.0**decades), *(-(10.0**decades))]))
+    top = float(np.max(np.abs(np.concatenate([predicted, actual])))) or 1.0
+    ref = np.geomspace(top * 1e-8, top, 200)
+    ax.plot(np.concatenate([-ref[::-1], ref]), np.concatenate([-ref[::-1], ref]), color="gray", lw=0.8, ls="--",
+            label="y = x")
+    ax.set_xlim(*_padded(predicted))
+    ax.set_ylim(*_padded(actual))
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.set(xlabel="predicted Δ query loss (score / n)", ylabel="actual Δ query loss (retrained)")
+    ax.set_title(f"leave-one-out: Pearson {metrics['loo/pearson']:.2f} (within queries "
+                 f"{metrics['loo/pearson_within']:.2f}),\nSpearman {metrics['loo/spearman']:.2f} "
+                 f"(within {metrics['loo/spearman_within']:.2f})", fontsize=9)
+    fig.tight_layout()
     return fig
+
+
+def _padded(values: np.ndarray) -> tuple[float, float]:
+    """Axis limits around ``values`` with 20% room (symlog-friendly: scales the extremes)."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return (lo * 1.2 if lo < 0 else lo * 0.8, hi * 1.2 if hi > 0 else hi * 0.8) if lo != hi else (lo - 1, hi + 1)
 
 
 def unlearn_bars(metrics: dict, mode: str, size: int, selection: str):

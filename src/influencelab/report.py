@@ -137,31 +137,43 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     unl = [r for r in rows if "unlearn/n_points" in r and "unlearn/edited/test_accuracy" in r]
     if unl:
         fig_dir.mkdir(exist_ok=True)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.3})
         groups: dict[str, list[dict[str, Any]]] = {}
         for r, name in zip(unl, _labels(unl, exclude=("unlearn.size",), same="all")):
             groups.setdefault(name, []).append(r)
+        # references that do not depend on the solver (retraining, fine-tuning, the original model) are drawn
+        # once when every group shares them, in the group's colour otherwise
+        refs: dict[tuple, list[tuple[str, int]]] = {}
+        colors = (lambda i: f"C{i}") if len(groups) <= 10 else (lambda i: plt.cm.tab20(i % 20))
         for i, (name, rs) in enumerate(sorted(groups.items())):
             rs = sorted(rs, key=lambda r: r["unlearn/n_points"])
             n = [r["unlearn/n_points"] for r in rs]
-            color = f"C{i % 10}"
-            for method, style in (("edited", "-o"), ("finetuned", ":s"), ("retrained", "--^")):
-                a1.plot(n, [r[f"unlearn/{method}/test_accuracy"] for r in rs], style, color=color,
-                        label=f"{method} [{name}]", markersize=4)
+            color = colors(i)
+            a1.plot(n, [r["unlearn/edited/test_accuracy"] for r in rs], "-o", color=color,
+                    label=f"edited [{name}]", markersize=4)
             a2.plot(n, [r["unlearn/edited/kl_to_retrained"] for r in rs], "-o", color=color,
                     label=f"edited [{name}]", markersize=4)
-            a2.plot(n, [r["unlearn/original/kl_to_retrained"] for r in rs], ":", color=color,
-                    label=f"original [{name}]")
+            for ax, key in ((a1, "finetuned/test_accuracy"), (a1, "retrained/test_accuracy"),
+                            (a2, "original/kl_to_retrained")):
+                series = (a1 is ax, key, tuple(n), tuple(r.get(f"unlearn/{key}", float("nan")) for r in rs))
+                refs.setdefault(series, []).append((name, i))
+        styles = {"finetuned": ":s", "retrained": "--^", "original": ":"}
+        for (on_a1, key, n, vals), users in refs.items():
+            method = key.split("/")[0]
+            shared = len(users) == len(groups) and len(groups) > 1
+            name, i = users[0]
+            (a1 if on_a1 else a2).plot(n, vals, styles[method], color="black" if shared else colors(i),
+                                       markersize=4, label=method if shared or len(groups) == 1
+                                       else f"{method} [{name}]")
         a1.set(xscale="log", xlabel="points edited |R|", ylabel="test accuracy", title="one Newton step vs retraining")
         a2.set(xscale="log", yscale="log", xlabel="points edited |R|", ylabel="KL(retrained || model), test",
                title="distance to the retrained model")
         for a in (a1, a2):
             a.grid(alpha=0.3)
-            a.legend(fontsize=6)
-        fig.tight_layout()
-        out.append(fig_dir / "unlearn.png")
-        fig.savefig(out[-1], dpi=120)
+            a.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.2), ncol=2 if len(groups) > 4 else 1)
+        fig.savefig(fig_dir / "unlearn.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
+        out.append(fig_dir / "unlearn.png")
     return out
 
 

@@ -154,14 +154,17 @@ def query_measurements(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 
 def retrained_measurements(ctx: Context, positions: torch.Tensor, seed: int, x: torch.Tensor, y: torch.Tensor,
-                           tag: str, warm: tuple[int, float] | None = None) -> dict[str, torch.Tensor]:
+                           tag: str, warm: tuple[int, float] | None = None,
+                           exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Train a fresh model (the run's model and trainer config, trainer seed ``seed``) on the training points
     at ``positions``, and measure the queries; cached per (model config, positions, seed, queries).
     ``warm=(epochs, lr_scale)`` instead continues training the run's trained model for that many epochs at
-    that learning-rate scale (Koh & Liang's leave-one-out protocol: it removes most of the retraining noise)."""
+    that learning-rate scale (Koh & Liang's leave-one-out protocol). ``exclude`` (positions within
+    ``positions``) leaves points out of training while keeping every other batch as in the full run."""
     key = ctx.cache.key({"model": ctx.model_config, "positions": _digest(positions), "seed": seed,
                          "queries": _digest(y) + _digest(x), "tag": tag,
-                         **({"warm": list(warm), "from": ctx.model_key} if warm else {})})
+                         **({"warm": list(warm), "from": ctx.model_key} if warm else {}),
+                         **({"exclude": exclude.tolist()} if exclude is not None else {})})
     hit = ctx.cache.get("retrain", key)
     if hit is not None:
         return hit[0]
@@ -172,7 +175,7 @@ def retrained_measurements(ctx: Context, positions: torch.Tensor, seed: int, x: 
         trainer = dataclasses.replace(trainer, epochs=int(warm[0]), lr=trainer.lr * float(warm[1]))
     else:
         model = build(ctx.cfg.model)
-    trainer.fit(model, ctx.train_data.subset(positions))
+    trainer.fit(model, ctx.train_data.subset(positions), exclude=exclude)
     out = query_measurements(model.eval(), x, y.to(next(model.parameters()).device))
     ctx.cache.put("retrain", key, out, {"n": len(positions), "seed": seed, "tag": tag})
     return out
@@ -245,9 +248,11 @@ def summarize(values: np.ndarray, n_bootstrap: int, seed: int) -> dict[str, floa
 @stage("loo")
 def loo_stage(ctx: Context) -> None:
     """Actual vs predicted change of a query's loss when one of its most influential training points is
-    removed and the model retrained (Koh & Liang style). Predicted = score / n. ``loo.retrain``: ``scratch``
-    (same seed and schedule from initialisation) or ``warm`` (continue from the trained model for
-    ``loo.warm_epochs``, with and without the point, so that both sides share the same SGD noise)."""
+    removed and the model retrained (Koh & Liang style). Predicted = score / n. Every retraining, with or
+    without a point, uses the same seed and the same batches (the point is dropped from its batch), so they
+    differ only by that point. ``loo.retrain``: ``scratch`` (from initialisation) or ``warm`` (continue from
+    the trained model for ``loo.warm_epochs``). Correlations are reported pooled over queries and within each
+    query (the within-query one is not inflated by queries whose scores and losses are on different scales)."""
     c = ctx.cfg.loo
     check(c.retrain in ("scratch", "warm"), "loo.retrain", c.retrain, "use scratch or warm")
     check(c.n_queries <= len(ctx.query_positions), "loo.n_queries", c.n_queries,
@@ -256,22 +261,29 @@ def loo_stage(ctx: Context) -> None:
     train, test = ctx.train_data, ctx.test_data
     n = len(train)
     scores = ctx.pairwise[0]
-    q_rows = range(min(c.n_queries, len(ctx.query_positions)))
-    actual, predicted = [], []
-    for qi in q_rows:
+    everything = torch.arange(n)
+    actual, predicted, query = [], [], []
+    for qi in range(min(c.n_queries, len(ctx.query_positions))):
         qpos = ctx.query_positions[qi:qi + 1]
         qx, qy = test.images(qpos), test.targets[qpos]
-        base = retrained_measurements(ctx, torch.arange(n), ctx.trainer.seed, qx, qy, "loo", warm)["loss"][0]
+        base = retrained_measurements(ctx, everything, ctx.trainer.seed, qx, qy, "loo", warm)["loss"][0]
         top = torch.argsort(scores[qi].abs(), descending=True)[: c.k]
         for t in top.tolist():
-            keep = torch.cat([torch.arange(t), torch.arange(t + 1, n)])
-            loss = retrained_measurements(ctx, keep, ctx.trainer.seed, qx, qy, "loo", warm)["loss"][0]
+            loss = retrained_measurements(ctx, everything, ctx.trainer.seed, qx, qy, "loo", warm,
+                                          exclude=torch.tensor([t]))["loss"][0]
             actual.append(float(loss - base))
             predicted.append(float(scores[qi, t]) / n)
-    a, p = np.asarray(actual), np.asarray(predicted)
-    metrics = {"loo/pearson": float(pearsonr(p, a).statistic) if len(a) > 2 else float("nan"),
-               "loo/spearman": float(spearmanr(p, a).statistic) if len(a) > 2 else float("nan"),
+            query.append(qi)
+    a, p, q = np.asarray(actual), np.asarray(predicted), np.asarray(query)
+
+    def corr(fn, x: np.ndarray, y: np.ndarray) -> float:
+        return float(fn(x, y).statistic) if len(x) > 2 and np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
+
+    within = [(corr(pearsonr, p[q == i], a[q == i]), corr(spearmanr, p[q == i], a[q == i])) for i in np.unique(q)]
+    metrics = {"loo/pearson": corr(pearsonr, p, a), "loo/spearman": corr(spearmanr, p, a),
+               "loo/pearson_within": float(np.nanmean([w[0] for w in within])) if within else float("nan"),
+               "loo/spearman_within": float(np.nanmean([w[1] for w in within])) if within else float("nan"),
                "loo/n_points": len(a)}
     ctx.tracker.log(metrics)
-    ctx.tracker.table("loo", ["predicted", "actual"], [[x, y] for x, y in zip(p, a, strict=True)])
-    ctx.tracker.figure("loo", plots.loo_scatter(p, a, metrics["loo/pearson"], metrics["loo/spearman"]))
+    ctx.tracker.table("loo", ["query", "predicted", "actual"], [[int(i), x, y] for i, x, y in zip(q, p, a, strict=True)])
+    ctx.tracker.figure("loo", plots.loo_scatter(p, a, q, metrics))

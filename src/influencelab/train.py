@@ -62,8 +62,13 @@ class Trainer:
         d.pop("device")
         return d
 
-    def fit(self, model: nn.Module, train: LabeledData, test: LabeledData | None = None) -> dict[str, list[float]]:
-        """Train ``model`` in place; returns per-epoch history (loss, train/test accuracy)."""
+    def fit(self, model: nn.Module, train: LabeledData, test: LabeledData | None = None,
+            exclude: torch.Tensor | None = None) -> dict[str, list[float]]:
+        """Train ``model`` in place; returns per-epoch history (loss, train/test accuracy).
+
+        ``exclude`` (positions of ``train``) leaves points out while every other batch stays exactly as in the
+        full run (same shuffle, same schedule): two runs then differ only by the excluded points, which is
+        what a leave-one-out comparison needs (a subset would reshuffle everything)."""
         device = resolve_device(self.device)
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -77,30 +82,37 @@ class Trainer:
         steps = self.epochs * math.ceil(len(train) / self.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if self.schedule == "cosine" else None
         history: dict[str, list[float]] = {"loss": [], "train_accuracy": [], "test_accuracy": []}
+        dropped = None
+        if exclude is not None:
+            dropped = torch.zeros(len(train), dtype=torch.bool)
+            dropped[torch.as_tensor(exclude, dtype=torch.long)] = True
         torch.manual_seed(self.seed)
         for epoch in progress(range(self.epochs), desc="epochs"):
             model.train()
             total, correct, loss_sum = 0, 0, 0.0
             batches = train.batches(self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch)
-            for x, y, _ in progress(batches, desc=f"epoch {epoch + 1}", total=math.ceil(len(train) / self.batch_size)):
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            for x, y, pos in progress(batches, desc=f"epoch {epoch + 1}", total=math.ceil(len(train) / self.batch_size)):
+                if dropped is not None:
+                    x, y = x[~dropped[pos]], y[~dropped[pos]]
+                if len(y):
+                    x, y = x.to(device), y.to(device)
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += len(y)
+                    loss_sum += loss.item() * len(y)
+                    correct += (out.argmax(1) == y).sum().item()
                 if sched is not None:
                     sched.step()
-                total += len(y)
-                loss_sum += loss.item() * len(y)
-                correct += (out.argmax(1) == y).sum().item()
             if not math.isfinite(loss_sum):
                 from .errors import InfluenceLabError
 
                 raise InfluenceLabError(f"training diverged at epoch {epoch + 1} (loss {loss_sum}); "
                                         f"lower trainer.lr (now {self.lr})")
-            history["loss"].append(loss_sum / total)
-            history["train_accuracy"].append(correct / total)
+            history["loss"].append(loss_sum / max(total, 1))
+            history["train_accuracy"].append(correct / max(total, 1))
             if test is not None:
                 history["test_accuracy"].append(evaluate(model, test, self.batch_size * 4, device)["accuracy"])
         model.eval()
