@@ -36,6 +36,10 @@ run mislabel_damping experiment=mislabel solver=ekfac solver.curvature=fisher,em
 # the damping that works best above, checked on an independent draw (seed 1: other subset, flips and model)
 run mislabel_damping_high experiment=mislabel solver=ekfac,kfac 'solver.damping=[0.3,1,3,10,30]'
 run mislabel_damping_seed1 experiment=mislabel seed=1 solver=ekfac 'solver.damping=[1e-3,0.1,0.3,1,3,10]'
+# self-influence on the last layer(s) only (the tracked modules), across damping, on both draws
+run mislabel_modules experiment=mislabel solver=ekfac solver.modules=last:1,last:2 'solver.damping=[1e-3,0.1,1]'
+run mislabel_modules_seed1 experiment=mislabel seed=1 solver=ekfac solver.modules=last:1 \
+  'solver.damping=[1e-3,0.1,1,10]'
 # LiSSA (a product per step and per training point) on a 500-point subsample, beside EK-FAC on the same model
 run mislabel_lissa experiment=mislabel dataset.subset=500 solver=lissa solver.depth=50 'solver.damping=[1e-3,1]'
 run mislabel_small experiment=mislabel dataset.subset=500 solver=ekfac,identity 'solver.damping=[1e-3,1]'
@@ -46,7 +50,8 @@ run ihvp_depth experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.dampin
 # LDS on one retraining ground truth (computed once, cached)
 run lds experiment=lds solver=ekfac,kfac,identity
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-5,1e-4,1e-2,1e-1,auto
-run lds_seeds experiment=lds solver=ekfac,kfac,identity lds.seeds_per_subset=2
+# seeds per subset: the first 50 subsets with 1 vs 2 retraining seeds averaged (the 1-seed truths are cached)
+run lds_seeds experiment=lds solver=ekfac,identity lds.n_subsets=50 lds.seeds_per_subset=1,2
 # Sec. 8 open questions: removal and repair by one Newton step against retraining (digits, then FashionMNIST)
 run unlearn_remove experiment=unlearn unlearn.mode=remove unlearn.selection=random,self_influence,flipped \
   unlearn.size=1,10,100
@@ -61,6 +66,6 @@ run clean_pipeline_fmnist experiment=clean_pipeline dataset=$F dataset.subset=50
   trainer.batch_size=64 unlearn.size=500 unlearn.mode=repair,remove
 # Fig. 2: most helpful / harmful training images (FashionMNIST; MNIST needs its IDX files), and leave-one-out
 run attribution experiment=attribution
-run loo experiment=loo loo.n_queries=3
+run loo experiment=loo loo.n_queries=5
 # the same, retraining warm from the trained model (with and without each point: shared SGD noise), by damping
-run loo_warm experiment=loo loo.n_queries=3 loo.retrain=warm solver.damping=1e-3,1e-2,1e-1
+run loo_warm experiment=loo loo.n_queries=5 loo.retrain=warm solver.damping=1e-3,1e-2,1e-1
