@@ -52,6 +52,8 @@ run lds experiment=lds solver=ekfac,kfac,identity
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-5,1e-4,1e-2,1e-1,auto
 # seeds per subset: the first 50 subsets with 1 vs 2 retraining seeds averaged (the 1-seed truths are cached)
 run lds_seeds experiment=lds solver=ekfac,identity lds.n_subsets=50 lds.seeds_per_subset=1,2
+# ensembles: scores averaged over k independently trained models (members cached; k=8 reuses k=2 and 4's)
+run lds_ensemble experiment=lds solver=ekfac,identity score.ensemble=2,4,8
 # Sec. 8 open questions: removal and repair by one Newton step against retraining (digits, then FashionMNIST)
 run unlearn_remove experiment=unlearn unlearn.mode=remove unlearn.selection=random,self_influence,flipped \
   unlearn.size=1,10,100

@@ -108,6 +108,7 @@ def test_wandb_offline_run_is_written(tmp_path):
     ("model=vit_b16", "dataset.image_size"),
     ("dataset.image_size=2", "dataset.image_size"),
     ("trainer.device=cuda", "trainer.device"),
+    ("score.ensemble=0", "score.ensemble"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, override, key):
     r = run_cli([override, "trainer.epochs=1" if key != "trainer.epochs" else "seed=0"], tmp_path)

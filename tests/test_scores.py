@@ -68,6 +68,18 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def test_ensemble_scores_are_the_mean_over_independently_trained_models(run_pipeline):
+    """score.ensemble=2 averages the scores of the run's model and of one trained with trainer.seed + 1000."""
+    base = [*TINY, "stages=[train,fit,pairwise,self]"]
+    ens, _ = run_pipeline([*base, "score.ensemble=2"], "ens")
+    one, _ = run_pipeline(base, "one")
+    other, _ = run_pipeline([*base, "trainer.seed=1000"], "other")
+    for k in ("pairwise", "self"):
+        a, b = _load(one / "scores" / f"{k}.safetensors")["scores"], _load(other / "scores" / f"{k}.safetensors")["scores"]
+        assert not torch.allclose(a, b, rtol=0.05)  # the two models really differ
+        torch.testing.assert_close(_load(ens / "scores" / f"{k}.safetensors")["scores"], (a + b) / 2)
+
+
 def test_scores_are_cached_and_factors_reused(run_pipeline, cache_dir):
     _, m1 = run_pipeline([*TINY, "stages=[train,fit,self]"], "a")
     n_chunks = len(list((cache_dir / "self").rglob("*.safetensors")))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from . import distributed, plots
@@ -92,6 +92,9 @@ class Context:
         check(isinstance(every, (int, float)) and every >= 0, "fit.checkpoint_s", every,
               "must be a number of seconds >= 0 (0 = snapshot after every batch)")
         self.trainer: Trainer = build(cfg.trainer)
+        self.ensemble = OmegaConf.select(cfg, "score.ensemble", default=1)
+        check(isinstance(self.ensemble, int) and self.ensemble >= 1, "score.ensemble", self.ensemble,
+              "must be an integer >= 1 (number of independently trained models whose scores are averaged)")
         self.device = resolve_device(self.trainer.device)
         self.initial_model = self.build_model()
         if any(s != "train" for s in cfg.stages):
@@ -228,20 +231,27 @@ class Context:
         tensors = {"scores": scores[0].clone(), "train_indices": self.train_data.indices, **extra}
         if scores.shape[0] > 1:
             tensors["scores_by_damping"] = scores
-        meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.name}
+        meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.name,
+                "ensemble": str(self.ensemble)}
         path = self.tracker.save_tensors(f"scores/{name}.safetensors", tensors, meta)
         self.tracker.artifact(f"{name}-scores", path)
         return path
 
     @cached_property
     def self_influence(self) -> torch.Tensor:
-        """``[n_damping, n_train]`` self-influence with the configured solver."""
-        solver = self.solver
+        """``[n_damping, n_train]`` self-influence with the configured solver (averaged over the ensemble)."""
         t0 = time.perf_counter()
+        s = self._own_self_influence()
+        if self.members:
+            s = torch.stack([s, *(m._own_self_influence() for m in self.members)]).mean(0)
+        self.tracker.log({"time/self_s": time.perf_counter() - t0})
+        return s
+
+    def _own_self_influence(self) -> torch.Tensor:
+        solver = self.solver
         s = self_scores(solver, self.influence_model(solver), self.train_data, solver.dampings, self.cache,
                         self.score_key(solver, "self"), self.cfg.score.batch_size, self.cfg.score.chunk_size,
                         self.partition)
-        self.tracker.log({"time/self_s": time.perf_counter() - t0})
         return self._complete(s, "self")
 
     def baseline_self_influence(self, solver_name: str) -> torch.Tensor:
@@ -255,18 +265,42 @@ class Context:
 
     @cached_property
     def pairwise(self) -> torch.Tensor:
-        """``[n_damping, n_query, n_train]`` pairwise scores for the query points."""
+        """``[n_damping, n_query, n_train]`` pairwise scores for the query points (averaged over the ensemble)."""
+        t0 = time.perf_counter()
+        s = self._own_pairwise()
+        if self.members:
+            s = torch.stack([s, *(m._own_pairwise() for m in self.members)]).mean(0)
+        self.tracker.log({"time/pairwise_s": time.perf_counter() - t0})
+        return s
+
+    def _own_pairwise(self) -> torch.Tensor:
         solver = self.solver
         model = self.influence_model(solver)
-        t0 = time.perf_counter()
         queries = self.test_data.subset(self.query_positions)
         grads = query_gradients(solver, model, queries, self.cfg.score.batch_size)
         pre = precondition_queries(solver, grads, solver.dampings)
         key = self.score_key(solver, "pairwise", [self.query_positions.tolist(), self.cfg.score.get("query_rank")])
         s = pairwise_scores(solver, model, self.train_data, pre, self.cache, key, self.cfg.score.batch_size,
                             self.cfg.score.chunk_size, self.partition, self.cfg.score.get("query_rank"))
-        self.tracker.log({"time/pairwise_s": time.perf_counter() - t0})
         return self._complete(s, "pairwise").reshape(len(solver.dampings), len(queries), -1)
+
+    @cached_property
+    def members(self) -> list[Context]:
+        """The other models of a ``score.ensemble`` of k: the same config with ``trainer.seed + 1000·i``
+        (i = 1..k-1), each trained, fitted and scored (and cached) like the run's own model. Averaging scores
+        over independently trained models averages out the training noise a single model's scores carry
+        (as TRAK does); it is what raises LDS beyond one model's EK-FAC."""
+        out = []
+        for i in range(1, self.ensemble):
+            cfg = copy.deepcopy(self.cfg)
+            with open_dict(cfg):
+                cfg.trainer.seed = int(self.trainer.seed) + 1000 * i
+                cfg.score.ensemble = 1
+            log.info("ensemble member %d/%d: trainer.seed=%d", i + 1, self.ensemble, cfg.trainer.seed)
+            member = Context(cfg, self.run_dir)
+            _ = member.model
+            out.append(member)
+        return out
 
     @cached_property
     def partition(self) -> tuple[int, int]:
