@@ -240,11 +240,15 @@ class Context:
     @cached_property
     def self_influence(self) -> torch.Tensor:
         """``[n_damping, n_train]`` self-influence with the configured solver (averaged over the ensemble)."""
+        return self._timed_ensemble_mean("self", Context._own_self_influence)
+
+    def _timed_ensemble_mean(self, what: str, scores: Callable[[Context], torch.Tensor]) -> torch.Tensor:
+        """``scores(ctx)`` of this run, averaged with its ensemble members'; logs ``time/<what>_s`` (all of it)."""
         t0 = time.perf_counter()
-        s = self._own_self_influence()
+        s = scores(self)
         if self.members:
-            s = torch.stack([s, *(m._own_self_influence() for m in self.members)]).mean(0)
-        self.tracker.log({"time/self_s": time.perf_counter() - t0})
+            s = torch.stack([s, *(scores(m) for m in self.members)]).mean(0)
+        self.tracker.log({f"time/{what}_s": time.perf_counter() - t0})
         return s
 
     def _own_self_influence(self) -> torch.Tensor:
@@ -266,12 +270,7 @@ class Context:
     @cached_property
     def pairwise(self) -> torch.Tensor:
         """``[n_damping, n_query, n_train]`` pairwise scores for the query points (averaged over the ensemble)."""
-        t0 = time.perf_counter()
-        s = self._own_pairwise()
-        if self.members:
-            s = torch.stack([s, *(m._own_pairwise() for m in self.members)]).mean(0)
-        self.tracker.log({"time/pairwise_s": time.perf_counter() - t0})
-        return s
+        return self._timed_ensemble_mean("pairwise", Context._own_pairwise)
 
     def _own_pairwise(self) -> torch.Tensor:
         solver = self.solver
