@@ -288,7 +288,7 @@ class Context:
         """The other models of a ``score.ensemble`` of k: the same config with ``trainer.seed + 1000·i``
         (i = 1..k-1), each trained, fitted and scored (and cached) like the run's own model. Averaging scores
         over independently trained models averages out the training noise a single model's scores carry
-        (as TRAK does); it is what raises LDS beyond one model's EK-FAC."""
+        (as TRAK does; measured in experiments/RESULTS.md section 4)."""
         out = []
         for i in range(1, self.ensemble):
             cfg = copy.deepcopy(self.cfg)
@@ -297,6 +297,7 @@ class Context:
                 cfg.score.ensemble = 1
             log.info("ensemble member %d/%d: trainer.seed=%d", i + 1, self.ensemble, cfg.trainer.seed)
             member = Context(cfg, self.run_dir)
+            member.__dict__["data"] = self.data  # same dataset config: share the loaded data
             _ = member.model
             out.append(member)
         return out

@@ -155,16 +155,15 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
                     label=f"edited [{name}]", markersize=4)
             for ax, key in ((a1, "finetuned/test_accuracy"), (a1, "retrained/test_accuracy"),
                             (a2, "original/kl_to_retrained")):
-                series = (a1 is ax, key, tuple(n), tuple(r.get(f"unlearn/{key}", float("nan")) for r in rs))
+                series = (ax, key, tuple(n), tuple(r.get(f"unlearn/{key}", float("nan")) for r in rs))
                 refs.setdefault(series, []).append((name, i))
         styles = {"finetuned": ":s", "retrained": "--^", "original": ":"}
-        for (on_a1, key, n, vals), users in refs.items():
+        for (ax, key, n, vals), users in refs.items():
             method = key.split("/")[0]
             shared = len(users) == len(groups) and len(groups) > 1
             name, i = users[0]
-            (a1 if on_a1 else a2).plot(n, vals, styles[method], color="black" if shared else colors(i),
-                                       markersize=4, label=method if shared or len(groups) == 1
-                                       else f"{method} [{name}]")
+            ax.plot(n, vals, styles[method], color="black" if shared else colors(i), markersize=4,
+                    label=method if shared or len(groups) == 1 else f"{method} [{name}]")
         a1.set(xscale="log", xlabel="points edited |R|", ylabel="test accuracy", title="one Newton step vs retraining")
         a2.set(xscale="log", yscale="log", xlabel="points edited |R|", ylabel="KL(retrained || model), test",
                title="distance to the retrained model")

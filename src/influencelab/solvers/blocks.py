@@ -76,7 +76,6 @@ class Capture:
         self.s.clear()
 
 
-
 class BlockGradSolver(Solver):
     """A solver whose training gradients, pairwise scores and self-influence come from captured ``a``/``s``."""
 
@@ -92,7 +91,7 @@ class BlockGradSolver(Solver):
         With a ``generator`` and ``curvature="fisher"``, labels are sampled from the model's own predictions."""
         assert self.layout is not None
         with Capture(self.layout.modules, self.layout.blocks, self.dtype) as cap, torch.enable_grad():
-            params = [p for p in model.parameters()]
+            params = list(model.parameters())
             req = [p.requires_grad for p in params]
             for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
                 p.requires_grad_(False)

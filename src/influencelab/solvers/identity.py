@@ -16,10 +16,12 @@ from torch import nn
 from ..data.base import LabeledData
 from .base import Damping, Solver
 from .blocks import BlockGradSolver, capturable
+from .layout import ParamLayout
 
 
 class Identity(BlockGradSolver):
     name = "identity"
+    _hooks = True  # set by setup(): False when a tracked module needs the torch.func fallback
 
     def fit(self, model: nn.Module, data: LabeledData) -> None:
         """Nothing to fit."""
@@ -29,23 +31,25 @@ class Identity(BlockGradSolver):
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         return v
 
-    def _hooks(self) -> bool:
-        assert self.layout is not None, "call setup(model) first"
-        return all(capturable(m) for m in self.layout.modules.values())
+    def setup(self, model: nn.Module) -> ParamLayout:
+        """As :meth:`Solver.setup`, and decide once whether the hooks can capture every tracked module."""
+        layout = super().setup(model)
+        self._hooks = all(capturable(m) for m in layout.modules.values())
+        return layout
 
     def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return super().train_grads(model, x, y) if self._hooks() else Solver.train_grads(self, model, x, y)
+        return super().train_grads(model, x, y) if self._hooks else Solver.train_grads(self, model, x, y)
 
     def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
-        if self._hooks():
+        if self._hooks:
             return super().pairwise(model, preconditioned, x, y)
         return Solver.pairwise(self, model, preconditioned, x, y)
 
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
         """``|g|^2`` block by block (the same for every damping): ``[len(dampings), b]``."""
-        if not self._hooks():
+        if not self._hooks:
             return Solver.self_influence(self, model, x, y, dampings)
         assert self.layout is not None
         out = torch.zeros(len(x), dtype=torch.float64, device=self.device)
