@@ -196,3 +196,22 @@ def test_training_without_a_point_keeps_every_other_batch():
     dropped = (fit(train, exclude=torch.tensor([17])) - full).norm()
     reshuffled = (fit(train.subset(torch.cat([torch.arange(17), torch.arange(18, 300)]))) - full).norm()
     assert 0 < dropped < 0.5 * reshuffled, (float(dropped), float(reshuffled))
+
+
+def test_swept_values_reads_the_sweep_from_multirun_yaml(tmp_path):
+    """The damping values a multirun sweeps over: command-line choice and range sweeps, hydra.sweeper.params."""
+    from omegaconf import OmegaConf
+
+    from influencelab.cli import swept_values
+
+    def sweep(task: list[str], params: dict | None = None) -> Path:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        OmegaConf.save({"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}}, d / "multirun.yaml")
+        return d
+
+    assert swept_values(sweep(["seed=0,1", "solver.damping=1e-4,1e-3,auto"]), "solver.damping") == [1e-4, 1e-3, "auto"]
+    assert swept_values(sweep(["solver.damping=range(1,3)"]), "solver.damping") == [1, 2]
+    assert swept_values(sweep([], {"solver.damping": "0.1,1"}), "solver.damping") == [0.1, 1]
+    assert swept_values(sweep(["solver.damping=1e-3", "seed=0,1"]), "solver.damping") == []  # not swept
+    assert swept_values(tmp_path / "none", "solver.damping") == []  # no multirun.yaml (another sweeper)

@@ -62,6 +62,26 @@ def test_batch_size_chunking_and_damping_lists_do_not_change_scores(run_pipeline
         torch.testing.assert_close(runs["list"][k]["scores_by_damping"][1], runs["other"][k]["scores"], **tol)
 
 
+def test_multirun_over_damping_scores_once_and_each_job_equals_a_single_run(tmp_path, run_pipeline):
+    """``-m solver.damping=a,b``: the first job scores every swept value in one pass (one cached score set
+    for the sweep, not one per job), and each job's scores are those of a separate single-damping run."""
+    dampings = ["1e-3", "0.1"]
+    r = run_cli(["-m", *TINY, "stages=[train,fit,self,pairwise]", f"solver.damping={','.join(dampings)}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for kind in ("self", "pairwise"):  # chunks of one score key each: computed once for the whole sweep
+        assert len([d for d in (tmp_path / "cache" / kind).iterdir() if d.is_dir()]) == 1, kind
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    for job, d in enumerate(dampings):
+        single, _ = run_pipeline([*TINY, "stages=[fit,self,pairwise]", f"solver.damping={d}"], f"single{d}")
+        for k in ("self", "pairwise"):
+            got = _load(sweep / str(job) / "scores" / f"{k}.safetensors")
+            want = _load(single / "scores" / f"{k}.safetensors")
+            assert "scores_by_damping" not in got  # the job saves its own damping only
+            tol = {"rtol": 1e-4, "atol": 1e-5 * float(want["scores"].abs().max())}
+            torch.testing.assert_close(got["scores"], want["scores"], **tol)
+    assert len([d for d in (tmp_path / "cache" / "self").iterdir() if d.is_dir()]) == 3  # + 2 single runs
+
+
 def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

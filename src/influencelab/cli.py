@@ -12,10 +12,13 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,14 +28,17 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 log = logging.getLogger("influencelab")
 
 
-def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None = None) -> dict:
-    """Run ``cfg.stages`` with outputs in ``run_dir``; returns the metrics. Usable without Hydra's CLI."""
+def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None = None,
+        sweep_dampings: list | None = None) -> dict:
+    """Run ``cfg.stages`` with outputs in ``run_dir``; returns the metrics. Usable without Hydra's CLI.
+    ``sweep_dampings``: the values of ``solver.damping`` that this job's multirun sweeps over (see
+    :attr:`Context.score_dampings`)."""
     from . import distributed
     from .pipeline import STAGES, Context, PartitionDone, build
     from .tracking import Tracker
 
     tracker = build(cfg.logger) if distributed.is_main() else Tracker(backend="none")
-    ctx = Context(cfg, run_dir, tracker)  # validates the whole config before anything is written
+    ctx = Context(cfg, run_dir, tracker, sweep_dampings)  # validates the whole config before anything is written
     distributed.maybe_init(ctx.device)
     if not distributed.is_main():
         tracker = ctx.tracker = Tracker(backend="none")
@@ -83,14 +89,35 @@ def summary(metrics: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def swept_values(sweep_dir: Path, key: str) -> list[Any]:
+    """The values a multirun sweeps ``key`` over (a command-line sweep such as ``key=a,b,c`` or ``range(...)``,
+    or ``hydra.sweeper.params``), read from the sweep's ``multirun.yaml``; ``[]`` when ``key`` is not swept
+    or the sweeper wrote no such file."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return []
+    hydra_cfg = OmegaConf.load(path).hydra
+    params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
+    overrides = [*hydra_cfg.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return []
+    for o in parsed:
+        if o.key_or_group == key and o.is_discrete_sweep():
+            return list(o.sweep_iterator())
+    return []
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
     name = f"{hc.job.num}" if group else run_dir.name
+    swept = swept_values(Path(hc.sweep.dir), "solver.damping") if group else []
     try:
-        metrics = run(cfg, run_dir, name, group)
+        metrics = run(cfg, run_dir, name, group, swept)
     except InfluenceLabError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -11,7 +11,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from .cache import Cache, Snapshots
 from .data.base import DatasetSpec, LabeledData
 from .errors import ConfigError, InfluenceLabError, check
 from .scores import pairwise_scores, parse_partition, precondition_queries, query_gradients, self_scores
-from .solvers.base import Solver
+from .solvers.base import Damping, Solver, parse_dampings
 from .tracking import Tracker
 from .train import Trainer, evaluate, resolve_device
 
@@ -75,8 +75,10 @@ def _plain(node: Any) -> Any:
 class Context:
     """Validated config objects, the run directory, the cache and the lazily built artefacts."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
+                 sweep_dampings: Sequence[Any] | None = None):
         self.cfg = cfg
+        self.sweep_dampings = list(sweep_dampings or [])
         self.run_dir = Path(run_dir)
         self.cache = Cache(cfg.paths.cache)
         self.tracker = tracker or Tracker(backend="none")
@@ -221,10 +223,41 @@ class Context:
         g = torch.Generator().manual_seed(int(q.seed))
         return torch.randperm(n_test, generator=g)[: min(int(q.n), n_test)].sort().values
 
-    def score_key(self, solver: Solver, what: str, extra: Any = None) -> str:
-        """Cache key of a score computation: the fitted solver, its dampings, the data and the queries."""
-        return self.cache.key({"what": what, "factors": solver.fit_key, "dampings": solver.dampings,
+    def score_key(self, solver: Solver, what: str, extra: Any = None,
+                  dampings: Sequence[Damping] | None = None) -> str:
+        """Cache key of a score computation: the fitted solver, the dampings scored, the data and the queries."""
+        return self.cache.key({"what": what, "factors": solver.fit_key,
+                               "dampings": list(solver.dampings if dampings is None else dampings),
                                "train": self.dataset_spec.cache_key(), "extra": extra})
+
+    @cached_property
+    def score_dampings(self) -> list[Damping]:
+        """The dampings scored in one pass: the solver's own, then, when this job is one of a multirun that sweeps
+        ``solver.damping`` (``-m solver.damping=1e-4,1e-3,...``), the sweep's other values. The sweep's first job
+        then scores every value for the price of about one (as a damping list does) and caches them under a key
+        the whole sweep shares, so the other jobs read their scores from the cache instead of repeating the
+        pass. Only for solvers whose fit does not depend on the damping."""
+        own = list(self.solver.dampings)
+        if not self.solver.damping_free_fit:
+            return own
+        swept: list[Damping] = []  # in the sweep's order, the same for every job: one shared cache key
+        for value in self.sweep_dampings:
+            try:
+                swept += [d for d in parse_dampings(value) if d not in swept]
+            except ConfigError:  # another job's bad value is that job's error
+                continue
+        out = swept + [d for d in own if d not in swept]
+        if out == own:
+            return own
+        if distributed.is_main():
+            log.info("multirun over solver.damping: scoring all of %s in one pass (cached for the sweep)", out)
+        return out
+
+    def _own_rows(self, scores: torch.Tensor) -> torch.Tensor:
+        """The solver's own dampings' rows of scores computed for :attr:`score_dampings`."""
+        if self.score_dampings == list(self.solver.dampings):
+            return scores
+        return scores[[self.score_dampings.index(d) for d in self.solver.dampings]]
 
     def save_scores(self, name: str, scores: torch.Tensor, extra: dict[str, torch.Tensor]) -> Path:
         """``scores/<name>.safetensors``: ``scores`` for the first damping (+ ``scores_by_damping``)."""
@@ -253,10 +286,11 @@ class Context:
 
     def _own_self_influence(self) -> torch.Tensor:
         solver = self.solver
-        s = self_scores(solver, self.influence_model(solver), self.train_data, solver.dampings, self.cache,
-                        self.score_key(solver, "self"), self.cfg.score.batch_size, self.cfg.score.chunk_size,
-                        self.partition)
-        return self._complete(s, "self")
+        dampings = self.score_dampings
+        s = self_scores(solver, self.influence_model(solver), self.train_data, dampings, self.cache,
+                        self.score_key(solver, "self", dampings=dampings), self.cfg.score.batch_size,
+                        self.cfg.score.chunk_size, self.partition)
+        return self._own_rows(self._complete(s, "self"))
 
     def baseline_self_influence(self, solver_name: str) -> torch.Tensor:
         """Self-influence ``[n_train]`` with another solver (e.g. ``identity`` = squared gradient norm)."""
@@ -277,11 +311,13 @@ class Context:
         model = self.influence_model(solver)
         queries = self.test_data.subset(self.query_positions)
         grads = query_gradients(solver, model, queries, self.cfg.score.batch_size)
-        pre = precondition_queries(solver, grads, solver.dampings)
-        key = self.score_key(solver, "pairwise", [self.query_positions.tolist(), self.cfg.score.get("query_rank")])
+        dampings = self.score_dampings
+        pre = precondition_queries(solver, grads, dampings)
+        key = self.score_key(solver, "pairwise", [self.query_positions.tolist(), self.cfg.score.get("query_rank")],
+                             dampings)
         s = pairwise_scores(solver, model, self.train_data, pre, self.cache, key, self.cfg.score.batch_size,
                             self.cfg.score.chunk_size, self.partition, self.cfg.score.get("query_rank"))
-        return self._complete(s, "pairwise").reshape(len(solver.dampings), len(queries), -1)
+        return self._own_rows(self._complete(s, "pairwise").reshape(len(dampings), len(queries), -1))
 
     @cached_property
     def members(self) -> list[Context]:
@@ -296,7 +332,7 @@ class Context:
                 cfg.trainer.seed = int(self.trainer.seed) + 1000 * i
                 cfg.score.ensemble = 1
             log.info("ensemble member %d/%d: trainer.seed=%d", i + 1, self.ensemble, cfg.trainer.seed)
-            member = Context(cfg, self.run_dir)
+            member = Context(cfg, self.run_dir, sweep_dampings=self.sweep_dampings)
             member.__dict__["data"] = self.data  # same dataset config: share the loaded data
             _ = member.model
             out.append(member)
