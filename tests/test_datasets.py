@@ -67,6 +67,27 @@ def test_missing_files_one_line_error(tmp_path, spec):
     assert "\n" not in msg and str(tmp_path / "nothing") in msg and "download" in msg
 
 
+@pytest.mark.parametrize("spec, attr, value", [
+    (MNIST, "mirrors", ["http://127.0.0.1:9/"]),
+    (Flowers102, "_download_url_prefix", "http://127.0.0.1:9/"),
+    (Food101, "_URL", "http://127.0.0.1:9/food-101.tar.gz"),
+])
+def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, spec, attr, value):
+    """A download that fails (here: torchvision's URL pointed at a closed local port) gives the one-line error
+    and removes the folders it created; what was already in ``root`` stays."""
+    import torchvision
+
+    monkeypatch.setattr(getattr(torchvision.datasets, spec.__name__), attr, value)
+    fresh, shared = tmp_path / "fresh", tmp_path / "shared"
+    shared.mkdir()
+    (shared / "mine.txt").write_text("keep")
+    for root in (fresh, shared):
+        with pytest.raises(DataNotFoundError, match="download failed"):
+            spec(root=str(root), download=True).load()
+    assert not fresh.exists()
+    assert [p.name for p in shared.iterdir()] == ["mine.txt"]
+
+
 def test_real_fashion_mnist():
     """The real files from Debian's dataset-fashion-mnist (found without configuring anything)."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():

@@ -7,8 +7,10 @@ applied. Adding a dataset = one subclass file here + one YAML.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,26 @@ class _Positions(Dataset):
     def __getitem__(self, i: int):
         x, y = self.data[i]
         return x, y, i
+
+
+def try_download(fn: Callable[[], Any], download: bool, root: str | Path) -> str | None:
+    """Run a torchvision download into ``root`` when allowed; ``None`` on success, else a one-line reason (no
+    network, ...). A failed download removes what it created under ``root`` (and ``root`` itself if it made it),
+    so no empty folder or partial archive is left behind to be mistaken for data."""
+    if not download:
+        return "dataset.download=false"
+    root = Path(root)
+    existed = root.exists()
+    before = set(root.iterdir()) if existed else set()
+    try:
+        fn()
+        return None
+    except Exception as e:
+        for new in (set(root.iterdir()) if root.exists() else set()) - before:
+            shutil.rmtree(new) if new.is_dir() else new.unlink(missing_ok=True)
+        if not existed and root.exists() and not any(root.iterdir()):
+            root.rmdir()
+        return f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:

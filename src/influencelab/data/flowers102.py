@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .base import DatasetSpec
-from .images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, missing, try_download
+from .base import DatasetSpec, try_download
+from .images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, missing
 
 
 class _Images(Dataset):
@@ -49,7 +49,8 @@ class Flowers102(DatasetSpec):
         if not all(p.exists() for p in need):
             import torchvision
 
-            reason = try_download(lambda: torchvision.datasets.Flowers102(self.root, download=True), self.download)
+            reason = try_download(lambda: torchvision.datasets.Flowers102(self.root, download=True), self.download,
+                                  self.root)
             if not all(p.exists() for p in need):
                 raise missing(self.name, [p for p in need if not p.exists()], Path(self.root), reason,
                               "flowers-102/{jpg/, imagelabels.mat, setid.mat}")

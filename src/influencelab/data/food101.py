@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .base import DatasetSpec
-from .images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, missing, try_download
+from .base import DatasetSpec, try_download
+from .images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, missing
 
 
 @dataclass
@@ -27,7 +27,8 @@ class Food101(DatasetSpec):
         base = Path(self.root) / "food-101"
         need = [base / "meta", base / "images"]
         if not all(p.exists() for p in need):
-            reason = try_download(lambda: torchvision.datasets.Food101(self.root, download=True), self.download)
+            reason = try_download(lambda: torchvision.datasets.Food101(self.root, download=True), self.download,
+                                  self.root)
             if not all(p.exists() for p in need):
                 raise missing(self.name, [p for p in need if not p.exists()], Path(self.root), reason,
                               "food-101/{images/, meta/train.json, meta/test.json}")

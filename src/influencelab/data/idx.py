@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataNotFoundError
-from .base import DatasetSpec
+from .base import DatasetSpec, try_download
 
 FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -54,20 +54,16 @@ class IDXDataset(DatasetSpec):
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         names = FILES[train]
         paths = [self.locate(n) for n in names]
-        if None in paths and self.download:
-            try:
-                self._download()
-            except Exception as e:  # no network, refused, ...: fall through to the clear error
-                self._download_error = f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            paths = [self.locate(n) for n in names]
         if None in paths:
-            missing = [n for n, p in zip(names, paths, strict=True) if p is None]
-            where = ", ".join(str(d) for d in self.search_dirs())
-            how = getattr(self, "_download_error", None) or "dataset.download=false"
-            raise DataNotFoundError(
-                f"{self.name}: missing {', '.join(missing)} (.gz or not); looked in {where}; {how}. "
-                f"Provide them: {self.install_hint}put the IDX files in {Path(self.root) / self.folder / 'raw'}/, "
-                f"or set dataset.download=true with internet access")
+            how = try_download(self._download, self.download, self.root)  # None, or why it failed
+            paths = [self.locate(n) for n in names]
+            if None in paths:
+                missing = [n for n, p in zip(names, paths, strict=True) if p is None]
+                where = ", ".join(str(d) for d in self.search_dirs())
+                raise DataNotFoundError(
+                    f"{self.name}: missing {', '.join(missing)} (.gz or not); looked in {where}; {how}. "
+                    f"Provide them: {self.install_hint}put the IDX files in {Path(self.root) / self.folder / 'raw'}/, "
+                    f"or set dataset.download=true with internet access")
         images = torch.from_numpy(read_idx(paths[0]).copy()).float().div_(255.0).unsqueeze(1)
         labels = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
         if self.image_size != images.shape[-1]:

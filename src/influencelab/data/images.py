@@ -19,17 +19,6 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
     return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def try_download(fn, download: bool) -> str | None:
-    """Run a torchvision download when allowed; return a one-line reason if it failed (no network, ...)."""
-    if not download:
-        return "dataset.download=false"
-    try:
-        fn()
-        return None
-    except Exception as e:
-        return f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-
-
 def missing(name: str, what: Sequence[Path], root: Path, reason: str | None, layout: str) -> DataNotFoundError:
     """The one-line error for absent dataset files."""
     return DataNotFoundError(
