@@ -23,6 +23,11 @@ def f(v: str | None, pct: bool = False) -> str:
     return f"{x:.0%}" if pct else f"{x:.3f}"
 
 
+def run_label(r: dict[str, str], keys: tuple[str, ...] = ("solver", "solver.curvature", "solver.modules", "seed")) -> str:
+    """What distinguishes a job of a sweep: those of ``keys`` it overrides."""
+    return ", ".join(f"{k}={r[k]}" for k in keys if r.get(k))
+
+
 def mislabel(name: str) -> None:
     rs = rows(name)
     if not rs:
@@ -35,8 +40,9 @@ def mislabel(name: str) -> None:
     seen = set()
     for r in rs:
         for method in ("self_influence", "identity", "loss", "random"):
-            label = f"self-influence ({r['solver']})" if method == "self_influence" else method
-            if method == "identity" and r["solver"] == "identity":
+            label = (f"self-influence ({run_label(r) or 'preset solver'})" if method == "self_influence"
+                     else f"{method} ({run_label(r, ('seed',))})" if r.get("seed") else method)
+            if method == "identity" and r.get("solver") == "identity":
                 continue
             if label in seen or f"mislabel/{method}/recall@10" not in r or r[f"mislabel/{method}/recall@10"] == "":
                 continue
@@ -75,15 +81,16 @@ def mislabel_damping(name: str) -> None:
     if not rs:
         return
     print(f"\n#### {name}: test accuracy {f(rs[0]['train/test_accuracy'])}\n")
-    print("| solver | curvature | damping | top 10% | top 20% | ROC AUC | AP |\n|---|---|---|---|---|---|---|")
+    print("| run | damping | top 10% | top 20% | ROC AUC | AP |\n|---|---|---|---|---|---|")
     for r in rs:
+        run = run_label(r)
         first = r.get("solver.damping", "").strip("[]").split(",")[0]
         dampings = [(first, "mislabel/self_influence")] + sorted(
             ((k.split("@")[1].split("/")[0], k.split("/recall")[0]) for k in r
              if k.startswith("mislabel/self_influence@") and k.endswith("recall@10") and r[k] != ""),
             key=lambda t: float(t[0]))
         for d, prefix in dampings:
-            print(f"| {r['solver']} | {r.get('solver.curvature') or 'fisher'} | {float(d):g} | "
+            print(f"| {run or 'defaults'} | {float(d):g} | "
                   f"{f(r[prefix + '/recall@10'], True)} | {f(r[prefix + '/recall@20'], True)} | "
                   f"{f(r[prefix + '/roc_auc'])} | {f(r[prefix + '/ap'])} |")
 
@@ -116,10 +123,10 @@ def unlearn(name: str) -> None:
 
 
 if __name__ == "__main__":
-    for n in ("mislabel_standard", "mislabel_memorize", "mislabel_small", "mislabel_lissa"):
+    for n in ("mislabel_standard", "mislabel_memorize", "mislabel_memorize_full", "mislabel_small", "mislabel_lissa"):
         mislabel(n)
     for n in ("mislabel_damping", "mislabel_damping_high", "mislabel_damping_seed1", "mislabel_small",
-              "mislabel_lissa"):
+              "mislabel_lissa", "mislabel_memorize_full"):
         mislabel_damping(n)
     for n in ("ihvp_cnn", "ihvp_depth"):
         ihvp(n)

@@ -9,9 +9,32 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, make_config, run_cli
 
 SMALL = ["dataset.subset=200", "trainer.epochs=2", "dataset.test_subset=100"]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_preset_composes_and_resolves(preset):
+    """Every ``experiment=`` preset composes with the defaults and all its interpolations resolve."""
+    from omegaconf import OmegaConf
+
+    cfg = make_config([f"experiment={preset}"])
+    OmegaConf.resolve(cfg)
+    assert cfg.stages and all(isinstance(s, str) for s in cfg.stages)
+
+
+def test_memorisation_preset_fits_the_flipped_labels(run_pipeline):
+    """The memorisation preset's schedule (512-unit CNN, 150 epochs, cosine, no weight decay) fits every flipped
+    label of real FashionMNIST; here 500 points instead of 5,000."""
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install dataset-fashion-mnist")
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    _, m = run_pipeline(["experiment=mislabel_memorize", "dataset.subset=500", "dataset.test_subset=500",
+                         "solver=identity"])
+    assert m["train/n_flipped"] == 50
+    assert m["train/train_accuracy"] == 1.0  # noisy labels, flipped ones included, are all fitted
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -110,3 +133,12 @@ def test_notebook_executes_on_a_small_run(tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 3
+
+
+def test_report_unescapes_sweep_override_values(tmp_path):
+    """Hydra escapes ``:`` in a sweep job's overrides (``solver.modules=last\\:1``); the report shows ``last:1``."""
+    from influencelab.report import overrides
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- solver.modules=last\\:1\n- solver.damping=[1e-3,1]\n")
+    assert overrides(tmp_path) == {"solver.modules": "last:1", "solver.damping": "[1e-3,1]"}

@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ def find_jobs(root: Path) -> list[Path]:
 
 
 def overrides(job: Path) -> dict[str, str]:
-    """The job's command-line overrides, ``key -> value``."""
+    """The job's command-line overrides, ``key -> value`` (values unescaped: a sweep job's ``last\\:1`` is ``last:1``)."""
     path = job / ".hydra" / "overrides.yaml"
     if not path.exists():
         return {}
     out = {}
     for item in yaml.safe_load(path.read_text()) or []:
         key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = value
+        out[key.lstrip("+~")] = re.sub(r"\\(.)", r"\1", value)
     return out
 
 
