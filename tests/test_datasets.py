@@ -88,6 +88,21 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, spec, attr
     assert [p.name for p in shared.iterdir()] == ["mine.txt"]
 
 
+def test_full_splits_are_decoded_once_per_process(tmp_path):
+    """A second load of the same files (other subset, noise and seed, as in a sweep) reuses the decoded splits:
+    it works with the files gone; a different image size is another split and reads the files again."""
+    import shutil
+
+    standins.mnist_like(tmp_path, n_train=50, n_test=20, gz=True)
+    a, _ = MNIST(root=str(tmp_path), download=False).load()
+    shutil.rmtree(tmp_path / "MNIST")
+    b, test = MNIST(root=str(tmp_path), download=False, subset=30, label_noise=0.2, seed=1).load()
+    assert torch.equal(b.x, a.x[b.indices]) and torch.equal(b.clean_targets, a.clean_targets[b.indices])
+    assert int(b.flipped.sum()) == 6 and not a.flipped.any() and len(test) == 20  # applied after, never in place
+    with pytest.raises(DataNotFoundError):
+        MNIST(root=str(tmp_path), download=False, image_size=32).load()
+
+
 def test_real_fashion_mnist():
     """The real files from Debian's dataset-fashion-mnist (found without configuring anything)."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():

@@ -7,7 +7,9 @@ applied. Adding a dataset = one subclass file here + one YAML.
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,6 +119,11 @@ def try_download(fn: Callable[[], Any], download: bool, root: str | Path) -> str
         return f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
+#: process-level memo of decoded full splits (see :meth:`DatasetSpec.full_split`)
+_SPLITS: OrderedDict[tuple, tuple[Any, torch.Tensor, Any]] = OrderedDict()
+_APPLIED_AFTER = ("subset", "test_subset", "label_noise", "seed", "download", "num_workers")
+
+
 def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
     """Flip exactly ``round(fraction * n)`` labels, each to a uniformly drawn *different* class."""
     n = len(labels)
@@ -186,10 +193,27 @@ class DatasetSpec:
         std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
 
+    def full_split(self, train: bool) -> tuple[torch.Tensor | Dataset, torch.Tensor]:
+        """:meth:`load_split`, memoised in the process (the last few splits): the jobs of a sweep run in one
+        process by Hydra's basic launcher decode each dataset once. Keyed by everything but the subset, the
+        label noise and the seed, which :meth:`load` applies afterwards (never in place)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in _APPLIED_AFTER}
+        key = (type(self).__name__, json.dumps(fields, sort_keys=True, default=str), train)
+        if key not in _SPLITS:
+            x, y = self.load_split(train)
+            _SPLITS[key] = (x, y, getattr(self, "classes", None))
+            while len(_SPLITS) > 4:  # two datasets' train and test splits
+                _SPLITS.popitem(last=False)
+        _SPLITS.move_to_end(key)
+        x, y, classes = _SPLITS[key]
+        if classes is not None:  # some loaders set the class names as they read
+            self.classes = classes
+        return x, y
+
     def load(self) -> tuple[LabeledData, LabeledData]:
         """Train (subset + label noise applied) and test data."""
-        xtr, ytr = self.load_split(train=True)
-        xte, yte = self.load_split(train=False)
+        xtr, ytr = self.full_split(train=True)
+        xte, yte = self.full_split(train=False)
         train = _wrap(xtr, ytr, self.num_classes, getattr(self, "classes", None))
         test = _wrap(xte, yte, self.num_classes, getattr(self, "classes", None))
         if self.subset is not None:
