@@ -95,7 +95,11 @@ def test_wandb_offline_run_is_written(tmp_path):
         os.environ["WANDB_MODE"] = "disabled"
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert any(runs[0].glob("*.wandb"))
+    (record,) = runs[0].glob("*.wandb")
+    logged = record.read_bytes()  # the training curve as a table and as a line chart, the figure as an image
+    for key in (b"training_curve", b"training_curve_plot", b"wandb/lineseries", b"figures/training"):
+        assert key in logged, key
+    assert (run_dir / "training_curve.csv").read_text().startswith("epoch,loss,train_accuracy")
 
 
 @pytest.mark.parametrize("override, key", [

@@ -367,6 +367,10 @@ def train_stage(ctx: Context) -> None:
     ctx.tracker.save_tensors("model.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()},
                              {"model_key": ctx.model_key})
     ctx.tracker.figure("training", plots.training_curves(info["history"]))
+    history = {k: v for k, v in info["history"].items() if v}  # per epoch: loss, train (and test) accuracy
+    ctx.tracker.table("training_curve", ["epoch", *history],
+                      [[e + 1, *(round(float(v[e]), 5) for v in history.values())]
+                       for e in range(len(history["loss"]))], line_x="epoch")
 
 
 @stage("fit")

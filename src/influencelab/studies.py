@@ -48,7 +48,7 @@ def mislabel_stage(ctx: Context) -> None:
     cols = {name: np.interp(grid, *detection_curve(s, flipped.numpy())) for name, s in rankings.items()}
     ctx.tracker.table("mislabel_curve", ["fraction", *cols],
                       [[round(float(g), 4)] + [round(float(c[i]), 5) for c in cols.values()]
-                       for i, g in enumerate(grid)])
+                       for i, g in enumerate(grid)], line_x="fraction")
 
 
 @stage("attribution")

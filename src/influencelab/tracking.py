@@ -73,8 +73,9 @@ class Tracker:
             self._wandb.log({f"figures/{name}": wandb.Image(str(path))})
         return path
 
-    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
-        """A small table: written as ``<name>.csv`` in the run dir and logged to W&B as a Table."""
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], line_x: str | None = None) -> None:
+        """A small table: written as ``<name>.csv`` in the run dir and logged to W&B as a Table; with ``line_x``
+        (a column), a curve: also a W&B line chart of every other column against it."""
         if self.run_dir is None:
             return
         lines = [",".join(columns)] + [",".join(str(v) for v in r) for r in rows]
@@ -82,7 +83,14 @@ class Tracker:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({name: wandb.Table(columns=columns, data=rows)})
+            logged: dict[str, Any] = {name: wandb.Table(columns=columns, data=rows)}
+            if line_x is not None:
+                i = columns.index(line_x)
+                ys = [c for c in columns if c != line_x]
+                logged[f"{name}_plot"] = wandb.plot.line_series(
+                    xs=[r[i] for r in rows], ys=[[r[columns.index(c)] for r in rows] for c in ys], keys=ys,
+                    title=name, xname=line_x)
+            self._wandb.log(logged)
 
     def artifact(self, name: str, path: Path, kind: str = "scores") -> None:
         """Attach a file (e.g. a score file) to the W&B run as an artifact."""
