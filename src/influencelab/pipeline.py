@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed, plots
 from .cache import Cache, Snapshots
 from .data.base import DatasetSpec, LabeledData
-from .errors import ConfigError, InfluenceLabError, check
+from .errors import ConfigError, InfluenceLabError, SolverDivergedError, check
 from .scores import pairwise_scores, parse_partition, precondition_queries, query_gradients, self_scores
 from .solvers.base import Damping, Solver, parse_dampings
 from .tracking import Tracker
@@ -253,11 +253,19 @@ class Context:
             log.info("multirun over solver.damping: scoring all of %s in one pass (cached for the sweep)", out)
         return out
 
-    def _own_rows(self, scores: torch.Tensor) -> torch.Tensor:
-        """The solver's own dampings' rows of scores computed for :attr:`score_dampings`."""
-        if self.score_dampings == list(self.solver.dampings):
-            return scores
-        return scores[[self.score_dampings.index(d) for d in self.solver.dampings]]
+    def _for_own_dampings(self, compute: Callable[[list[Damping]], torch.Tensor]) -> torch.Tensor:
+        """``compute(dampings)`` (scores ``[n_damping, ...]``) for :attr:`score_dampings`, then the rows of the
+        solver's own dampings. Should another job's damping make the shared pass diverge (e.g. LiSSA at a very
+        large λ), this job's own dampings are scored alone, and that other job reports its error itself."""
+        own, dampings = list(self.solver.dampings), self.score_dampings
+        if dampings == own:
+            return compute(own)
+        try:
+            scores = compute(dampings)
+        except SolverDivergedError as e:
+            log.warning("the sweep's shared pass over %s failed (%s); scoring %s alone", dampings, e, own)
+            return compute(own)
+        return scores[[dampings.index(d) for d in own]]
 
     def save_scores(self, name: str, scores: torch.Tensor, extra: dict[str, torch.Tensor]) -> Path:
         """``scores/<name>.safetensors``: ``scores`` for the first damping (+ ``scores_by_damping``)."""
@@ -286,11 +294,14 @@ class Context:
 
     def _own_self_influence(self) -> torch.Tensor:
         solver = self.solver
-        dampings = self.score_dampings
-        s = self_scores(solver, self.influence_model(solver), self.train_data, dampings, self.cache,
-                        self.score_key(solver, "self", dampings=dampings), self.cfg.score.batch_size,
-                        self.cfg.score.chunk_size, self.partition)
-        return self._own_rows(self._complete(s, "self"))
+
+        def compute(dampings: list[Damping]) -> torch.Tensor:
+            s = self_scores(solver, self.influence_model(solver), self.train_data, dampings, self.cache,
+                            self.score_key(solver, "self", dampings=dampings), self.cfg.score.batch_size,
+                            self.cfg.score.chunk_size, self.partition)
+            return self._complete(s, "self")
+
+        return self._for_own_dampings(compute)
 
     def baseline_self_influence(self, solver_name: str) -> torch.Tensor:
         """Self-influence ``[n_train]`` with another solver (e.g. ``identity`` = squared gradient norm)."""
@@ -311,13 +322,16 @@ class Context:
         model = self.influence_model(solver)
         queries = self.test_data.subset(self.query_positions)
         grads = query_gradients(solver, model, queries, self.cfg.score.batch_size)
-        dampings = self.score_dampings
-        pre = precondition_queries(solver, grads, dampings)
-        key = self.score_key(solver, "pairwise", [self.query_positions.tolist(), self.cfg.score.get("query_rank")],
-                             dampings)
-        s = pairwise_scores(solver, model, self.train_data, pre, self.cache, key, self.cfg.score.batch_size,
-                            self.cfg.score.chunk_size, self.partition, self.cfg.score.get("query_rank"))
-        return self._own_rows(self._complete(s, "pairwise").reshape(len(dampings), len(queries), -1))
+
+        def compute(dampings: list[Damping]) -> torch.Tensor:
+            pre = precondition_queries(solver, grads, dampings)
+            key = self.score_key(solver, "pairwise", [self.query_positions.tolist(),
+                                                      self.cfg.score.get("query_rank")], dampings)
+            s = pairwise_scores(solver, model, self.train_data, pre, self.cache, key, self.cfg.score.batch_size,
+                                self.cfg.score.chunk_size, self.partition, self.cfg.score.get("query_rank"))
+            return self._complete(s, "pairwise").reshape(len(dampings), len(queries), -1)
+
+        return self._for_own_dampings(compute)
 
     @cached_property
     def members(self) -> list[Context]:
