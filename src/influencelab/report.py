@@ -106,14 +106,20 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     if curves:
         fig_dir.mkdir(exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for r, p in curves:
+        # several jobs: a colour per job, a line style per ranking (random once, grey); one job: a colour per ranking
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        styles = {"self_influence": "-", "identity": "--", "loss": ":", "random": "-."}
+        for j, (r, p) in enumerate(curves):
             with open(p) as f:
                 data = list(csv.DictReader(f))
-            for col in [c for c in data[0] if c != "fraction"]:
-                if col == "random" and r is not curves[0][0]:
+            for m, col in enumerate(c for c in data[0] if c != "fraction"):
+                if col == "random" and j > 0:
                     continue
-                ax.plot([float(d["fraction"]) for d in data], [float(d[col]) for d in data],
-                        label=f"{col} [{names[r['job']]}]" if len(curves) > 1 else col)
+                several = len(curves) > 1
+                color = "grey" if col == "random" else colors[(j if several else m) % len(colors)]
+                ax.plot([float(d["fraction"]) for d in data], [float(d[col]) for d in data], color=color,
+                        linestyle=styles.get(col, "-") if several else "-",
+                        label=f"{col} [{names[r['job']]}]" if several and col != "random" else col)
         ax.set(xlabel="fraction inspected", ylabel="fraction of flipped labels found", xlim=(0, 1), ylim=(0, 1.02))
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
