@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import os
 import resource
 import tempfile
 import time
@@ -155,8 +156,8 @@ def main() -> None:
         t_gpu, _, _ = ours(gpu_model, train, queries, args.batch, "ekfac", device="cuda")
         print(f"| {torch.cuda.get_device_name()} | {t_gpu['fit']:.1f} | {t_gpu['self']:.1f} | {t_gpu['pairwise']:.1f} |")
         csv_rows.append(["ekfac", "influencelab cuda", len(train), t_gpu["fit"], t_gpu["self"], t_gpu["pairwise"]])
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("INFLUENCELAB_BENCH_RESULTS", Path(__file__).parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "ekfac.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["strategy", "impl", "n", "fit_s", "self_s", "pairwise_s"])

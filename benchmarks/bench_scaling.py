@@ -54,8 +54,8 @@ def main() -> None:
             per = (r[f"{s}_s"] / r["n_train"]) / (base[f"{s}_s"] / base["n_train"])
             cells.append(f"{r[f'{s}_s']:.1f} ({per:.2f})")
         print(f"| {r['n_train']} | " + " | ".join(cells) + f" | {r['peak_rss_mb']:.0f} |")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("INFLUENCELAB_BENCH_RESULTS", Path(__file__).parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "scaling.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -1,12 +1,13 @@
 """``make bench``: every benchmark in one go, each printing its own markdown table with ratios vs the peers.
 
     python benchmarks/run_all.py            # full sizes (tens of minutes on 2 CPU cores)
-    python benchmarks/run_all.py --quick    # reduced sizes, a few minutes
+    python benchmarks/run_all.py --quick    # reduced sizes, a few minutes (CSVs in benchmarks/results/quick/)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,12 @@ def main() -> None:
         ("damping sweep and memory", ["bench_pipeline.py", *(["--n", "2000"] if quick else [])]),
         ("scaling in n_train", ["bench_scaling.py", *(["--sizes", "1000,2000,4000"] if quick else [])]),
     ]
+    # reduced sizes write their CSVs beside, never over, the full-size results (benchmarks/results/*.csv)
+    env = {**os.environ, **({"INFLUENCELAB_BENCH_RESULTS": str(HERE / "results" / "quick")} if quick else {})}
     failed = []
     for title, cmd in jobs:
         print(f"\n## {title}\n", flush=True)
-        r = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        r = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], env=env)
         if r.returncode != 0:
             failed.append(title)
     if failed:
