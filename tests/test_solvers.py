@@ -146,11 +146,28 @@ def test_lissa_with_enough_depth_is_within_2_percent(setup, kind):
     # steps is at most (1 - λ/s)^J, so J = 5 s / λ leaves < 1%
     li = LiSSA(damping=lam, batch_size=len(train), **F64)
     li.fit(model, train)
-    li.depth = int(5 * li._scale / lam) + 1
+    li.depth = int(5 * (li._scale + lam) / lam) + 1  # auto scale: s = 2 λ_max + λ
     assert li.depth < 20_000
     v = from_param_order(ex.layout, model, gq)
     a, b = li.precondition(v, lam), ex.precondition(v, lam)
     assert ((a - b).norm(dim=1) / b.norm(dim=1)).max() <= 0.02
+
+
+def test_lissa_auto_scale_converges_at_a_damping_far_above_the_curvature(setup):
+    """``scale=auto`` includes the damping (s = 2 λ_max + λ): at λ = 20 x 2 λ_max, where s = 2 λ_max alone
+    diverges, the recursion contracts fast and equals the exact solve."""
+    model, _, train, _, _, gq = setup["mlp"]
+    li = LiSSA(damping=1.0, depth=60, batch_size=len(train), **F64)
+    li.fit(model, train)
+    lam = 20 * li._scale
+    ex = Exact(damping=lam, **F64)
+    ex.fit(model, train)
+    v = from_param_order(ex.layout, model, gq)
+    a, b = li.precondition(v, lam), ex.precondition(v, lam)
+    assert ((a - b).norm(dim=1) / b.norm(dim=1)).max() <= 1e-8
+    li.scale = li._scale  # the same scale fixed by hand, without the damping: diverges
+    with pytest.raises(SolverDivergedError):
+        li.precondition(v, lam)
 
 
 def test_lissa_several_dampings_in_one_pass_equal_separate(setup):

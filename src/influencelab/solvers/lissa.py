@@ -2,8 +2,10 @@
 ``h_0 = v,  h_j = v + (I - (G_batch + λI) / s) h_{j-1}``, result ``h_J / s`` (averaged over ``repeats``),
 with exact curvature-vector products on a seeded stream of training batches. All query vectors, and all
 dampings of a list, iterate together (one vmapped product per step). ``scale="auto"`` sets
-``s = 2 * λ_max(G)`` from a few power-iteration steps; the recursion converges when ``s`` exceeds the
-largest eigenvalue of ``G_batch + λI``, so divergence (NaN/inf or norm growth) stops with a suggestion."""
+``s = 2 * λ_max(G) + λ`` per damping, ``λ_max`` from a few power-iteration steps: the recursion converges when
+``s`` exceeds the largest eigenvalue of ``G_batch + λI``; the factor 2 covers a mini-batch's larger top eigenvalue,
+and ``+ λ`` the damping, which is exact (without it, any λ above ~3 λ_max diverges). A fixed ``scale`` is used
+as given for every damping; divergence (NaN/inf or norm growth) stops with a suggestion."""
 
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ class LiSSA(Solver):
         k, d = len(v), len(dampings)
         lam = torch.tensor([self._damping(x) for x in dampings], dtype=self._curv.dtype,
                            device=self._curv.device).repeat_interleave(k)[:, None]
-        s = self._scale
+        # per row: s = 2 λ_max + λ (auto) or the fixed scale
+        s = lam + self._scale if self.scale == "auto" else torch.full_like(lam, self._scale)
         V = v.to(self._curv.dtype).repeat(d, 1)  # [d*k, P], damping-major
         vnorm = V.norm(dim=1).clamp_min(1e-30)
         total = torch.zeros_like(V)
@@ -99,8 +102,8 @@ class LiSSA(Solver):
                     norm = h.norm(dim=1)
                     if not torch.isfinite(norm).all() or (norm > 2 * (j + 2) * vnorm).any():
                         raise SolverDivergedError(
-                            f"LiSSA diverged at step {j + 1} (scale {s:.3g}, damping {dampings}); use a larger "
-                            f"solver.scale (e.g. {4 * s:.3g}) or a larger solver.damping")
+                            f"LiSSA diverged at step {j + 1} (scale {s.max().item():.3g}, damping {dampings}); use "
+                            f"a larger solver.scale (e.g. {4 * s.max().item():.3g}) or a larger solver.damping")
             total += h / s
         return (total / self.repeats).reshape(d, k, -1).to(v.dtype)
 
