@@ -86,13 +86,13 @@ def test_a_diverging_swept_damping_fails_only_its_own_job(tmp_path):
     """LiSSA with a fixed scale over ``solver.damping=1e-3,1e6``: the shared pass diverges because of 1e6 (far
     above the scale), so the 1e-3 job scores its own damping alone and succeeds, while the 1e6 job reports the
     divergence (sweep exit status 2)."""
-    r = run_cli(["-m", *TINY, "stages=[train,fit,self]", "solver=lissa", "solver.depth=10", "solver.batch_size=64",
-                 "solver.scale=1000", "solver.damping=1e-3,1e6"], tmp_path)
+    r = run_cli(["-m", *TINY, "stages=[train,fit,pairwise]", "solver=lissa", "solver.depth=10",
+                 "solver.batch_size=64", "solver.scale=1000", "solver.damping=1e-3,1e6"], tmp_path)
     assert r.returncode == 2 and "1 job(s) of the sweep failed" in r.stderr
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     assert "LiSSA diverged" in (sweep / "1" / "error.txt").read_text()
-    good = _load(sweep / "0" / "scores" / "self.safetensors")["scores"]
-    assert good.shape == (300,) and torch.isfinite(good).all()
+    good = _load(sweep / "0" / "scores" / "pairwise.safetensors")["scores"]
+    assert good.shape == (4, 300) and torch.isfinite(good).all()
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
