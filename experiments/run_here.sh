@@ -53,6 +53,12 @@ run mislabel_small experiment=mislabel dataset.subset=500 solver=ekfac,identity 
 # The CG reference (8 queries, exact GGN products over all 500 points) costs minutes per damping value.
 run ihvp_cnn experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
 run ihvp_depth experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.damping=1e-2 solver.depth=25,50,100,400
+# Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
+# 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
+# the three solvers
+run ihvp_resnet18 experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=4 \
+  ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1,0.1,1e-2,1e-3 \
+  solver=ekfac,kfac,lissa
 # LDS on one retraining ground truth (computed once, cached)
 run lds experiment=lds solver=ekfac,kfac,identity
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-5,1e-4,1e-2,1e-1,auto
