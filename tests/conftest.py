@@ -20,6 +20,15 @@ from omegaconf import DictConfig  # noqa: E402
 from influencelab.cli import CONFIG_DIR, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def need_fashion_mnist() -> None:
+    """Skip without Debian's dataset-fashion-mnist, except under CI, which must install it (real-data tests)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install dataset-fashion-mnist")
+        pytest.skip("apt-get install dataset-fashion-mnist")
 
 
 def make_config(overrides: list[str], cache: Path | None = None) -> DictConfig:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import standins
+from conftest import need_fashion_mnist
 from influencelab.data.digits import Digits
 from influencelab.data.fashion_mnist import FashionMNIST
 from influencelab.data.flowers102 import Flowers102
@@ -105,10 +105,7 @@ def test_full_splits_are_decoded_once_per_process(tmp_path):
 
 def test_real_fashion_mnist():
     """The real files from Debian's dataset-fashion-mnist (found without configuring anything)."""
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must install dataset-fashion-mnist")
-        pytest.skip("apt-get install dataset-fashion-mnist")
+    need_fashion_mnist()
     spec = FashionMNIST(root="/nonexistent", download=False)
     train, test = spec.load()
     assert len(train) == 60_000 and len(test) == 10_000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_config, run_cli
+from conftest import REPO, make_config, need_fashion_mnist, run_cli
 
 SMALL = ["dataset.subset=200", "trainer.epochs=2", "dataset.test_subset=100"]
 
@@ -27,7 +27,7 @@ def test_every_preset_composes_and_resolves(preset):
 def test_memorisation_preset_fits_the_flipped_labels(run_pipeline):
     """The memorisation preset's schedule (512-unit CNN, 150 epochs, cosine, no weight decay) fits every flipped
     label of real FashionMNIST; here 500 points instead of 5,000."""
-    _need_fashion_mnist()
+    need_fashion_mnist()
     _, m = run_pipeline(["experiment=mislabel_memorize", "dataset.subset=500", "dataset.test_subset=500",
                          "solver=identity"])
     assert m["train/n_flipped"] == 50
@@ -69,16 +69,9 @@ def test_ihvp_preset_against_cg(run_pipeline):
     assert m["ihvp/rel_error@100"] < 0.05 < m["ihvp/rel_error@0.01"]
 
 
-def _need_fashion_mnist() -> None:
-    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must install dataset-fashion-mnist")
-        pytest.skip("apt-get install dataset-fashion-mnist")
-
-
 def test_ihvp_resnet18_preset_on_tiny_config(run_pipeline):
     """The Sec. 6.2 preset itself (ResNet-18 on FashionMNIST), shrunk: 64 points, the classifier tracked."""
-    _need_fashion_mnist()
+    need_fashion_mnist()
     _, m = run_pipeline(["experiment=ihvp", "dataset.subset=64", "dataset.test_subset=50", "trainer.epochs=1",
                          "query.n=2", "solver.modules=re:fc", "solver.damping=[1e-2,100]",
                          "ihvp.reference_args.max_examples=64", "+ihvp.reference_args.tol=1e-5"])

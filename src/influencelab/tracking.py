@@ -85,10 +85,10 @@ class Tracker:
 
             logged: dict[str, Any] = {name: wandb.Table(columns=columns, data=rows)}
             if line_x is not None:
-                i = columns.index(line_x)
+                cols = list(zip(*rows))  # column-wise values
                 ys = [c for c in columns if c != line_x]
                 logged[f"{name}_plot"] = wandb.plot.line_series(
-                    xs=[r[i] for r in rows], ys=[[r[columns.index(c)] for r in rows] for c in ys], keys=ys,
+                    xs=list(cols[columns.index(line_x)]), ys=[list(cols[columns.index(c)]) for c in ys], keys=ys,
                     title=name, xname=line_x)
             self._wandb.log(logged)
 

@@ -113,7 +113,10 @@ def try_download(fn: Callable[[], Any], download: bool, root: str | Path) -> str
         return None
     except Exception as e:
         for new in (set(root.iterdir()) if root.exists() else set()) - before:
-            shutil.rmtree(new) if new.is_dir() else new.unlink(missing_ok=True)
+            if new.is_dir():
+                shutil.rmtree(new)
+            else:
+                new.unlink(missing_ok=True)
         if not existed and root.exists() and not any(root.iterdir()):
             root.rmdir()
         return f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
