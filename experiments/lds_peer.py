@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from influencelab import load_run
-from influencelab.studies import lds_per_query, summarize
+from influencelab.stages.lds import lds_per_query, summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_ekfac import kronfluence  # noqa: E402

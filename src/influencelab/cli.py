@@ -22,10 +22,14 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from . import schema
+from .compose import CONFIG_DIR, build
 from .errors import InfluenceLabError
+from .stages import load_all
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 log = logging.getLogger("influencelab")
+load_all()  # every stage registers itself (and its config schema)
+schema.register()  # conf/config.yaml's defaults list the schemas: composition type-checks those sections
 
 
 def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None = None,
@@ -34,7 +38,8 @@ def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None
     ``sweep_dampings``: the values of ``solver.damping`` that this job's multirun sweeps over (see
     :attr:`Context.score_dampings`)."""
     from . import distributed
-    from .pipeline import STAGES, Context, PartitionDone, build
+    from .pipeline import Context
+    from .stages import STAGES
     from .tracking import Tracker
 
     tracker = build(cfg.logger) if distributed.is_main() else Tracker(backend="none")
@@ -49,10 +54,8 @@ def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            try:
-                STAGES[name](ctx)
-            except PartitionDone as e:
-                log.info("%s", e)
+            STAGES[name].fn(ctx)
+            if ctx.partition_pending:  # a score.partition job has cached its share: nothing more to do
                 break
             tracker.log(peak_memory(name))
             log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
@@ -151,7 +154,13 @@ class FailedJobs(Callback):
 
 
 def main() -> None:
-    """Console-script entry point. Under torchrun, ranks > 0 write no Hydra output directory."""
+    """Console-script entry point. Under torchrun, ranks > 0 write no Hydra output directory. Overrides of the
+    typed config sections are type-checked first (one line, exit 2, like every bad input)."""
+    try:
+        schema.check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except InfluenceLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if int(os.environ.get("RANK", "0")) > 0:
         import tempfile
 

@@ -62,7 +62,7 @@ def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
-def _labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str | None = None) -> list[str]:
+def labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str | None = None) -> list[str]:
     """A short legend label per row: only the overrides that differ between ``rows`` (``same`` when none
     does; default: the job number)."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r)
@@ -72,114 +72,25 @@ def _labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str
             for r in rows]
 
 
-def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """Comparison figures from whatever metrics the jobs have."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Comparison figures from whatever metrics the jobs have: each stage module draws its own (IHVP error vs
+    damping, detection curves, LDS with intervals, unlearning against retraining by set size)."""
+    from .stages import load_all
+
     out: list[Path] = []
-    fig_dir = root / "report_figures"
-    # IHVP relative error vs damping, one line per solver
-    pts = [(r.get("ihvp/solver", r.get("solver", "?")), r["ihvp/damping"], r["ihvp/rel_error"], r.get("ihvp/time_s"))
-           for r in rows if "ihvp/rel_error" in r and "ihvp/damping" in r]
-    if pts:
-        fig_dir.mkdir(exist_ok=True)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        for solver in sorted({p[0] for p in pts}):
-            sel = sorted((p for p in pts if p[0] == solver), key=lambda p: p[1])
-            a1.plot([p[1] for p in sel], [p[2] for p in sel], marker="o", label=solver)
-            a2.scatter([p[3] for p in sel], [p[2] for p in sel], label=solver)
-        a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error vs CG", title="error vs damping")
-        a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
-        a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
-        a1.legend()
-        fig.tight_layout()
-        out.append(fig_dir / "ihvp_error.png")
-        fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
-    # detection curves across runs
-    curves = [(r, root / r["job"] / "mislabel_curve.csv") for r in rows]
-    curves = [(r, p) for r, p in curves if p.exists()]
-    names = dict(zip((r["job"] for r, _ in curves), _labels([r for r, _ in curves])))
-    if curves:
-        fig_dir.mkdir(exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        # several jobs: a colour per job, a line style per ranking (random once, grey); one job: a colour per ranking
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        styles = {"self_influence": "-", "identity": "--", "loss": ":", "random": "-."}
-        for j, (r, p) in enumerate(curves):
-            with open(p) as f:
-                data = list(csv.DictReader(f))
-            for m, col in enumerate(c for c in data[0] if c != "fraction"):
-                if col == "random" and j > 0:
-                    continue
-                several = len(curves) > 1
-                color = "grey" if col == "random" else colors[(j if several else m) % len(colors)]
-                ax.plot([float(d["fraction"]) for d in data], [float(d[col]) for d in data], color=color,
-                        linestyle=styles.get(col, "-") if several else "-",
-                        label=f"{col} [{names[r['job']]}]" if several and col != "random" else col)
-        ax.set(xlabel="fraction inspected", ylabel="fraction of flipped labels found", xlim=(0, 1), ylim=(0, 1.02))
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3)
-        out.append(fig_dir / "detection_curves.png")
-        fig.savefig(out[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    # LDS per solver with intervals
-    lds = [r for r in rows if "lds/mean" in r]
-    if lds:
-        fig_dir.mkdir(exist_ok=True)
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(lds)), 3.8))
-        lo = [r["lds/mean"] - r.get("lds/ci_low", r["lds/mean"]) for r in lds]
-        hi = [r.get("lds/ci_high", r["lds/mean"]) - r["lds/mean"] for r in lds]
-        ax.bar(range(len(lds)), [r["lds/mean"] for r in lds], yerr=[lo, hi], capsize=4)
-        ax.set_xticks(range(len(lds)), _labels(lds), rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel="LDS (Spearman, mean over queries)", title="LDS with 95% bootstrap CI")
-        fig.tight_layout()
-        out.append(fig_dir / "lds.png")
-        fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
-    # unlearning: test accuracy and KL to the retrained model against the size of the edited set
-    unl = [r for r in rows if "unlearn/n_points" in r and "unlearn/edited/test_accuracy" in r]
-    if unl:
-        fig_dir.mkdir(exist_ok=True)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.3})
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r, name in zip(unl, _labels(unl, exclude=("unlearn.size",), same="all")):
-            groups.setdefault(name, []).append(r)
-        # references that do not depend on the solver (retraining, fine-tuning, the original model) are drawn
-        # once when every group shares them, in the group's colour otherwise
-        refs: dict[tuple, list[tuple[str, int]]] = {}
-        colors = (lambda i: f"C{i}") if len(groups) <= 10 else (lambda i: plt.cm.tab20(i % 20))
-        for i, (name, rs) in enumerate(sorted(groups.items())):
-            rs = sorted(rs, key=lambda r: r["unlearn/n_points"])
-            n = [r["unlearn/n_points"] for r in rs]
-            color = colors(i)
-            a1.plot(n, [r["unlearn/edited/test_accuracy"] for r in rs], "-o", color=color,
-                    label=f"edited [{name}]", markersize=4)
-            a2.plot(n, [r["unlearn/edited/kl_to_retrained"] for r in rs], "-o", color=color,
-                    label=f"edited [{name}]", markersize=4)
-            for ax, key in ((a1, "finetuned/test_accuracy"), (a1, "retrained/test_accuracy"),
-                            (a2, "original/kl_to_retrained")):
-                series = (ax, key, tuple(n), tuple(r.get(f"unlearn/{key}", float("nan")) for r in rs))
-                refs.setdefault(series, []).append((name, i))
-        styles = {"finetuned": ":s", "retrained": "--^", "original": ":"}
-        for (ax, key, n, vals), users in refs.items():
-            method = key.split("/")[0]
-            shared = len(users) == len(groups) and len(groups) > 1
-            name, i = users[0]
-            ax.plot(n, vals, styles[method], color="black" if shared else colors(i), markersize=4,
-                    label=method if shared or len(groups) == 1 else f"{method} [{name}]")
-        a1.set(xscale="log", xlabel="points edited |R|", ylabel="test accuracy", title="one Newton step vs retraining")
-        a2.set(xscale="log", yscale="log", xlabel="points edited |R|", ylabel="KL(retrained || model), test",
-               title="distance to the retrained model")
-        for a in (a1, a2):
-            a.grid(alpha=0.3)
-            a.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.2), ncol=2 if len(groups) > 4 else 1)
-        fig.savefig(fig_dir / "unlearn.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        out.append(fig_dir / "unlearn.png")
+    for st in load_all().values():
+        if st.report is not None:
+            out += st.report(root, rows, root / "report_figures")
     return out
 
 

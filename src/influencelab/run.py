@@ -62,28 +62,44 @@ class Run:
         return None if s is None else s["scores"]
 
 
+    def attributor(self, solver: str | None = None, cache_dir: str | None = None, **solver_args: Any):
+        """An :class:`~influencelab.api.Attributor` of the run's model, fitted on its training data with the run's
+        solver config (or the ``solver`` group's ``solver`` with the run's seed and modules), reusing the run's
+        cached factors (``paths.cache`` of its config, or ``cache_dir``)."""
+        from .api import Attributor
+        from .compose import build, solver_node
+
+        node = self.config.solver
+        if solver is not None:
+            node = solver_node(solver, {"modules": node.get("modules", "all"), **solver_args},
+                               seed=int(self.config.seed))
+        elif solver_args:
+            node = OmegaConf.merge(node, solver_args)
+        model_key = self._model_key()
+        attr = Attributor(self.model, solver=build(node, device=str(next(self.model.parameters()).device)),
+                          cache_dir=cache_dir or self.config.paths.cache, model_key=model_key)
+        return attr.fit(self.train, data_key=build(self.config.dataset).cache_key())
+
+    def _model_key(self) -> str:
+        from .artifacts import model_digest
+
+        path = self.run_dir / "model.safetensors"
+        with safe_open(str(path), "pt") as f:
+            key = (f.metadata() or {}).get("model_key")
+        return key or model_digest(self.model)
+
     def influence(self, test_positions: list[int] | torch.Tensor, solver: str | None = None) -> torch.Tensor:
         """Scores ``[k, n_train]`` of any test images (positions in ``run.test``) against every training point,
-        with the run's solver (or ``solver``, a name in conf/solver/), reusing its cached factors."""
-        from .pipeline import Context
-        from .scores import precondition_queries, query_gradients
-
-        cfg = self.config.copy()
-        if solver is not None:
-            cfg.solver = OmegaConf.load(Path(__file__).parent / "conf" / "solver" / f"{solver}.yaml")
-        ctx = Context(cfg, self.run_dir)
-        ctx.__dict__.update(model=self.model, data=(self.train, self.test))  # the run's own weights and data
-        s = ctx.solver
-        model = ctx.influence_model(s)
-        queries = ctx.test_data.subset(torch.as_tensor(test_positions).long())
-        pre = precondition_queries(s, query_gradients(s, model, queries, 64), s.dampings[:1])
-        cols = [s.pairwise(model, pre, x, y).detach().cpu() for x, y, _ in ctx.train_data.batches(256)]
-        return torch.cat(cols, dim=1)
+        with the run's solver (or ``solver``, a name in conf/solver/) at its first damping, reusing its cached
+        factors: the same scoring path as the CLI's pairwise stage (the Python API)."""
+        attr = self.attributor(solver)
+        queries = self.test.subset(torch.as_tensor(test_positions).long())
+        return attr.pairwise(queries, dampings=attr.dampings[:1])[0]
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Load a run directory written by ``influencelab`` (the model in eval mode on ``device``)."""
-    from .pipeline import build
+    from .compose import build
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / ".hydra" / "config.yaml"

@@ -2,8 +2,8 @@
 
 Training gradients are computed batch by batch and never all held in memory; query gradients are
 preconditioned once per damping. Each chunk of ``chunk_size`` training points is written atomically to
-the cache as soon as it is done, so an interrupted run resumes from its last finished chunk and gives
-identical results (chunks do not depend on each other).
+the cache as soon as it is done (:meth:`Artifacts.chunked`), so an interrupted run resumes from its last
+finished chunk and gives identical results (chunks do not depend on each other).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import torch
 from torch import nn
 
 from . import distributed
-from .cache import Cache
+from .artifacts import Artifacts
 from .data.base import LabeledData
 from .errors import ConfigError, SolverDivergedError
 from .solvers.base import Damping, Solver
-from .train import progress
 
 log = logging.getLogger(__name__)
 
 
-def _finite_or_raise(t: torch.Tensor, what: str, solver: Solver) -> None:
+def finite_or_raise(t: torch.Tensor, what: str, solver: Solver) -> None:
+    """A diverged solver is reported with a suggestion instead of returning NaN/inf scores."""
     if not torch.isfinite(t).all():
         raise SolverDivergedError(
             f"{solver.name} produced NaN/inf {what}; increase solver.damping (now {solver.dampings}) "
@@ -32,8 +32,8 @@ def _finite_or_raise(t: torch.Tensor, what: str, solver: Solver) -> None:
 
 
 def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batch_size: int) -> torch.Tensor:
-    """Flat loss gradients ``[n_query, P]`` of the query points (their own labels)."""
-    parts = [solver.train_grads(model, x, y) for x, y, _ in queries.batches(batch_size)]
+    """Flat gradients ``[n_query, P]`` of the queries' measurement (the task's; their loss by default)."""
+    parts = [solver.query_grads(model, x, y) for x, y, _ in queries.batches(batch_size)]
     return torch.cat(parts)
 
 
@@ -42,7 +42,7 @@ def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence
     solves the same queries, so curvature products are split across torchrun ranks)."""
     with distributed.collective():
         pre = solver.precondition_all(grads, dampings).flatten(0, 1)
-    _finite_or_raise(pre, "preconditioned query gradients", solver)
+    finite_or_raise(pre, "preconditioned query gradients", solver)
     return pre
 
 
@@ -57,10 +57,6 @@ def compress(preconditioned: torch.Tensor, rank: int | None) -> tuple[torch.Tens
     return vh[:rank].to(preconditioned.dtype), (u[:, :rank] * s[:rank]).to(preconditioned.dtype)
 
 
-def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-
-
 def parse_partition(spec: str | None) -> tuple[int, int]:
     """``score.partition``: ``None`` (everything) or ``"i/k"`` (the i-th of k disjoint parts, 0-based)."""
     if spec in (None, "", "null"):
@@ -73,57 +69,27 @@ def parse_partition(spec: str | None) -> tuple[int, int]:
     return i, k
 
 
-def _chunked(kind: str, cache: Cache, key: str, n: int, chunk_size: int, compute,
-             partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
-    """Compute the missing chunks this worker owns (chunk ``c`` belongs to worker ``c % n_workers``, workers
-    being partitions x ranks), write each to the cache atomically, then assemble all chunks along the last
-    dim. Returns ``None`` when chunks owned by other partitions are still missing (a partition job)."""
-    part, n_parts = partition
-    workers, me = n_parts * distributed.world_size(), part * distributed.world_size() + distributed.rank()
-    chunks = _chunks(n, chunk_size)
-    ckeys = [f"{key}/chunk{i:05d}_{s}_{e}" for i, (s, e) in enumerate(chunks)]
-    done: dict[int, torch.Tensor] = {}
-    for i in progress([i for i in range(len(chunks)) if i % workers == me], desc=kind):
-        hit = cache.get(kind, ckeys[i])
-        if hit is not None:
-            done[i] = hit[0]["scores"]
-            continue
-        s, e = chunks[i]
-        out = compute(s, e)
-        cache.put(kind, ckeys[i], {"scores": out}, config={"parent": key, "start": s, "end": e})
-        done[i] = out
-    distributed.barrier()
-    parts = []
-    for i in range(len(chunks)):
-        if i not in done:
-            hit = cache.get(kind, ckeys[i])
-            if hit is None:
-                return None
-            done[i] = hit[0]["scores"]
-        parts.append(done[i])
-    return torch.cat(parts, dim=-1)
-
-
 def pairwise_scores(solver: Solver, model: nn.Module, train: LabeledData, preconditioned: torch.Tensor,
-                    cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096,
+                    artifacts: Artifacts, key: str, batch_size: int = 256, chunk_size: int = 4096,
                     partition: tuple[int, int] = (0, 1), rank: int | None = None) -> torch.Tensor | None:
     """Scores ``[rows of preconditioned, n_train]``; ``preconditioned`` from :func:`precondition_queries`
     (optionally compressed to ``rank``, see :func:`compress`)."""
     basis, coef = compress(preconditioned, rank)
+    prepared = solver.prepare_queries(basis)  # once per pass, not per batch
 
     def compute(s: int, e: int) -> torch.Tensor:
         part = train.subset(torch.arange(s, e))
-        cols = [solver.pairwise(model, basis, x, y).detach() for x, y, _ in part.batches(batch_size)]
+        cols = [solver.pairwise(model, prepared, x, y).detach() for x, y, _ in part.batches(batch_size)]
         out = torch.cat(cols, dim=1)
         out = (out if coef is None else coef @ out).cpu()
-        _finite_or_raise(out, "pairwise scores", solver)
+        finite_or_raise(out, "pairwise scores", solver)
         return out
 
-    return _chunked("pairwise", cache, key, len(train), chunk_size, compute, partition)
+    return artifacts.chunked("pairwise", key, len(train), chunk_size, compute, partition)
 
 
 def self_scores(solver: Solver, model: nn.Module, train: LabeledData, dampings: Sequence[Damping],
-                cache: Cache, key: str, batch_size: int = 256, chunk_size: int = 4096,
+                artifacts: Artifacts, key: str, batch_size: int = 256, chunk_size: int = 4096,
                 partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
     """Self-influence ``[n_damping, n_train]``: ``g_z^T (G + λI)^-1 g_z`` for every training point."""
 
@@ -131,8 +97,7 @@ def self_scores(solver: Solver, model: nn.Module, train: LabeledData, dampings: 
         part = train.subset(torch.arange(s, e))
         cols = [solver.self_influence(model, x, y, dampings).detach().cpu() for x, y, _ in part.batches(batch_size)]
         out = torch.cat(cols, dim=1)
-        _finite_or_raise(out, "self-influence scores", solver)
+        finite_or_raise(out, "self-influence scores", solver)
         return out
 
-    return _chunked("self", cache, key, len(train), chunk_size, compute, partition)
-
+    return artifacts.chunked("self", key, len(train), chunk_size, compute, partition)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from .data.base import LabeledData
 from .errors import check
+from .progress import progress
 
 
 def resolve_device(device: str) -> torch.device:
@@ -25,11 +23,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda"):
         check(torch.cuda.is_available(), "trainer.device", device, "CUDA is not available here; use auto or cpu")
     return torch.device(device)
-
-
-def progress(iterable, **kwargs):
-    """A tqdm bar that stays quiet when stderr is not a terminal."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
 
 
 @dataclass

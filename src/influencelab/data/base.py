@@ -13,13 +13,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..errors import check
+from ..errors import ConfigError, check
 
 
 class LabeledData(Dataset):
@@ -34,8 +34,8 @@ class LabeledData(Dataset):
     def __init__(self, x: torch.Tensor | Dataset, targets: torch.Tensor, clean_targets: torch.Tensor,
                  indices: torch.Tensor, num_classes: int, classes: Sequence[str] | None = None):
         self.x = x
-        self.targets = targets.long()
-        self.clean_targets = clean_targets.long()
+        self.targets = targets if targets.is_floating_point() else targets.long()  # (regression targets stay float)
+        self.clean_targets = clean_targets if clean_targets.is_floating_point() else clean_targets.long()
         self.indices = indices.long()
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
@@ -52,8 +52,8 @@ class LabeledData(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images([i])[0], int(self.targets[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images([i])[0], self.targets[i]
 
     def images(self, idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """A batch of images by position (0..len-1)."""
@@ -85,6 +85,31 @@ class LabeledData(Dataset):
                             num_workers=num_workers)
         for x, y, pos in loader:
             yield x, y, pos
+
+
+def as_labeled(data: LabeledData | Dataset | DataLoader) -> LabeledData:
+    """A user's data as :class:`LabeledData`: a ``TensorDataset`` ``(x, y)`` (kept in memory), a map-style
+    ``Dataset`` yielding ``(input, target)`` (its ``.targets`` if it has them, else read once), or a ``DataLoader``
+    over one of those (its dataset is used; batching is the engine's own)."""
+    if isinstance(data, LabeledData):
+        return data
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, TensorDataset):
+        if len(data.tensors) < 2:
+            raise ConfigError("a TensorDataset of (inputs, targets) is needed: got one tensor; add the targets")
+        x, y = data.tensors[0], data.tensors[1]
+    else:
+        try:
+            n = len(data)
+        except TypeError:
+            raise ConfigError(f"{type(data).__name__} is not a map-style Dataset (no len()); use a TensorDataset "
+                              f"or a Dataset with __len__ and __getitem__ returning (input, target)") from None
+        y = getattr(data, "targets", None)
+        y = torch.as_tensor(y) if y is not None else torch.stack([torch.as_tensor(data[i][1]) for i in range(n)])
+        x = data
+    num_classes = int(y.max()) + 1 if not y.is_floating_point() and len(y) else 0
+    return LabeledData(x, y, y.clone(), torch.arange(len(y)), num_classes)
 
 
 class _Positions(Dataset):
@@ -162,12 +187,16 @@ class DatasetSpec:
     std: list[float] = field(default_factory=lambda: [0.5])
     num_workers: int = 0
     seed: int = 0
+    #: number of training images when known without reading the files (checked against ``subset`` up front)
+    train_size: ClassVar[int | None] = None
 
     def __post_init__(self) -> None:
         check(isinstance(self.label_noise, (int, float)) and 0.0 <= self.label_noise < 1.0,
               "dataset.label_noise", self.label_noise, "must be in [0, 1)")
         check(self.subset is None or (isinstance(self.subset, int) and self.subset >= 1),
               "dataset.subset", self.subset, "must be a positive integer or null (all)")
+        check(self.subset is None or self.train_size is None or self.subset <= self.train_size,
+              "dataset.subset", self.subset, f"larger than the {self.train_size} training points of {self.name}")
         check(self.test_subset is None or (isinstance(self.test_subset, int) and self.test_subset >= 1),
               "dataset.test_subset", self.test_subset, "must be a positive integer or null (all)")
         check(isinstance(self.image_size, int) and self.image_size >= 1,

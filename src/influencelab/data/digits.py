@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -13,6 +14,7 @@ from .base import DatasetSpec
 class Digits(DatasetSpec):
     """Digits with a fixed stratified 80/20 train/test split (1,437 / 360 images)."""
 
+    train_size: ClassVar[int | None] = 1_437
     name: str = "digits"
     image_size: int = 8
     mean: list[float] = field(default_factory=lambda: [0.5])

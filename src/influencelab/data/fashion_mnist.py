@@ -14,6 +14,7 @@ class FashionMNIST(IDXDataset):
     system_dirs: ClassVar[tuple[str, ...]] = ("/usr/share/datasets/fashion-mnist",)
     install_hint: ClassVar[str] = "`apt-get install dataset-fashion-mnist` (Debian), or "
 
+    train_size: ClassVar[int | None] = 60_000
     name: str = "fashion_mnist"
     mean: list[float] = field(default_factory=lambda: [0.2860])
     std: list[float] = field(default_factory=lambda: [0.3530])

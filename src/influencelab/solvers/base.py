@@ -1,19 +1,20 @@
 """The one interface every inverse-curvature solver implements.
 
 A solver approximates ``(G + λI)^-1`` on the tracked parameters (see :mod:`.layout`), where ``G`` is
-the mean per-example curvature of the training cross-entropy at the trained parameters:
+the mean per-example curvature of the task's training loss (:mod:`influencelab.tasks`; cross-entropy by
+default) at the trained parameters:
 
-* ``curvature="fisher"`` (default): true Fisher = Gauss-Newton for cross-entropy. Product-based solvers
-  (exact, cg, lissa) use it exactly (``J^T (diag p - p p^T) J``); EK-FAC/K-FAC estimate it with labels
-  sampled from the model.
-* ``"empirical_fisher"``: mean of ``g g^T`` with the training labels.
+* ``curvature="fisher"`` (default): true Fisher = Gauss-Newton (``J^T H_out J``). Product-based solvers
+  (exact, cg, lissa) use it exactly; EK-FAC/K-FAC estimate it with targets sampled from the model.
+* ``"empirical_fisher"``: mean of ``g g^T`` with the training targets.
 * ``"hessian"``: the exact Hessian (product-based solvers only).
 
 ``fit`` computes whatever the solver needs once (factors, nothing, a dense matrix); ``precondition``
 applies ``(G + λI)^-1`` to many flat vectors at once. Damping is applied at precondition time, so one
 fit serves every damping value when the solver allows it (``damping`` may be a float, ``"auto"`` or a
-list of those). Influence of training point z on query q is then ``g_q^T (G + λI)^-1 g_z``
-(positive = helpful: upweighting z lowers the query loss).
+list of those). ``damping="auto"`` has one meaning for every solver: ``0.1 x`` the mean eigenvalue of the
+solver's ``G`` (``trace(G) / P``; :meth:`Solver.resolve_damping`). Influence of training point z on query q is
+then ``g_q^T (G + λI)^-1 g_z`` (positive = helpful: upweighting z lowers the query loss).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ from torch import nn
 from ..cache import Snapshots
 from ..data.base import LabeledData
 from ..errors import ConfigError, check
+from ..tasks import ClassificationTask, Task, resolve_task
 from .layout import ParamLayout
 
 log = logging.getLogger(__name__)
 
 Damping = float | str  # a float > 0 or "auto"
+
+#: ``damping="auto"`` = AUTO_FRACTION x the mean eigenvalue of the solver's curvature, for every solver
+AUTO_FRACTION = 0.1
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: ``solver.autocast``: lower precision for the forward/backward passes that produce per-example gradients
@@ -73,7 +78,8 @@ class Solver(ABC):
 
     def __init__(self, damping: Any = 1e-3, curvature: str = "fisher", modules: str | Sequence[str] = "all",
                  dtype: str = "float32", batch_size: int = 128, device: str = "cpu", seed: int = 0,
-                 autocast: str | None = None):
+                 autocast: str | None = None, task: Task | str | None = None):
+        self.task = resolve_task(task)
         self.dampings: list[Damping] = parse_dampings(damping)
         check(curvature in self.curvatures, "solver.curvature", curvature,
               f"solver {self.name} supports {', '.join(self.curvatures)}")
@@ -91,9 +97,8 @@ class Solver(ABC):
         self.device = torch.device(device)
         self.seed = seed
         self.layout: ParamLayout | None = None
-        self.fit_key: str | None = None  # set by the pipeline: cache key of the fitted state
-        self.fit_seconds: float = 0.0  # set by the pipeline: wall time of the (possibly cached) fit
-        self._snapshots: Snapshots | None = None  # set by the pipeline: makes a long fit resumable
+        self._snapshots: Snapshots | None = None  # during fit(..., snapshots=...): makes a long fit resumable
+        self._mean_eig: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> ParamLayout:
@@ -103,12 +108,26 @@ class Solver(ABC):
         return self.layout
 
     @abstractmethod
-    def fit(self, model: nn.Module, data: LabeledData) -> None:
-        """Compute the solver's state from the training data (``setup`` is called first if needed)."""
+    def fit(self, model: nn.Module, data: LabeledData, snapshots: Snapshots | None = None) -> None:
+        """Compute the solver's state from the training data (``setup`` is called first if needed).
+        ``snapshots``: where a long fit saves its running sums and resumes from (optional)."""
 
     @abstractmethod
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         """``(G + λI)^-1 v`` for flat vectors ``v`` of shape ``[k, P]`` (many at once)."""
+
+    # -- damping ------------------------------------------------------------------------------------
+    def mean_eigenvalue(self) -> float:
+        """``trace(G) / P`` of the solver's curvature (for ``damping="auto"``)."""
+        raise ConfigError(f"solver.damping=auto is invalid for solver {self.name}: give a number")
+
+    def resolve_damping(self, damping: Damping) -> float:
+        """The number ``λ`` a damping stands for: itself, or for ``"auto"`` 0.1 x the mean eigenvalue of ``G``."""
+        if damping != "auto":
+            return float(damping)
+        if self._mean_eig is None:
+            self._mean_eig = float(self.mean_eigenvalue())
+        return AUTO_FRACTION * self._mean_eig
 
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         """``[len(dampings), k, P]``: :meth:`precondition` for every damping (solvers may do them jointly)."""
@@ -139,9 +158,11 @@ class Solver(ABC):
     def fit_config(self) -> dict[str, Any]:
         """Everything the fitted state depends on (not the damping when ``damping_free_fit``)."""
         cfg = {k: v for k, v in vars(self).items()
-               if k not in ("layout", "device", "dampings", "fit_key", "fit_seconds") and not k.startswith("_")
+               if k not in ("layout", "device", "dampings", "task") and not k.startswith("_")
                and not isinstance(v, (torch.Tensor, nn.Module, dict))}
         cfg["dtype"] = str(self.dtype)
+        if type(self.task) is not ClassificationTask:  # (the CLI's cross-entropy keeps its existing keys)
+            cfg["task"] = self.task.key()
         cfg["solver"] = self.name
         if not self.damping_free_fit:
             cfg["dampings"] = self.dampings
@@ -168,16 +189,29 @@ class Solver(ABC):
 
     def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Flat per-example loss gradients ``[b, P]`` of a batch (model in eval mode)."""
+        return self._grads(model, x, y, self.task.loss)
+
+    def query_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Flat per-example gradients ``[b, P]`` of the task's query measurement (its loss by default)."""
+        if self.task.measures_loss:
+            return self.train_grads(model, x, y)
+        return self._grads(model, x, y, self.task.measurement)
+
+    def _grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, fn) -> torch.Tensor:
         from .grads import per_sample_grads
 
         assert self.layout is not None, "call setup(model) first"
         with self.amp():
-            g = per_sample_grads(model, self.layout, x.to(self.device, self.dtype), y.to(self.device))
+            g = per_sample_grads(model, self.layout, x.to(self.device, self.dtype), y.to(self.device), fn)
         return g.to(self.dtype)
 
-    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
-        """Scores ``[k, b]`` of already preconditioned query gradients ``[k, P]`` against a training batch."""
+    def prepare_queries(self, preconditioned: torch.Tensor) -> Any:
+        """Preconditioned queries ``[k, P]`` in the form :meth:`pairwise` consumes (once per score pass)."""
+        return preconditioned
+
+    def pairwise(self, model: nn.Module, preconditioned: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Scores ``[k, b]`` of preconditioned query gradients (``[k, P]`` or :meth:`prepare_queries`'s form)
+        against a training batch."""
         return preconditioned @ self.train_grads(model, x, y).T
 
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

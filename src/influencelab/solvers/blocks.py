@@ -76,19 +76,26 @@ class Capture:
         self.s.clear()
 
 
+class PreparedQueries:
+    """Preconditioned queries ``[k, P]`` split into contiguous per-block weight / bias parts (made once per score
+    pass by :meth:`BlockGradSolver.prepare_queries`; owning its tensors, so nothing can go stale)."""
+
+    def __init__(self, k: int, parts: list[tuple[torch.Tensor, torch.Tensor | None]]):
+        self.k, self.parts = k, parts
+
+    def __len__(self) -> int:
+        return self.k
+
+
 class BlockGradSolver(Solver):
     """A solver whose training gradients, pairwise scores and self-influence come from captured ``a``/``s``."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._qcache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # -- gradients of a batch, block by block ------------------------------------------------------------
     @contextmanager
     def _captured(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   generator: torch.Generator | None = None) -> Iterator[Capture]:
         """Run forward + backward of the summed per-example loss; yields the captured a / s per block.
-        With a ``generator`` and ``curvature="fisher"``, labels are sampled from the model's own predictions."""
+        With a ``generator`` and ``curvature="fisher"``, targets are sampled from the model's own predictions."""
         assert self.layout is not None
         with Capture(self.layout.modules, self.layout.blocks, self.dtype) as cap, torch.enable_grad():
             params = list(model.parameters())
@@ -100,9 +107,8 @@ class BlockGradSolver(Solver):
                 with self.amp():
                     out = model(x).to(self.dtype)
                 if generator is not None and self.curvature == "fisher":
-                    probs = torch.softmax(out.detach().double(), dim=-1).cpu()
-                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                F.cross_entropy(out, y.to(self.device), reduction="sum").backward()
+                    y = self.task.sample_targets(out.detach(), generator)
+                self.task.loss(out, y.to(self.device)).sum().backward()
             finally:
                 for p, r in zip(params, req, strict=True):
                     p.requires_grad_(r)
@@ -120,16 +126,27 @@ class BlockGradSolver(Solver):
         with self._captured(model, x, y) as cap:
             return torch.cat([self._block_grads(cap, b).flatten(1) for b in self.layout.blocks], dim=1)
 
-    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
+    def prepare_queries(self, preconditioned: torch.Tensor) -> PreparedQueries:
+        """Contiguous weight / bias parts of every block of the preconditioned queries."""
+        assert self.layout is not None
+        parts = []
+        for b in self.layout.blocks:
+            Q = self.layout.block(preconditioned, b).to(self.dtype)
+            bias = b.bias is not None
+            parts.append((Q[..., :-1].contiguous() if bias else Q.contiguous(), Q[..., -1].contiguous() if bias else None))
+        return PreparedQueries(len(preconditioned), parts)
+
+    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor | PreparedQueries, x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
         """Block by block, without concatenating per-example gradients; one-position blocks (plain Linear)
         use ``s^T Q a`` and never form ``s a^T``."""
         assert self.layout is not None
-        k = len(preconditioned)
+        prepared = preconditioned if isinstance(preconditioned, PreparedQueries) else \
+            self.prepare_queries(preconditioned)
+        k = len(prepared)
         out = torch.zeros(k, len(x), dtype=self.dtype, device=self.device)
         with self._captured(model, x, y) as cap:
-            for b in self.layout.blocks:
-                Qw, Qb = self._query_block(preconditioned, b)
+            for b, (Qw, Qb) in zip(self.layout.blocks, prepared.parts, strict=True):
                 a, s = cap.a[b.name], cap.s[b.name]
                 if a.shape[1] == 1:
                     t = (Qw.reshape(k * b.out_dim, -1) @ a[:, 0].T).view(k, b.out_dim, -1)
@@ -140,15 +157,3 @@ class BlockGradSolver(Solver):
                 if Qb is not None:
                     out += Qb @ s.sum(1).T
         return out
-
-    def _query_block(self, pre: torch.Tensor, b: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Contiguous weight / bias parts of a block of the preconditioned queries (memoised per tensor)."""
-        key = (pre.data_ptr(), tuple(pre.shape), b.name)
-        if key not in self._qcache:
-            if len(self._qcache) > 4 * len(self.layout.blocks):
-                self._qcache.clear()
-            Q = self.layout.block(pre, b).to(self.dtype)
-            bias = b.bias is not None
-            self._qcache[key] = (Q[..., :-1].contiguous() if bias else Q.contiguous(),
-                                 Q[..., -1].contiguous() if bias else None)
-        return self._qcache[key]

@@ -31,9 +31,8 @@ class CG(Solver):
         self.tol, self.max_iter, self.max_examples = tol, max_iter, max_examples
         self._curv: Curvature | None = None
         self._data: LabeledData | None = None
-        self._auto: float | None = None
 
-    def fit(self, model: nn.Module, data: LabeledData) -> None:
+    def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
         """Nothing to precompute: keeps the model and (a sample of) the data for the products."""
         self.bind(model, data)
 
@@ -42,19 +41,15 @@ class CG(Solver):
         if self.max_examples is not None and self.max_examples < len(data):
             g = torch.Generator().manual_seed(self.seed)
             data = data.subset(torch.randperm(len(data), generator=g)[: self.max_examples].sort().values)
-        self._curv, self._data = Curvature(model, layout, self.curvature), data
+        self._curv, self._data = Curvature(model, layout, self.curvature, self.task), data
 
-    def _damping(self, damping: Damping) -> float:
-        if damping != "auto":
-            return float(damping)
-        if self._auto is None:
-            assert self._curv is not None and self._data is not None and self.layout is not None
-            self._auto = 0.1 * self._curv.trace_estimate(self._data, self.batch_size, seed=self.seed) / self.layout.size
-        return self._auto
+    def mean_eigenvalue(self) -> float:
+        assert self._curv is not None and self._data is not None and self.layout is not None, "fit the solver first"
+        return self._curv.trace_estimate(self._data, self.batch_size, seed=self.seed) / self.layout.size
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         assert self._curv is not None and self._data is not None, "fit the solver first"
-        lam = self._damping(damping)
+        lam = self.resolve_damping(damping)
         b = v.to(self._curv.dtype)
         x = torch.zeros_like(b)
         r = b.clone()

@@ -1,7 +1,8 @@
-"""Exact curvature of the per-example cross-entropy w.r.t. the tracked parameters, with torch.func.
+"""Exact curvature of the task's per-example loss (:mod:`influencelab.tasks`; cross-entropy by default) w.r.t.
+the tracked parameters, with torch.func.
 
 * products ``G v`` for many flat vectors ``V [k, P]`` at once (vmapped), averaged over a batch:
-  ``fisher`` (= GGN for cross-entropy, ``J^T (diag p - p p^T) J v``), ``empirical_fisher``
+  ``fisher`` (= GGN ``J^T H_out J v``; for cross-entropy ``H_out = diag p - p p^T``), ``empirical_fisher``
   (``mean_i g_i g_i^T v``) and ``hessian`` (forward-over-reverse);
 * dense matrices of the same (tiny models only), accumulated over a dataset;
 * the data-set mean of products (for CG) and a trace estimate (for ``damping="auto"``).
@@ -12,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import distributed
 from ..data.base import LabeledData
+from ..tasks import Task, resolve_task
 from .grads import per_sample_grads, split_params
 from .layout import ParamLayout
 
@@ -27,9 +28,10 @@ KINDS = ("fisher", "empirical_fisher", "hessian")
 class Curvature:
     """Curvature products and dense blocks of ``model`` on the tracked parameters of ``layout``."""
 
-    def __init__(self, model: nn.Module, layout: ParamLayout, kind: str):
+    def __init__(self, model: nn.Module, layout: ParamLayout, kind: str, task: Task | None = None):
         assert kind in KINDS, kind
         self.model, self.layout, self.kind = model, layout, kind
+        self.task = resolve_task(task)
         self.params, self.rest = split_params(model, layout)
         self.dtype = next(iter(self.params.values())).dtype
         self.device = next(iter(self.params.values())).device
@@ -53,24 +55,23 @@ class Curvature:
     def _product(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.to(self.device, self.dtype), y.to(self.device)
         if self.kind == "empirical_fisher":
-            g = per_sample_grads(self.model, self.layout, x, y)
+            g = per_sample_grads(self.model, self.layout, x, y, self.task.loss)
             return ((V.to(g.dtype) @ g.T) @ g) / len(x)
         tangents = self._tangents(V)
         if self.kind == "hessian":
             def loss(p):
-                return F.cross_entropy(self._logits(p, x), y)
+                return self.task.loss(self._logits(p, x), y).mean()
 
             def hvp(t):
                 return jvp(grad(loss), (self.params,), (t,))[1]
 
             return self.layout.flatten(vmap(hvp)(tangents))
         out, pull = vjp(lambda p: self._logits(p, x), self.params)
-        probs = torch.softmax(out, dim=-1).detach()
+        out = out.detach()
 
         def ggn(t):
             ju = jvp(lambda p: self._logits(p, x), (self.params,), (t,))[1]
-            hu = probs * ju - probs * (probs * ju).sum(-1, keepdim=True)
-            return pull(hu / len(x))[0]
+            return pull(self.task.output_hessian_product(out, ju) / len(x))[0]
 
         return self.layout.flatten(vmap(ggn)(tangents))
 
@@ -86,7 +87,7 @@ class Curvature:
         """The dense ``[P, P]`` mean curvature of one batch."""
         x, y = x.to(self.device, self.dtype), y.to(self.device)
         if self.kind == "empirical_fisher":
-            g = per_sample_grads(self.model, self.layout, x, y)
+            g = per_sample_grads(self.model, self.layout, x, y, self.task.loss)
             return g.T @ g / len(x)
         if self.kind == "hessian":
             names = list(self.params)
@@ -95,7 +96,7 @@ class Curvature:
 
             def loss_flat(theta: torch.Tensor) -> torch.Tensor:
                 p = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
-                return F.cross_entropy(self._logits(p, x), y)
+                return self.task.loss(self._logits(p, x), y).mean()
 
             theta = torch.cat([self.params[n].reshape(-1) for n in names])
             h = torch.func.hessian(loss_flat)(theta)  # in parameter order; map to the block layout
@@ -108,8 +109,7 @@ class Curvature:
         jac = vmap(jacrev(logits_one), in_dims=(None, 0))(self.params, x)  # {name: [b, C, *shape]}
         b, c = len(x), next(iter(jac.values())).shape[1]
         J = self.layout.flatten({n: j.reshape(b * c, *j.shape[2:]) for n, j in jac.items()}).reshape(b, c, -1)
-        p = torch.softmax(self._logits(self.params, x), dim=-1)
-        H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+        H = self.task.output_hessian(self._logits(self.params, x).detach())
         return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / b
 
     def _param_to_layout(self, names: list[str], shapes: list[torch.Size]) -> torch.Tensor:

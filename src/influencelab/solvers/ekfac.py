@@ -11,8 +11,9 @@ per-example gradient is ``G_i = sum_t s_t a_t^T``. Fitting takes two passes over
    with one position).
 
 ``(G + λI)^-1 v = Q_S [(Q_S^T V Q_A) / (Λ + λ)] Q_A^T`` per block: the damping enters only here, so one fit
-serves every damping; ``auto`` = 0.1 x the block's mean eigenvalue. ``curvature="fisher"`` samples labels
-from the model (true Fisher); ``"empirical_fisher"`` uses the training labels.
+serves every damping; ``auto`` = 0.1 x the mean of all (corrected) eigenvalues, i.e. ``0.1 trace(G) / P`` as for
+every solver. ``curvature="fisher"`` samples targets from the model (true Fisher; ``fisher_samples`` draws per
+example); ``"empirical_fisher"`` uses the training targets.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import nn
 from .. import distributed
 from ..data.base import LabeledData
 from ..errors import ConfigError
-from ..train import progress
+from ..cache import Snapshots
+from ..progress import progress
 from .base import Damping
 from .blocks import BlockGradSolver, Capture
 from .layout import Block
@@ -77,7 +79,14 @@ class EKFAC(BlockGradSolver):
         self.state: dict[str, torch.Tensor] = {}
 
     # -- fitting ------------------------------------------------------------------------------------------
-    def fit(self, model: nn.Module, data: LabeledData) -> None:
+    def fit(self, model: nn.Module, data: LabeledData, snapshots: Snapshots | None = None) -> None:
+        self._snapshots = snapshots
+        try:
+            self._fit(model, data)
+        finally:
+            self._snapshots = None
+
+    def _fit(self, model: nn.Module, data: LabeledData) -> None:
         if self.layout is None:
             self.setup(model)
         assert self.layout is not None
@@ -151,10 +160,14 @@ class EKFAC(BlockGradSolver):
         return torch.bmm((s @ qs).transpose(1, 2), _rot_a(a, qa, bias))
 
     # -- applying the inverse --------------------------------------------------------------------------------
+    def mean_eigenvalue(self) -> float:
+        assert self.layout is not None and self.state, "fit the solver first"
+        total = sum(float(self.state[f"{i}.lambda"].sum()) for i in range(len(self.layout.blocks)))
+        return total / self.layout.size
+
     def _inverse_eigenvalues(self, i: int, damping: Damping) -> torch.Tensor:
         lam = self.state[f"{i}.lambda"]
-        d = 0.1 * lam.mean() if damping == "auto" else torch.as_tensor(float(damping), dtype=lam.dtype)
-        return (1.0 / (lam + d)).to(self.dtype)
+        return (1.0 / (lam + self.resolve_damping(damping))).to(self.dtype)
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         assert self.layout is not None and self.state, "fit the solver first"
@@ -192,6 +205,7 @@ class EKFAC(BlockGradSolver):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = {k: v.to(self.device) for k, v in state.items()}
+        self._mean_eig = None
 
 
 class KFAC(EKFAC):

@@ -33,9 +33,9 @@ class Exact(Solver):
                               f"(solver.modules=last:1) or use solver=cg")
         return layout
 
-    def fit(self, model: nn.Module, data: LabeledData) -> None:
+    def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
         layout = self.layout or self.setup(model)
-        G = Curvature(model, layout, self.curvature).dense_mean(data, self.batch_size)
+        G = Curvature(model, layout, self.curvature, self.task).dense_mean(data, self.batch_size)
         self.evals, self.evecs = torch.linalg.eigh((G + G.T) / 2)
 
     def dense(self) -> torch.Tensor:
@@ -43,13 +43,13 @@ class Exact(Solver):
         assert self.evecs is not None and self.evals is not None
         return (self.evecs * self.evals) @ self.evecs.T
 
-    def _damping(self, damping: Damping) -> float:
-        assert self.evals is not None
-        return 0.1 * float(self.evals.mean()) if damping == "auto" else float(damping)
+    def mean_eigenvalue(self) -> float:
+        assert self.evals is not None, "fit the solver first"
+        return float(self.evals.mean())
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         assert self.evecs is not None and self.evals is not None, "fit the solver first"
-        d = self._damping(damping)
+        d = self.resolve_damping(damping)
         if float(self.evals.min()) + d <= 0:
             from ..errors import SolverDivergedError
 
@@ -65,3 +65,4 @@ class Exact(Solver):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.evals, self.evecs = state["evals"].to(self.device), state["evecs"].to(self.device)
+        self._mean_eig = None

@@ -23,7 +23,7 @@ class Identity(BlockGradSolver):
     name = "identity"
     _hooks = True  # set by setup(): False when a tracked module needs the torch.func fallback
 
-    def fit(self, model: nn.Module, data: LabeledData) -> None:
+    def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
         """Nothing to fit."""
         if self.layout is None:
             self.setup(model)
@@ -40,8 +40,10 @@ class Identity(BlockGradSolver):
     def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return super().train_grads(model, x, y) if self._hooks else Solver.train_grads(self, model, x, y)
 
-    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
+    def prepare_queries(self, preconditioned: torch.Tensor):
+        return super().prepare_queries(preconditioned) if self._hooks else preconditioned
+
+    def pairwise(self, model: nn.Module, preconditioned, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._hooks:
             return super().pairwise(model, preconditioned, x, y)
         return Solver.pairwise(self, model, preconditioned, x, y)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data.base import LabeledData
 from ..errors import SolverDivergedError, check
-from ..train import progress
+from ..progress import progress
 from .base import Damping, Solver
 from .curvature import Curvature
 
@@ -37,9 +37,8 @@ class LiSSA(Solver):
         self._curv: Curvature | None = None
         self._data: LabeledData | None = None
         self._scale: float | None = None
-        self._trace: float | None = None
 
-    def fit(self, model: nn.Module, data: LabeledData) -> None:
+    def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
         """Keeps the model and data; estimates ``λ_max`` for ``scale=auto``."""
         self.bind(model, data)
         if self.scale == "auto":
@@ -68,16 +67,11 @@ class LiSSA(Solver):
 
     def bind(self, model: nn.Module, data: LabeledData) -> None:
         layout = self.layout or self.setup(model)
-        self._curv, self._data = Curvature(model, layout, self.curvature), data
+        self._curv, self._data = Curvature(model, layout, self.curvature, self.task), data
 
-    def _damping(self, damping: Damping) -> float:
-        if damping != "auto":
-            return float(damping)
-        if self._trace is None:
-            assert self._curv is not None and self._data is not None
-            self._trace = self._curv.trace_estimate(self._data, self.batch_size, seed=self.seed)
-        assert self.layout is not None
-        return 0.1 * self._trace / self.layout.size
+    def mean_eigenvalue(self) -> float:
+        assert self._curv is not None and self._data is not None and self.layout is not None, "fit the solver first"
+        return self._curv.trace_estimate(self._data, self.batch_size, seed=self.seed) / self.layout.size
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         return self.precondition_all(v, [damping])[0]
@@ -85,7 +79,7 @@ class LiSSA(Solver):
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         assert self._curv is not None and self._data is not None and self._scale is not None, "fit the solver first"
         k, d = len(v), len(dampings)
-        lam = torch.tensor([self._damping(x) for x in dampings], dtype=self._curv.dtype,
+        lam = torch.tensor([self.resolve_damping(x) for x in dampings], dtype=self._curv.dtype,
                            device=self._curv.device).repeat_interleave(k)[:, None]
         # per row: s = 2 λ_max + λ (auto) or the fixed scale
         s = lam + self._scale if self.scale == "auto" else torch.full_like(lam, self._scale)

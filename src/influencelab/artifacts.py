@@ -1,0 +1,165 @@
+"""The expensive artefacts of a run, each with the key it is cached by, in one place: trained models, fitted
+solver factors and score chunks (ensemble members are trained models with their own seed; partitions are sets of
+score chunks). The control flow (the CLI's :class:`~influencelab.pipeline.Context`, the Python
+:class:`~influencelab.api.Attributor`) asks for them here; nothing else writes the cache's model, factor or score
+entries.
+
+Keys hash exactly what an artefact depends on:
+
+* model: ``{"dataset", "model", "trainer"}`` configs (CLI) or a digest of the weights (API);
+* factors: ``{"model": model key, "solver": solver.fit_config()}`` (damping excluded for damping-free fits);
+* scores: ``{"what", "factors", "dampings", "train": data key, "extra": queries etc.}``, one entry per chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .cache import Cache, Snapshots, config_hash
+from .data.base import LabeledData
+from .progress import progress
+from .solvers.base import Damping, Solver
+
+log = logging.getLogger("influencelab")
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """Content hash of tensors (for keys of things given as data rather than config)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_digest(model: nn.Module) -> str:
+    """Key of a model given as an object: its class and the content of its state dict."""
+    state = model.state_dict()
+    return type(model).__qualname__ + "-" + digest(*(state[k] for k in sorted(state)))
+
+
+def data_digest(data: LabeledData) -> str:
+    """Key of a data set given as an object: its inputs and targets when in memory; otherwise its length, targets
+    and the first eight inputs (pass an explicit key to the API for data sets that change in other ways)."""
+    if data.in_memory:
+        return digest(data.x, data.targets)
+    return f"{len(data)}-" + digest(data.targets, data.images(range(min(8, len(data)))))
+
+
+@dataclass
+class FitInfo:
+    key: str
+    seconds: float
+    cached: bool
+
+
+class Artifacts:
+    """The cache, seen as the run's artefacts. ``root=None``: nothing is cached (every call computes)."""
+
+    def __init__(self, root: str | Path | None, checkpoint_s: float = 30.0):
+        self.cache = Cache(root) if root is not None else None
+        self.checkpoint_s = float(checkpoint_s)
+
+    def key(self, payload: Any) -> str:
+        return config_hash(payload)
+
+    # -- trained models ------------------------------------------------------------------------------------
+    def model(self, model: nn.Module, key: str, config: Any, train: Callable[[nn.Module], dict]
+              ) -> dict[str, Any]:
+        """Load ``model``'s trained weights under ``key`` or train it (``train(model) -> history``) and cache it;
+        returns ``{"train_s", "history", "cached"}``. Under torchrun rank 0 trains first, the others then load."""
+        if not distributed.is_main():
+            distributed.barrier()
+        hit = self.cache.get("models", key) if self.cache is not None else None
+        if hit is not None:
+            model.load_state_dict(hit[0])
+            log.info("reusing cached model %s (trained in %.1fs)", key, hit[1]["train_s"])
+            info = {**hit[1], "cached": True}
+        else:
+            t0 = time.perf_counter()
+            history = train(model)
+            info = {"train_s": time.perf_counter() - t0, "history": history, "cached": False}
+            if self.cache is not None:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self.cache.put("models", key, state, config, {"train_s": info["train_s"], "history": history})
+        if distributed.is_main():
+            distributed.barrier()
+        return info
+
+    # -- solver factors --------------------------------------------------------------------------------------
+    def fit_key(self, solver: Solver, model_key: str) -> str:
+        return self.key({"model": model_key, "solver": solver.fit_config()})
+
+    def fit(self, solver: Solver, model: nn.Module, data: LabeledData, model_key: str) -> FitInfo:
+        """Fit ``solver`` (set up on ``model``) or load its cached state; a long fit snapshots its running sums
+        and resumes from them when killed."""
+        key = self.fit_key(solver, model_key)
+        fit_cfg = {"model": model_key, "solver": solver.fit_config()}
+        hit = self.cache.get("factors", key) if self.cache is not None else None
+        if hit is not None:
+            solver.load_state_dict({k: v.to(solver.device) for k, v in hit[0].items()})
+            solver.bind(model, data)
+            seconds = float(hit[1].get("fit_s", 0.0))
+            log.info("reusing cached %s factors %s (fitted in %.1fs)", solver.name, key, seconds)
+            return FitInfo(key, seconds, True)
+        snapshots = None
+        if self.cache is not None:
+            name = f"{key}-r{distributed.rank()}of{distributed.world_size()}"
+            snapshots = Snapshots(self.cache, name, self.checkpoint_s)
+        t0 = time.perf_counter()
+        with distributed.collective():
+            solver.fit(model, data, snapshots=snapshots)
+        seconds = time.perf_counter() - t0
+        if self.cache is not None and distributed.is_main():
+            self.cache.put("factors", key, solver.state_dict(), fit_cfg, {"fit_s": seconds})
+        distributed.barrier()
+        if snapshots is not None:
+            snapshots.clear()
+        return FitInfo(key, seconds, False)
+
+    # -- scores -------------------------------------------------------------------------------------------------
+    def score_key(self, what: str, fit_key: str, dampings: list[Damping], data_key: Any, extra: Any = None) -> str:
+        return self.key({"what": what, "factors": fit_key, "dampings": list(dampings), "train": data_key,
+                         "extra": extra})
+
+    def chunked(self, kind: str, key: str, n: int, chunk_size: int, compute: Callable[[int, int], torch.Tensor],
+                partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
+        """Scores over ``n`` training points in chunks of ``chunk_size``: compute the missing chunks this worker
+        owns (chunk ``c`` belongs to worker ``c % n_workers``, workers being partitions x ranks), write each to
+        the cache atomically as soon as it is done (resume = skip finished chunks), then assemble all chunks
+        along the last dim. Returns ``None`` when chunks owned by other partitions are still missing."""
+        part, n_parts = partition
+        workers, me = n_parts * distributed.world_size(), part * distributed.world_size() + distributed.rank()
+        chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+        ckeys = [f"{key}/chunk{i:05d}_{s}_{e}" for i, (s, e) in enumerate(chunks)]
+        done: dict[int, torch.Tensor] = {}
+        for i in progress([i for i in range(len(chunks)) if i % workers == me], desc=kind):
+            hit = self.cache.get(kind, ckeys[i]) if self.cache is not None else None
+            if hit is not None:
+                done[i] = hit[0]["scores"]
+                continue
+            s, e = chunks[i]
+            done[i] = compute(s, e)
+            if self.cache is not None:
+                self.cache.put(kind, ckeys[i], {"scores": done[i]}, config={"parent": key, "start": s, "end": e})
+        distributed.barrier()
+        parts = []
+        for i in range(len(chunks)):
+            if i not in done:
+                hit = self.cache.get(kind, ckeys[i]) if self.cache is not None else None
+                if hit is None:
+                    return None
+                done[i] = hit[0]["scores"]
+            parts.append(done[i])
+        return torch.cat(parts, dim=-1)

@@ -1,0 +1,145 @@
+"""Typed schemas of the config sections the pipeline reads (``query``, ``score``, ``fit``; each stage module
+declares its own, e.g. ``lds``), registered with Hydra's ConfigStore so composition type-checks them, and
+instantiated (``__post_init__`` checks the values) before any data is read or anything is written.
+
+A bad value gives one line naming the key, the value and the fix (:class:`~influencelab.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError, check
+
+
+@dataclass
+class QueryConfig:
+    """Query (test) points for pairwise scores: explicit test ``indices`` or ``n`` drawn with ``seed``."""
+
+    indices: list[int] | None = None
+    n: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.n >= 1, "query.n", self.n, "must be >= 1")
+        check(self.indices is None or len(self.indices) >= 1, "query.indices", self.indices,
+              "give at least one test index, or null to draw query.n")
+
+
+@dataclass
+class ScoreConfig:
+    """Score computation: batches, cached chunks, optional query compression, partitions and ensembles."""
+
+    batch_size: int = 256
+    chunk_size: int = 4096
+    query_rank: int | None = None
+    partition: str | None = None
+    ensemble: int = 1
+
+    def __post_init__(self) -> None:
+        from .scores import parse_partition
+
+        check(self.batch_size >= 1, "score.batch_size", self.batch_size, "must be an integer >= 1")
+        check(self.chunk_size >= 1, "score.chunk_size", self.chunk_size,
+              "must be an integer >= 1 (training points per cached chunk)")
+        check(self.query_rank is None or self.query_rank >= 1, "score.query_rank", self.query_rank,
+              "must be an integer >= 1, or null for exact scores")
+        check(self.ensemble >= 1, "score.ensemble", self.ensemble,
+              "must be an integer >= 1 (number of independently trained models whose scores are averaged)")
+        parse_partition(self.partition)
+
+
+@dataclass
+class FitConfig:
+    """Solver fitting: running sums are snapshotted at most every ``checkpoint_s`` seconds (0 = every batch)."""
+
+    checkpoint_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        check(self.checkpoint_s >= 0, "fit.checkpoint_s", self.checkpoint_s,
+              "must be a number of seconds >= 0 (0 = snapshot after every batch)")
+
+
+CORE: dict[str, type] = {"query": QueryConfig, "score": ScoreConfig, "fit": FitConfig}
+
+
+def _expected(schema: type, name: str) -> str:
+    for f in fields(schema):
+        if f.name == name:
+            return str(f.type)
+    return "?"
+
+
+def typed(node: Any, section: str, schema: type) -> Any:
+    """``node`` (the config's ``section``) as an instance of the dataclass ``schema``: wrong types, unknown keys
+    and bad values are one-line :class:`ConfigError`\\ s."""
+    assert is_dataclass(schema)
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+    for key, value in data.items():
+        type_check(section, key, value, schema)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+
+
+def type_check(section: str, key: str, value: Any, schema: type) -> None:
+    """One-line error unless ``key`` is a field of ``schema`` that accepts ``value``."""
+    known = {f.name for f in fields(schema)}
+    if key not in known:
+        raise ConfigError(f"{section}.{key} is not a key of {section}; its keys: {', '.join(sorted(known))}")
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), {key: value})
+    except OmegaConfBaseException:
+        raise ConfigError(f"{section}.{key}={value!r} is invalid: expected {_expected(schema, key)}") from None
+
+
+def sections() -> dict[str, type]:
+    """Every section schema: the core ones and each stage module's (imports the stage modules)."""
+    from .stages import SECTIONS, load_all
+
+    load_all()
+    return {**CORE, **SECTIONS}
+
+
+def register() -> None:
+    """Store every section schema in Hydra's ConfigStore as ``schema/<section>`` (packaged at ``<section>``);
+    ``conf/config.yaml`` lists them first in its defaults, so composition type-checks those sections."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, schema in sections().items():
+        cs.store(group="schema", name=name, node=schema, package=name)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Type-check command-line overrides of the schema'd sections (each value of a sweep too), so a wrong type is
+    a one-line error (exit 2) rather than Hydra's multi-line composition error."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    schemas = sections()
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # Hydra reports malformed overrides itself
+    for o in parsed:
+        section, _, key = o.key_or_group.partition(".")
+        if section not in schemas or not key or "." in key or o.is_delete():
+            continue
+        values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+        for v in values:  # types only: a bad value of a sweep is that job's own one-line error
+            type_check(section, key, v, schemas[section])
+
+
+def validate(cfg: DictConfig, stages: list[str]) -> dict[str, Any]:
+    """Typed objects of the core sections and of every section the selected ``stages`` read."""
+    from .stages import STAGES
+
+    out = {name: typed(cfg.get(name, {}), name, schema) for name, schema in CORE.items()}
+    for s in stages:
+        st = STAGES[s]
+        if st.section is not None and st.schema is not None and st.section not in out:
+            out[st.section] = typed(cfg.get(st.section, {}), st.section, st.schema)
+    return out

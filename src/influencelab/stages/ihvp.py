@@ -1,0 +1,118 @@
+"""IHVP accuracy (paper Sec. 6.2): relative error and cosine of a solver's ``(G + λI)^-1 g_q`` for the query
+gradients against a reference solver (CG with exact damped GGN/Hessian products at a tight tolerance), and wall
+time, per damping value."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import Attributor
+from ..errors import ConfigError, check
+from ..pipeline import Context
+from ..scores import query_gradients
+from ..solvers.base import parse_dampings
+from .registry import report_plot, stage
+
+
+@dataclass
+class IHVPConfig:
+    """``reference``: the reference solver (a name of the ``solver`` group); ``reference_args``: its keys."""
+
+    reference: str = "cg"
+    reference_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from ..compose import solver_names
+
+        check(self.reference in solver_names(), "ihvp.reference", self.reference,
+              f"use one of {', '.join(solver_names())}")
+
+
+def explicit_dampings(ctx: Context) -> None:
+    """The comparison is at explicit dampings (``auto`` means a different λ for each solver)."""
+    if "auto" in parse_dampings(ctx.cfg.solver.get("damping", 1e-3)):
+        raise ConfigError("solver.damping=auto is invalid for stage ihvp: compare at explicit values, "
+                          "e.g. solver.damping=[1e-4,1e-3,1e-2]")
+
+
+@stage("ihvp", section="ihvp", schema=IHVPConfig, precheck=explicit_dampings)
+def ihvp_stage(ctx: Context) -> None:
+    """Error and cosine against the reference per damping (metrics per damping and an ``ihvp`` table)."""
+    attr = ctx.attributor
+    solver = attr.solver
+    queries = ctx.test_data.subset(ctx.query_positions)
+    grads = query_gradients(solver, attr.model, queries, ctx.score.batch_size)
+    ref = ctx.attributor_for(ctx.model, ctx.model_key, ctx.new_solver(reference_node(ctx)))
+    rows, metrics = [], {}
+    for d in solver.dampings:
+        target = reference_ihvp(ctx, ref, grads, float(d))
+        t0 = time.perf_counter()
+        x = solver.precondition(grads, d)
+        prec_s = time.perf_counter() - t0
+        err = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).mean().item()
+        cos = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).mean().item()
+        total = attr.fit_seconds + prec_s
+        rows.append([solver.name, float(d), err, cos, attr.fit_seconds, prec_s, total])
+        metrics.update({f"ihvp/rel_error@{d:g}": err, f"ihvp/cosine@{d:g}": cos, f"ihvp/time_s@{d:g}": total})
+    if len(rows) == 1:
+        metrics.update({"ihvp/solver": solver.name, "ihvp/damping": rows[0][1], "ihvp/rel_error": rows[0][2],
+                        "ihvp/cosine": rows[0][3], "ihvp/time_s": rows[0][6]})
+    ctx.tracker.log(metrics)
+    ctx.tracker.table("ihvp", ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s", "time_s"], rows)
+
+
+def reference_node(ctx: Context):
+    """The reference solver's config: the ``solver`` group's ``ihvp.reference`` with the run's seed, modules,
+    dtype and curvature, then ``ihvp.reference_args``."""
+    c = ctx.section("ihvp")
+    keys = {"curvature": ctx.cfg.solver.get("curvature", "fisher")} if ctx.cfg.solver.get(
+        "curvature", "fisher") in ("fisher", "empirical_fisher", "hessian") else {}
+    return ctx.solver_node(c.reference, **keys, **c.reference_args)
+
+
+def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    """Reference ``(G + λI)^-1 g`` for the query gradients, cached per (model, queries, damping)."""
+    key = ctx.artifacts.key({"ref": ref.fit_key, "cfg": ref.solver.fit_config(), "damping": damping,
+                             "queries": ctx.query_positions.tolist(), "model": ctx.model_key})
+    cache = ctx.artifacts.cache
+    hit = cache.get("ihvp_reference", key)
+    if hit is not None:
+        return hit[0]["ihvp"].to(grads)
+    out = ref.solver.precondition(grads, damping)
+    cache.put("ihvp_reference", key, {"ihvp": out}, {"damping": damping})
+    return out
+
+
+@report_plot("ihvp")
+def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list[Path]:
+    """Relative error against damping and against wall time, one line per solver (``influencelab-report``)."""
+    import matplotlib
+
+    from ..report import pyplot
+
+    plt = pyplot()
+    out: list[Path] = []
+    # IHVP relative error vs damping, one line per solver
+    pts = [(r.get("ihvp/solver", r.get("solver", "?")), r["ihvp/damping"], r["ihvp/rel_error"], r.get("ihvp/time_s"))
+           for r in rows if "ihvp/rel_error" in r and "ihvp/damping" in r]
+    if pts:
+        fig_dir.mkdir(exist_ok=True)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for solver in sorted({p[0] for p in pts}):
+            sel = sorted((p for p in pts if p[0] == solver), key=lambda p: p[1])
+            a1.plot([p[1] for p in sel], [p[2] for p in sel], marker="o", label=solver)
+            a2.scatter([p[3] for p in sel], [p[2] for p in sel], label=solver)
+        a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error vs CG", title="error vs damping")
+        a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
+        a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+        a1.legend()
+        fig.tight_layout()
+        out.append(fig_dir / "ihvp_error.png")
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
+    return out
