@@ -15,7 +15,7 @@ help: ## Show this help
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,bench,cluster]'
+	$(PY) -m pip install -q -e '.[dev,bench,cluster,mnist5k]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install influencelab with dev, benchmark and cluster extras (idempotent)

@@ -65,7 +65,7 @@ def ours(model, train, queries, batch, strategy="ekfac", device="cpu"):
     sv, self_t = timed(self_scores)
 
     def pairwise():
-        pre = s.precondition(s.train_grads(model, queries.x, queries.targets), DAMPING)
+        pre = s.prepare_queries(s.precondition(s.train_grads(model, queries.x, queries.targets), DAMPING))
         return torch.cat([s.pairwise(model, pre, x, y) for x, y, _ in train.batches(batch)], dim=1)
 
     pw, pair_t = timed(pairwise)
@@ -174,7 +174,8 @@ def compression(model, train, queries, batch, full: torch.Tensor) -> None:
         basis, coef = compress(pre, r)
 
         def run(basis=basis, coef=coef):
-            out = torch.cat([s.pairwise(model, basis, x, y) for x, y, _ in train.batches(batch)], dim=1)
+            prepared = s.prepare_queries(basis)
+            out = torch.cat([s.pairwise(model, prepared, x, y) for x, y, _ in train.batches(batch)], dim=1)
             return out if coef is None else coef @ out
 
         got, t = timed(run)

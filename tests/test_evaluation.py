@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from influencelab.evaluation import detection_curve, detection_metrics, recall_at
-from influencelab.studies import lds_per_query, subset_masks, summarize
+from influencelab.stages.lds import lds_per_query, subset_masks, summarize
 
 
 def test_detection_curve_hand_computed():
@@ -61,3 +62,67 @@ def test_subset_masks_are_seeded_and_sized():
     a, b = subset_masks(101, 7, 0.5, 3), subset_masks(101, 7, 0.5, 3)
     assert torch.equal(a, b) and (a.sum(1) == 50).all()
     assert not torch.equal(a, subset_masks(101, 7, 0.5, 4))
+
+
+def test_recall_intervals_are_wilson_binomial_intervals():
+    from scipy.stats import binomtest
+
+    # 10 points, flipped = {0, 1, 2, 3}; ranking 0, 4, 1, 5, 2, 6, 3, 7, 8, 9: top 10% (1 point) finds 1 of 4
+    scores = np.array([10, 8, 6, 4, 9, 7, 5, 3, 2, 1], dtype=float)
+    flipped = np.zeros(10, dtype=bool)
+    flipped[:4] = True
+    m = detection_metrics(scores, flipped, "x")
+    for p, found in ((10, 1), (20, 1), (30, 2), (50, 3)):
+        assert m[f"x/recall@{p}"] == found / 4
+        ci = binomtest(found, 4).proportion_ci(confidence_level=0.95, method="wilson")
+        assert m[f"x/recall@{p}_ci_low"] == pytest.approx(ci.low)
+        assert m[f"x/recall@{p}_ci_high"] == pytest.approx(ci.high)
+    # a known case by hand: Wilson for 1 of 4 at z = 1.959964
+    z, n, ph = 1.959964, 4, 0.25
+    centre = (ph + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n))
+    assert m["x/recall@10_ci_low"] == pytest.approx(centre - half, abs=1e-6)
+    assert m["x/recall@10_ci_high"] == pytest.approx(centre + half, abs=1e-6)
+
+
+def test_intervals_contain_the_estimate_and_shrink_with_n():
+    rng = np.random.default_rng(2)
+
+    def metrics(n):
+        flipped = np.zeros(n, dtype=bool)
+        flipped[rng.choice(n, n // 10, replace=False)] = True
+        return detection_metrics(rng.normal(size=n) + 1.5 * flipped, flipped, "m")
+
+    small, large = metrics(400), metrics(8000)
+    for m in (small, large):
+        for key in ("recall@10", "recall@20", "recall@30", "recall@40", "recall@50", "roc_auc"):
+            assert m[f"m/{key}_ci_low"] <= m[f"m/{key}"] <= m[f"m/{key}_ci_high"]
+            assert 0 <= m[f"m/{key}_ci_low"] < m[f"m/{key}_ci_high"] <= 1
+    for key in ("recall@10", "roc_auc"):
+        width_small, width_large = (m[f"m/{key}_ci_high"] - m[f"m/{key}_ci_low"] for m in (small, large))
+        assert width_large < width_small / 3  # 20x the points: about 1/sqrt(20) the width
+
+
+def test_interval_keys_leave_the_point_estimates_unchanged_and_are_seeded():
+    rng = np.random.default_rng(3)
+    flipped = rng.random(500) < 0.1
+    scores = np.round(rng.normal(size=500) + flipped, 1)  # ties
+    m = detection_metrics(scores, flipped, "k")
+    assert m["k/roc_auc"] == pytest.approx(roc_auc_score(flipped, scores))
+    assert [k for k in m if "_ci_" not in k] == [f"k/recall@{p}" for p in (10, 20, 30, 40, 50)] + [
+        "k/curve_auc", "k/roc_auc", "k/ap"]
+    assert detection_metrics(scores, flipped, "k") == m  # seeded bootstrap
+    assert detection_metrics(scores, flipped, "k", seed=1)["k/roc_auc_ci_low"] != m["k/roc_auc_ci_low"]
+    assert "k/roc_auc_ci_low" not in detection_metrics(scores, np.ones(500, dtype=bool), "k")  # AUC undefined
+
+
+def test_vectorised_weighted_auc_matches_sklearn():
+    from influencelab.evaluation import weighted_roc_auc
+
+    rng = np.random.default_rng(4)
+    s = np.sort(np.round(rng.normal(size=300), 1))
+    f = rng.random(300) < 0.2
+    starts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+    w = rng.integers(0, 4, (5, 300)).astype(float)
+    expected = [roc_auc_score(f, s, sample_weight=wi) for wi in w]
+    np.testing.assert_allclose(weighted_roc_auc(w, f, starts), expected)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import standins
 from conftest import make_config
-from influencelab.pipeline import build
+from influencelab.compose import build
 from influencelab.solvers.ekfac import EKFAC
 
 DATASETS = ["digits", "mnist", "fashion_mnist", "flowers102", "food101"]

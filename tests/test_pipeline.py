@@ -113,6 +113,11 @@ def test_wandb_offline_run_is_written(tmp_path):
     ("dataset.image_size=2", "dataset.image_size"),
     ("trainer.device=cuda", "trainer.device"),
     ("score.ensemble=0", "score.ensemble"),
+    ("score.chunk_size=0", "score.chunk_size"),
+    ("score.chunk_size=abc", "score.chunk_size"),
+    ("score.partition=3/2", "score.partition"),
+    ("query.n=0", "query.n"),
+    ("+score.chunksize=8", "score.chunksize"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, override, key):
     r = run_cli([override, "trainer.epochs=1" if key != "trainer.epochs" else "seed=0"], tmp_path)
@@ -121,6 +126,28 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, override, key)
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+@pytest.mark.parametrize("stages, override, key", [
+    ("[train,fit,lds]", "lds.n_subsets=1", "lds.n_subsets"),
+    ("[train,fit,lds]", "lds.fraction=1.5", "lds.fraction"),
+    ("[train,fit,unlearn]", "unlearn.mode=bogus", "unlearn.mode"),
+    ("[train,fit,unlearn]", "unlearn.repair_to=truth", "unlearn.repair_to"),
+    ("[train,fit,pairwise,loo]", "loo.n_queries=99", "loo.n_queries"),
+    ("[train,fit,pairwise,loo]", "loo.retrain=hot", "loo.retrain"),
+    ("[train,fit,ihvp]", "ihvp.reference=nope", "ihvp.reference"),
+    ("[train,fit,ihvp]", "solver.damping=auto", "solver.damping"),
+    ("[train,fit,self,mislabel]", "dataset.label_noise=0", "dataset.label_noise"),
+    ("[train,fit,unlearn]", "unlearn.selection=flipped", "unlearn.selection"),
+])
+def test_stage_keys_are_checked_before_anything_is_read_or_written(tmp_path, stages, override, key):
+    """Every selected stage's section is validated up front: one line, exit 2, no cache or W&B files."""
+    r = run_cli([f"stages={stages}", override, "trainer.epochs=1", "logger=wandb"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], r.stderr
+    assert not (tmp_path / "cache").exists()
+    assert not list(tmp_path.rglob("wandb"))
 
 
 def test_unknown_option_gets_hydra_message(tmp_path):

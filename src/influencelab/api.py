@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .compose import solver_config
 from .artifacts import Artifacts, FitInfo, data_digest, model_digest
+from .compose import solver_config
 from .data.base import LabeledData, as_labeled
 from .errors import ConfigError
 from .scores import pairwise_scores, precondition_queries, query_gradients, self_scores
-from .solvers.base import Damping, Solver, parse_dampings
+from .solvers.base import Convergence, Damping, Solver, parse_dampings
 from .tasks import Task, resolve_task
 
 log = logging.getLogger("influencelab")
@@ -53,6 +53,12 @@ class Attributor:
     :class:`~influencelab.artifacts.Artifacts` store (the CLI passes its own).
     ``model_key``/``data_key``: what identifies the model / training data in cache keys (default: digests of
     the weights / data; the CLI passes its config-based keys).
+
+    ``diagnostics``: after :meth:`precondition`, :meth:`pairwise` or :meth:`self_influence`, how converged that
+    call's results are per damping (iterative solvers, CG and LiSSA; ``{}`` for the others), a
+    :class:`~influencelab.solvers.base.Convergence` each: the worst relative residual
+    ``||(G + λI) x - v|| / ||v||`` over every solved vector (for self-influence, over every training batch,
+    including cached chunks), its mean, the iterations, and ``converged``.
     """
 
     def __init__(self, model: nn.Module, task: Task | str | None = None, solver: str | Solver = "ekfac",
@@ -81,6 +87,7 @@ class Attributor:
         self.fit_info: FitInfo | None = None
         self.train: LabeledData | None = None
         self.train_key: Any = None
+        self.diagnostics: dict[Damping, Convergence] = {}
 
     # -- fitting -------------------------------------------------------------------------------------------
     def _on_solver(self, model: nn.Module) -> nn.Module:
@@ -129,7 +136,10 @@ class Attributor:
     def precondition(self, vectors: torch.Tensor, dampings: Any = None) -> torch.Tensor:
         """``(G + λI)^-1 v`` for flat vectors ``[k, P]`` and each damping: ``[n_damping, k, P]``."""
         d = self._dampings(dampings)
-        return precondition_queries(self.solver, vectors, d).reshape(len(d), len(vectors), -1)
+        self.solver.reset_diagnostics()
+        out = precondition_queries(self.solver, vectors, d).reshape(len(d), len(vectors), -1)
+        self.diagnostics = self.solver.diagnostics()
+        return out
 
     def pairwise(self, queries: Data, train: Data | None = None, dampings: Any = None, query_key: Any = None,
                  query_rank: int | None = None, partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
@@ -140,7 +150,9 @@ class Attributor:
         q = as_labeled(queries)
         grads = query_gradients(self.solver, self.model, q, self.batch_size)
         d = self._dampings(dampings)
+        self.solver.reset_diagnostics()
         pre = precondition_queries(self.solver, grads, d)
+        self.diagnostics = self.solver.diagnostics()
         qkey = query_key if query_key is not None else data_digest(q)
         key = self.artifacts.score_key("pairwise", self.fit_key, d, data_key, [qkey, query_rank])
         s = pairwise_scores(self.solver, self.model, data, pre, self.artifacts, key, self.batch_size,
@@ -153,5 +165,8 @@ class Attributor:
         data, data_key = self._train(train)
         d = self._dampings(dampings)
         key = self.artifacts.score_key("self", self.fit_key, d, data_key)
-        return self_scores(self.solver, self.model, data, d, self.artifacts, key, self.batch_size,
-                           self.chunk_size, partition)
+        self.solver.reset_diagnostics()
+        out = self_scores(self.solver, self.model, data, d, self.artifacts, key, self.batch_size,
+                          self.chunk_size, partition)
+        self.diagnostics = self.solver.diagnostics()
+        return out

@@ -134,25 +134,31 @@ class Artifacts:
                          "extra": extra})
 
     def chunked(self, kind: str, key: str, n: int, chunk_size: int, compute: Callable[[int, int], torch.Tensor],
-                partition: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
+                partition: tuple[int, int] = (0, 1), meta: Callable[[], dict[str, Any]] | None = None,
+                metas: list[dict[str, Any]] | None = None) -> torch.Tensor | None:
         """Scores over ``n`` training points in chunks of ``chunk_size``: compute the missing chunks this worker
         owns (chunk ``c`` belongs to worker ``c % n_workers``, workers being partitions x ranks), write each to
         the cache atomically as soon as it is done (resume = skip finished chunks), then assemble all chunks
-        along the last dim. Returns ``None`` when chunks owned by other partitions are still missing."""
+        along the last dim. Returns ``None`` when chunks owned by other partitions are still missing.
+        ``meta()``, called after each chunk is computed, is stored with it (e.g. the solver's convergence);
+        ``metas`` receives every chunk's, computed now or read from the cache (``{}`` where none was stored)."""
         part, n_parts = partition
         workers, me = n_parts * distributed.world_size(), part * distributed.world_size() + distributed.rank()
         chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
         ckeys = [f"{key}/chunk{i:05d}_{s}_{e}" for i, (s, e) in enumerate(chunks)]
         done: dict[int, torch.Tensor] = {}
+        info: dict[int, dict[str, Any]] = {}
         for i in progress([i for i in range(len(chunks)) if i % workers == me], desc=kind):
             hit = self.cache.get(kind, ckeys[i]) if self.cache is not None else None
             if hit is not None:
-                done[i] = hit[0]["scores"]
+                done[i], info[i] = hit[0]["scores"], hit[1].get("meta", {})
                 continue
             s, e = chunks[i]
             done[i] = compute(s, e)
+            info[i] = meta() if meta is not None else {}
             if self.cache is not None:
-                self.cache.put(kind, ckeys[i], {"scores": done[i]}, config={"parent": key, "start": s, "end": e})
+                self.cache.put(kind, ckeys[i], {"scores": done[i]}, config={"parent": key, "start": s, "end": e},
+                               info={"meta": info[i]} if meta is not None else None)
         distributed.barrier()
         parts = []
         for i in range(len(chunks)):
@@ -160,6 +166,8 @@ class Artifacts:
                 hit = self.cache.get(kind, ckeys[i]) if self.cache is not None else None
                 if hit is None:
                     return None
-                done[i] = hit[0]["scores"]
+                done[i], info[i] = hit[0]["scores"], hit[1].get("meta", {})
             parts.append(done[i])
+        if metas is not None:
+            metas.extend(info[i] for i in range(len(chunks)))
         return torch.cat(parts, dim=-1)

@@ -6,9 +6,11 @@ import math
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+CONFIDENCE = 0.95
 
 
 def detection_curve(scores: torch.Tensor | np.ndarray, flipped: torch.Tensor | np.ndarray
@@ -33,8 +35,51 @@ def recall_at(scores, flipped, fraction: float) -> float:
     return float(rec[min(n, math.ceil(fraction * n - 1e-9))])
 
 
-def detection_metrics(scores, flipped, prefix: str) -> dict[str, float]:
-    """Recall at 10..50% inspected, curve AUC (area under recall vs fraction), ROC AUC and average precision."""
+def recall_interval(found: int, n_flipped: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a recall ``found / n_flipped`` read as a binomial proportion."""
+    ci = binomtest(int(found), int(n_flipped)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def weighted_roc_auc(weights: np.ndarray, flipped: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """ROC AUC (ties count 1/2) of points sorted by score, one value per row of ``weights`` [B, n] (a point's
+    weight = its count in a resample); ``starts``: the first position of each distinct score."""
+    p = np.add.reduceat(weights * flipped, starts, axis=1)  # flipped / clean weight per distinct score
+    n = np.add.reduceat(weights * ~flipped, starts, axis=1)
+    below = np.cumsum(n, axis=1) - n  # clean weight scored strictly lower
+    return (p * (below + 0.5 * n)).sum(1) / (p.sum(1) * n.sum(1))
+
+
+def roc_auc_bootstrap(scores, flipped, n_boot: int = 1000, seed: int = 0, confidence: float = CONFIDENCE,
+                      chunk: int = 100) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC, stratified (flipped and clean points resampled
+    separately, so every resample has both and as many flipped as the data). Vectorised: each resample is a
+    vector of counts over the points; its AUC (ties count 1/2) is summed over groups of equal scores, so no
+    resample is sorted."""
+    s = np.asarray(scores, dtype=np.float64)
+    f = np.asarray(flipped, dtype=bool)
+    order = np.argsort(s, kind="stable")
+    s, f = s[order], f[order]
+    starts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))  # first position of each score value
+    pos, neg = np.flatnonzero(f), np.flatnonzero(~f)
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for b0 in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - b0)
+        counts = np.zeros((b, len(s)))
+        for members in (pos, neg):
+            draws = members[rng.integers(0, len(members), (b, len(members)))]
+            counts += np.bincount((draws + len(s) * np.arange(b)[:, None]).ravel(),
+                                  minlength=b * len(s)).reshape(b, len(s))
+        aucs.append(weighted_roc_auc(counts, f, starts))
+    lo, hi = np.quantile(np.concatenate(aucs), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
+def detection_metrics(scores, flipped, prefix: str, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Recall at 10..50% inspected, curve AUC (area under recall vs fraction), ROC AUC and average precision,
+    with 95% intervals: ``recall@K_ci_low/high`` (Wilson, recall = found / n_flipped) and
+    ``roc_auc_ci_low/high`` (stratified percentile bootstrap, ``n_boot`` resamples, seeded)."""
     f = np.asarray(flipped, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     frac, rec = detection_curve(s, f)
@@ -43,4 +88,13 @@ def detection_metrics(scores, flipped, prefix: str) -> dict[str, float]:
     if 0 < f.sum() < len(f):
         out[f"{prefix}/roc_auc"] = float(roc_auc_score(f, s))
         out[f"{prefix}/ap"] = float(average_precision_score(f, s))
+    n_flipped = int(f.sum())
+    if n_flipped > 0:
+        for p in FRACTIONS:
+            key = f"{prefix}/recall@{int(p * 100)}"
+            found = int(round(out[key] * n_flipped))
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = recall_interval(found, n_flipped)
+    if 0 < n_flipped < len(f):
+        lo, hi = roc_auc_bootstrap(s, f, n_boot, seed)
+        out[f"{prefix}/roc_auc_ci_low"], out[f"{prefix}/roc_auc_ci_high"] = lo, hi
     return out

@@ -30,7 +30,15 @@ from .data.base import DatasetSpec, LabeledData
 from .errors import ConfigError, SolverDivergedError, check
 from .schema import validate
 from .scores import parse_partition
-from .solvers.base import Damping, Solver, parse_dampings
+from .solvers.base import (
+    Convergence,
+    Damping,
+    Solver,
+    damping_label,
+    diagnostics_json,
+    merge_diagnostics,
+    parse_dampings,
+)
 from .stages.registry import STAGES
 from .tracking import Tracker
 from .train import Trainer, resolve_device
@@ -66,6 +74,10 @@ class Context:
                 STAGES[s].precheck(self)
         #: set when a ``score.partition`` job has cached its share: the remaining stages are skipped
         self.partition_pending = False
+        #: per score pass (``pairwise``, ``self``): the iterative solver's convergence per damping (worst over
+        #: the ensemble's models); ``{}`` for direct solvers. Logged as ``solver/*@<damping>``, and saved with
+        #: the scores (:meth:`save_scores`)
+        self.convergence: dict[str, dict[Damping, Convergence]] = {}
 
     def section(self, name: str) -> Any:
         """The typed object of config section ``name`` (``lds``, ``unlearn``, ...)."""
@@ -152,10 +164,9 @@ class Context:
     def solver(self) -> Solver:
         return self.attributor.solver
 
-    def influence_model(self, solver: Solver | None = None) -> nn.Module:
-        """The trained model on the solver's device and dtype (eval mode)."""
-        return self.attributor.model if solver is None or solver is self.solver else \
-            Attributor(self.model, solver=solver).model
+    def influence_model(self) -> nn.Module:
+        """The trained model on the configured solver's device and dtype (eval mode)."""
+        return self.attributor.model
 
     @cached_property
     def members(self) -> list[Attributor]:
@@ -234,7 +245,36 @@ class Context:
             return None
         s = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
         self.tracker.log({f"time/{what}_s": time.perf_counter() - t0})
+        own = list(self.solver.dampings)
+        self._report_convergence(what, merge_diagnostics(*({d: c for d, c in a.diagnostics.items() if d in own}
+                                                           for a in [self.attributor, *self.members])))
         return s
+
+    def _report_convergence(self, what: str, record: dict[Damping, Convergence]) -> None:
+        """Keep ``what``'s convergence record; log ``solver/{rel_residual_max,rel_residual_mean,iterations,
+        converged}@<damping>`` (and LiSSA's ``solver/scale@``), the worst over the run's score passes so far, and
+        warn for each unconverged damping, with the fix."""
+        self.convergence[what] = record
+        if not record:
+            return
+        metrics: dict[str, Any] = {}
+        for d, c in merge_diagnostics(*self.convergence.values()).items():
+            lab = damping_label(d)
+            metrics.update({f"solver/rel_residual_max@{lab}": c.rel_residual_max,
+                            f"solver/rel_residual_mean@{lab}": c.rel_residual_mean,
+                            f"solver/iterations@{lab}": c.iterations, f"solver/converged@{lab}": c.converged})
+            if c.scale is not None:
+                metrics[f"solver/scale@{lab}"] = c.scale
+        self.tracker.log(metrics)
+        key = self.solver.iteration_key
+        fix = f"raise solver.{key} (now {getattr(self.solver, key)}) or solver.damping" if key else \
+            "raise solver.damping"
+        for d, c in record.items():
+            if not c.converged and distributed.is_main():
+                log.warning("the %s scores at solver.damping=%s are UNCONVERGED: %s's worst relative residual "
+                            "||(G + λI) x - v|| / ||v|| is %.3g > %g (%d iterations; measured on %s); %s",
+                            what, damping_label(d), self.solver.name, c.rel_residual_max, c.tol, c.iterations,
+                            c.residual_on, fix)
 
     @cached_property
     def self_influence(self) -> torch.Tensor | None:
@@ -255,12 +295,16 @@ class Context:
         return attr.self_influence(dampings=attr.dampings[:1])[0]
 
     def save_scores(self, name: str, scores: torch.Tensor, extra: dict[str, torch.Tensor]) -> Path:
-        """``scores/<name>.safetensors``: ``scores`` for the first damping (+ ``scores_by_damping``)."""
+        """``scores/<name>.safetensors``: ``scores`` for the first damping (+ ``scores_by_damping``); metadata:
+        ``dampings``, ``solver``, ``ensemble`` and ``convergence`` (JSON: per damping label, the fields of
+        :class:`~influencelab.solvers.base.Convergence`; ``{}`` for direct solvers)."""
         tensors = {"scores": scores[0].clone(), "train_indices": self.train_data.indices, **extra}
         if scores.shape[0] > 1:
             tensors["scores_by_damping"] = scores
         meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.name,
-                "ensemble": str(self.score.ensemble)}
+                "ensemble": str(self.score.ensemble),
+                # per damping: how converged an iterative solver's scores are ({} for direct solvers)
+                "convergence": json.dumps(diagnostics_json(self.convergence.get(name, {})))}
         path = self.tracker.save_tensors(f"scores/{name}.safetensors", tensors, meta)
         self.tracker.artifact(f"{name}-scores", path)
         return path

@@ -130,3 +130,24 @@ def unlearn_bars(metrics: dict, mode: str, size: int, selection: str):
     fig.suptitle(f"{mode} of {size} points ({selection})", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def self_influence_grid(images: torch.Tensor, given: Sequence[str], true: Sequence[str],
+                        scores: Sequence[float], mean: Sequence[float], std: Sequence[float], ncols: int = 8,
+                        title: str = ""):
+    """The top self-influence training images, most influential first, each titled ``given A / true B`` (red
+    where the given label was flipped, i.e. differs from the true one) and its score (the paper's check that
+    the top self-influence points look mislabelled)."""
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.45 * ncols, 2.0 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        _show(ax, images[i], mean, std)
+        ax.set_title(f"#{i + 1} given {given[i]} / true {true[i]}\n{scores[i]:.3g}", fontsize=7,
+                     color="red" if given[i] != true[i] else "black")
+    fig.suptitle(title or f"top-{n} self-influence training images (red: flipped label)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -20,8 +20,9 @@ import yaml
 
 
 def find_jobs(root: Path) -> list[Path]:
-    """Job directories under ``root`` (itself included), sorted naturally."""
-    jobs = {p.parent for p in root.rglob("metrics.json")}
+    """Job directories under ``root`` (itself included), sorted naturally: those with ``metrics.json`` and those
+    that stopped on bad input before writing any (``error.txt``)."""
+    jobs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob("error.txt")}
     return sorted(jobs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(root).parts])
 
 
@@ -42,7 +43,7 @@ def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
     rows, okeys, mkeys = [], [], []
     for job in find_jobs(root):
         o = overrides(job)
-        m = json.loads((job / "metrics.json").read_text())
+        m = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").exists() else {}
         if (job / "error.txt").exists():  # a job of the sweep that stopped on bad input
             m = {**m, "error": (job / "error.txt").read_text().strip()}
         okeys += [k for k in o if k not in okeys]

@@ -18,7 +18,7 @@ from . import distributed
 from .artifacts import Artifacts
 from .data.base import LabeledData
 from .errors import ConfigError, SolverDivergedError
-from .solvers.base import Damping, Solver
+from .solvers.base import Damping, Solver, diagnostics_from_json, diagnostics_json, merge_diagnostics
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,21 @@ def self_scores(solver: Solver, model: nn.Module, train: LabeledData, dampings: 
     """Self-influence ``[n_damping, n_train]``: ``g_z^T (G + λI)^-1 g_z`` for every training point."""
 
     def compute(s: int, e: int) -> torch.Tensor:
+        solver.reset_diagnostics()  # this chunk's convergence is cached with it (iterative solvers)
         part = train.subset(torch.arange(s, e))
         cols = [solver.self_influence(model, x, y, dampings).detach().cpu() for x, y, _ in part.batches(batch_size)]
         out = torch.cat(cols, dim=1)
         finite_or_raise(out, "self-influence scores", solver)
         return out
 
-    return artifacts.chunked("self", key, len(train), chunk_size, compute, partition)
+    metas: list[dict] = []
+    out = artifacts.chunked("self", key, len(train), chunk_size, compute, partition,
+                            meta=lambda: {"convergence": diagnostics_json(solver.diagnostics())}, metas=metas)
+    unknown = sum("convergence" not in m for m in metas)
+    if unknown and solver.iteration_key is not None:
+        log.warning("%d of %d cached self-influence chunks predate convergence records: their convergence is "
+                    "unknown (clear the cache's self/ entries to recompute them)", unknown, len(metas))
+    # the solver's record: the worst over every chunk, cached ones included (per training batch, each damping)
+    solver.set_diagnostics(merge_diagnostics(*(diagnostics_from_json(m.get("convergence", {}), dampings)
+                                               for m in metas)))
+    return out

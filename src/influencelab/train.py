@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .data.base import LabeledData
 from .errors import check
 from .progress import progress

@@ -32,6 +32,7 @@ class IDXDataset(DatasetSpec):
     folder: ClassVar[str] = "MNIST"  # torchvision's folder name under root
     system_dirs: ClassVar[tuple[str, ...]] = ()
     install_hint: ClassVar[str] = ""
+    offline_hint: ClassVar[str] = ""  # appended to the missing-files error: a dataset that needs no files
 
     def search_dirs(self) -> list[Path]:
         root = Path(self.root)
@@ -63,7 +64,7 @@ class IDXDataset(DatasetSpec):
                 raise DataNotFoundError(
                     f"{self.name}: missing {', '.join(missing)} (.gz or not); looked in {where}; {how}. "
                     f"Provide them: {self.install_hint}put the IDX files in {Path(self.root) / self.folder / 'raw'}/, "
-                    f"or set dataset.download=true with internet access")
+                    f"or set dataset.download=true with internet access{self.offline_hint}")
         images = torch.from_numpy(read_idx(paths[0]).copy()).float().div_(255.0).unsqueeze(1)
         labels = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
         if self.image_size != images.shape[-1]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -67,6 +68,64 @@ def parse_dampings(value: Any) -> list[Damping]:
     return out
 
 
+def damping_label(damping: Damping) -> str:
+    """A damping as it appears in metric names and JSON keys: ``0.001`` -> ``"0.001"``, ``"auto"``."""
+    return damping if isinstance(damping, str) else f"{float(damping):g}"
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How far an iterative solver got at one damping, over every vector it was given since the last
+    :meth:`Solver.reset_diagnostics` (worst case; several calls are merged with :meth:`merge`).
+
+    ``rel_residual_*``: ``||(G + λI) x - v|| / ||v||`` per vector ``v`` and its solution ``x`` (max and mean),
+    measured on ``residual_on`` (CG: the curvature it solves with; LiSSA: a held-out sample of training points);
+    ``converged``: ``rel_residual_max <= tol``; ``iterations``: CG iterations run, LiSSA recursion depth."""
+
+    damping: float  # the λ solved at (``"auto"`` resolved)
+    iterations: int
+    rel_residual_max: float
+    rel_residual_mean: float
+    tol: float
+    converged: bool
+    n_vectors: int
+    residual_on: str
+    scale: float | None = None  # LiSSA's scale s
+    measure_s: float = 0.0  # wall time spent measuring the residual (not solving)
+
+    def merge(self, other: Convergence) -> Convergence:
+        n = self.n_vectors + other.n_vectors
+        mean = (self.rel_residual_mean * self.n_vectors + other.rel_residual_mean * other.n_vectors) / max(n, 1)
+        return replace(self, iterations=max(self.iterations, other.iterations),
+                       rel_residual_max=max(self.rel_residual_max, other.rel_residual_max), rel_residual_mean=mean,
+                       converged=self.converged and other.converged, n_vectors=n,
+                       measure_s=self.measure_s + other.measure_s,
+                       residual_on=self.residual_on if self.residual_on == other.residual_on else "mixed")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def merge_diagnostics(*records: Mapping[Damping, Convergence]) -> dict[Damping, Convergence]:
+    """Per damping, the merge (worst residual, all converged) of several diagnostics records."""
+    out: dict[Damping, Convergence] = {}
+    for rec in records:
+        for d, c in rec.items():
+            out[d] = out[d].merge(c) if d in out else c
+    return out
+
+
+def diagnostics_json(record: Mapping[Damping, Convergence]) -> dict[str, dict[str, Any]]:
+    """A diagnostics record as JSON-able ``{damping label: fields}``."""
+    return {damping_label(d): c.as_dict() for d, c in record.items()}
+
+
+def diagnostics_from_json(blob: Mapping[str, Mapping[str, Any]], dampings: Sequence[Damping]
+                          ) -> dict[Damping, Convergence]:
+    """The inverse of :func:`diagnostics_json` for the given dampings (labels not among them are dropped)."""
+    return {d: Convergence(**blob[damping_label(d)]) for d in dampings if damping_label(d) in blob}
+
+
 class Solver(ABC):
     """Inverse damped curvature on a model's tracked parameters. Subclass, set ``name``, implement
     :meth:`fit` and :meth:`precondition`; add ``conf/solver/<name>.yaml`` with ``_target_`` to it."""
@@ -75,6 +134,8 @@ class Solver(ABC):
     curvatures: ClassVar[tuple[str, ...]] = ("fisher", "empirical_fisher")
     #: whether :meth:`fit` is independent of the damping (so one fit serves a whole damping list)
     damping_free_fit: ClassVar[bool] = True
+    #: iterative solvers: the config key that buys more iterations (named when a result is unconverged)
+    iteration_key: ClassVar[str | None] = None
 
     def __init__(self, damping: Any = 1e-3, curvature: str = "fisher", modules: str | Sequence[str] = "all",
                  dtype: str = "float32", batch_size: int = 128, device: str = "cpu", seed: int = 0,
@@ -132,6 +193,22 @@ class Solver(ABC):
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         """``[len(dampings), k, P]``: :meth:`precondition` for every damping (solvers may do them jointly)."""
         return torch.stack([self.precondition(v, d) for d in dampings])
+
+    # -- convergence (iterative solvers record it; direct solvers have none) ------------------------------
+    def diagnostics(self) -> dict[Damping, Convergence]:
+        """Per damping, how converged the results of :meth:`precondition` / :meth:`precondition_all` since the
+        last :meth:`reset_diagnostics` are (worst over every vector and call); ``{}`` for direct solvers."""
+        return dict(getattr(self, "_convergence", {}))
+
+    def reset_diagnostics(self) -> None:
+        self._convergence: dict[Damping, Convergence] = {}
+
+    def set_diagnostics(self, record: Mapping[Damping, Convergence]) -> None:
+        """Replace the record (e.g. with the merge of cached score chunks' records)."""
+        self._convergence = dict(record)
+
+    def _record(self, damping: Damping, conv: Convergence) -> None:
+        self.set_diagnostics(merge_diagnostics(self.diagnostics(), {damping: conv}))
 
     # -- resumable fitting: a pass over the data snapshots its running sums (see cache.Snapshots) -----
     def _resume(self, phase: str, sums: dict[str, torch.Tensor], gen: torch.Generator | None) -> int:

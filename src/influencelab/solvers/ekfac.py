@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..cache import Snapshots
 from ..data.base import LabeledData
 from ..errors import ConfigError
-from ..cache import Snapshots
 from ..progress import progress
 from .base import Damping
 from .blocks import BlockGradSolver, Capture

@@ -5,10 +5,20 @@ dampings of a list, iterate together (one vmapped product per step). ``scale="au
 ``s = 2 * λ_max(G) + λ`` per damping, ``λ_max`` from a few power-iteration steps: the recursion converges when
 ``s`` exceeds the largest eigenvalue of ``G_batch + λI``; the factor 2 covers a mini-batch's larger top eigenvalue,
 and ``+ λ`` the damping, which is exact (without it, any λ above ~3 λ_max diverges). A fixed ``scale`` is used
-as given for every damping; divergence (NaN/inf or norm growth) stops with a suggestion."""
+as given for every damping; divergence (NaN/inf or norm growth) stops with a suggestion.
+
+Every call records its convergence per damping (:meth:`Solver.diagnostics`): depth, scale and the relative
+residual ``||(G_H + λI) x - v|| / ||v||`` of each vector, with ``G_H`` the mean curvature over a held-out set
+``H`` of ``min(8 * batch_size, n)`` training points: a seeded sample (``seed + 104729``) of the points the
+recursion's batches did not visit in any repeat of that call when at least that many are left ("disjoint");
+otherwise (the recursion visited nearly every point) the same-size seeded sample of the whole training set
+("resampled": batches the recursion never drew as such; ``H`` is the whole set when ``n <= 8 * batch_size``, then
+the residual is exact). ``G_H`` is a sample estimate of ``G``, so the residual carries its sampling noise.
+Converged = the worst vector's residual <= ``converged_tol`` (default 0.1: the solution reproduces ``v`` to 10%)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,22 +28,29 @@ from torch import nn
 from ..data.base import LabeledData
 from ..errors import SolverDivergedError, check
 from ..progress import progress
-from .base import Damping, Solver
+from .base import Convergence, Damping, Solver
 from .curvature import Curvature
 
 
 class LiSSA(Solver):
     name = "lissa"
     curvatures = ("fisher", "empirical_fisher", "hessian")
+    iteration_key = "depth"
+    #: the held-out set's size, in batches, and the offset of its seed
+    HELD_OUT_BATCHES, HELD_OUT_SEED = 8, 104729
 
-    def __init__(self, *args: Any, depth: int = 200, scale: float | str = "auto", repeats: int = 1, **kwargs: Any):
+    def __init__(self, *args: Any, depth: int = 200, scale: float | str = "auto", repeats: int = 1,
+                 converged_tol: float = 0.1, **kwargs: Any):
         kwargs.setdefault("batch_size", 32)
         super().__init__(*args, **kwargs)
         check(isinstance(depth, int) and depth >= 1, "solver.depth", depth, "must be an integer >= 1")
         check(isinstance(repeats, int) and repeats >= 1, "solver.repeats", repeats, "must be an integer >= 1")
         check(scale == "auto" or (isinstance(scale, (int, float)) and scale > 0), "solver.scale", scale,
               "must be > 0 or auto")
+        check(isinstance(converged_tol, (int, float)) and converged_tol > 0, "solver.converged_tol", converged_tol,
+              "must be > 0")
         self.depth, self.scale, self.repeats = depth, scale, repeats
+        self._converged_tol = float(converged_tol)  # (private: not part of the fit's cache key)
         self._curv: Curvature | None = None
         self._data: LabeledData | None = None
         self._scale: float | None = None
@@ -58,6 +75,11 @@ class LiSSA(Solver):
             lam = float((w * v / v.norm()).sum())
             v = w
         return max(lam, 1e-12)
+
+    @property
+    def converged_tol(self) -> float:
+        """A result counts as converged when its worst held-out relative residual is at most this."""
+        return self._converged_tol
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"scale": torch.tensor(self._scale or 0.0, dtype=torch.float64)}
@@ -86,11 +108,13 @@ class LiSSA(Solver):
         V = v.to(self._curv.dtype).repeat(d, 1)  # [d*k, P], damping-major
         vnorm = V.norm(dim=1).clamp_min(1e-30)
         total = torch.zeros_like(V)
+        visited = torch.zeros(len(self._data), dtype=torch.bool)
         for rep in range(self.repeats):
             h = V.clone()
             batches = self._stream(rep)
             for j in progress(range(self.depth), desc="lissa"):
-                x, y = next(batches)
+                x, y, pos = next(batches)
+                visited[pos] = True
                 h = V + h - (self._curv.product(h, x, y) + lam * h) / s
                 if j % 10 == 9 or j == self.depth - 1:
                     norm = h.norm(dim=1)
@@ -99,13 +123,47 @@ class LiSSA(Solver):
                             f"LiSSA diverged at step {j + 1} (scale {s.max().item():.3g}, damping {dampings}); use "
                             f"a larger solver.scale (e.g. {4 * s.max().item():.3g}) or a larger solver.damping")
             total += h / s
-        return (total / self.repeats).reshape(d, k, -1).to(v.dtype)
+        out = total / self.repeats
+        self._record_convergence(out, V, lam, s, visited, dampings, k)
+        return out.reshape(d, k, -1).to(v.dtype)
+
+    def held_out(self, visited: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Positions of the held-out set given the points the recursion ``visited`` (see the module doc)."""
+        n = len(visited)
+        m = min(self.HELD_OUT_BATCHES * self.batch_size, n)
+        g = torch.Generator().manual_seed(self.seed + self.HELD_OUT_SEED)
+        free = (~visited).nonzero().flatten()
+        if len(free) >= m:
+            pick = free[torch.randperm(len(free), generator=g)[:m]].sort().values
+            return pick, f"held-out: {m} of the {len(free)} training points the recursion did not visit (disjoint)"
+        pick = torch.randperm(n, generator=g)[:m].sort().values
+        what = "all" if m == n else f"{m} of"
+        return pick, f"held-out: {what} {n} training points, resampled (the recursion visited {int(visited.sum())})"
+
+    def _record_convergence(self, X: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, s: torch.Tensor,
+                            visited: torch.Tensor, dampings: Sequence[Damping], k: int) -> None:
+        """Relative residuals of the rows of ``X`` (damping-major, ``k`` per damping) on the held-out set."""
+        assert self._curv is not None and self._data is not None
+        t0 = time.perf_counter()
+        idx, on = self.held_out(visited)
+        held = self._data.subset(idx)
+        GX = torch.zeros_like(X)
+        for x, y, _ in held.batches(self.batch_size):
+            GX += self._curv.product(X, x, y) * len(x)
+        r = V - (GX / len(held) + lam * X)
+        vn = V.norm(dim=1)
+        rel = torch.where(vn > 0, r.norm(dim=1) / vn.clamp_min(1e-300), r.norm(dim=1)).reshape(len(dampings), k)
+        seconds = (time.perf_counter() - t0) / len(dampings)
+        for i, damping in enumerate(dampings):
+            worst = float(rel[i].max())
+            self._record(damping, Convergence(
+                float(lam[i * k]), self.depth, worst, float(rel[i].mean()), self.converged_tol,
+                worst <= self.converged_tol, k, on, scale=float(s[i * k]), measure_s=seconds))
 
     def _stream(self, rep: int):
-        """An endless seeded stream of training batches (reshuffled each epoch)."""
+        """An endless seeded stream of training batches ``(x, y, positions)`` (reshuffled each epoch)."""
         assert self._data is not None
         epoch = 0
         while True:
-            for x, y, _ in self._data.batches(self.batch_size, shuffle=True, seed=self.seed + 7919 * rep + epoch):
-                yield x, y
+            yield from self._data.batches(self.batch_size, shuffle=True, seed=self.seed + 7919 * rep + epoch)
             epoch += 1

@@ -1,9 +1,12 @@
 """IHVP accuracy (paper Sec. 6.2): relative error and cosine of a solver's ``(G + λI)^-1 g_q`` for the query
 gradients against a reference solver (CG with exact damped GGN/Hessian products at a tight tolerance), and wall
-time, per damping value."""
+time, per damping value; with both solvers' relative residuals ``||(G + λI) x - v|| / ||v||`` where they are
+iterative (:class:`~influencelab.solvers.base.Convergence`) and whether the reference converged (a direct
+reference, e.g. ``exact``, counts as converged): an error against an unconverged reference is not a valid one."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +18,10 @@ from ..api import Attributor
 from ..errors import ConfigError, check
 from ..pipeline import Context
 from ..scores import query_gradients
-from ..solvers.base import parse_dampings
+from ..solvers.base import Convergence, parse_dampings
 from .registry import report_plot, stage
+
+log = logging.getLogger("influencelab")
 
 
 @dataclass
@@ -50,20 +55,38 @@ def ihvp_stage(ctx: Context) -> None:
     ref = ctx.attributor_for(ctx.model, ctx.model_key, ctx.new_solver(reference_node(ctx)))
     rows, metrics = [], {}
     for d in solver.dampings:
-        target = reference_ihvp(ctx, ref, grads, float(d))
+        target, ref_conv = reference_ihvp(ctx, ref, grads, float(d))
+        solver.reset_diagnostics()
         t0 = time.perf_counter()
         x = solver.precondition(grads, d)
-        prec_s = time.perf_counter() - t0
+        own = solver.diagnostics().get(d)
+        prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0)  # (solving, not measuring residuals)
         err = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).mean().item()
         cos = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).mean().item()
         total = attr.fit_seconds + prec_s
-        rows.append([solver.name, float(d), err, cos, attr.fit_seconds, prec_s, total])
-        metrics.update({f"ihvp/rel_error@{d:g}": err, f"ihvp/cosine@{d:g}": cos, f"ihvp/time_s@{d:g}": total})
+        ref_ok = ref_conv is None or ref_conv.converged
+        nan = float("nan")
+        rows.append([solver.name, float(d), err, cos, attr.fit_seconds, prec_s, total,
+                     own.rel_residual_max if own else nan, ref_conv.rel_residual_max if ref_conv else nan, ref_ok])
+        metrics.update({f"ihvp/rel_error@{d:g}": err, f"ihvp/cosine@{d:g}": cos, f"ihvp/time_s@{d:g}": total,
+                        f"ihvp/ref_converged@{d:g}": ref_ok})
+        if own is not None:
+            metrics[f"ihvp/rel_residual@{d:g}"] = own.rel_residual_max
+        if ref_conv is not None:
+            metrics[f"ihvp/ref_rel_residual@{d:g}"] = ref_conv.rel_residual_max
+        if not ref_ok:
+            log.warning("ihvp at damping %g: the reference %s did not converge (relative residual %.3g > %g), so "
+                        "rel_error is not against a valid reference; raise ihvp.reference_args.%s", float(d),
+                        ref.solver.name, ref_conv.rel_residual_max, ref_conv.tol, ref.solver.iteration_key)
     if len(rows) == 1:
         metrics.update({"ihvp/solver": solver.name, "ihvp/damping": rows[0][1], "ihvp/rel_error": rows[0][2],
-                        "ihvp/cosine": rows[0][3], "ihvp/time_s": rows[0][6]})
+                        "ihvp/cosine": rows[0][3], "ihvp/time_s": rows[0][6], "ihvp/ref_converged": rows[0][9]})
+        for k in ("rel_residual", "ref_rel_residual"):
+            if f"ihvp/{k}@{rows[0][1]:g}" in metrics:
+                metrics[f"ihvp/{k}"] = metrics[f"ihvp/{k}@{rows[0][1]:g}"]
     ctx.tracker.log(metrics)
-    ctx.tracker.table("ihvp", ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s", "time_s"], rows)
+    ctx.tracker.table("ihvp", ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s", "time_s",
+                               "rel_residual", "ref_rel_residual", "ref_converged"], rows)
 
 
 def reference_node(ctx: Context):
@@ -75,22 +98,31 @@ def reference_node(ctx: Context):
     return ctx.solver_node(c.reference, **keys, **c.reference_args)
 
 
-def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: float) -> torch.Tensor:
-    """Reference ``(G + λI)^-1 g`` for the query gradients, cached per (model, queries, damping)."""
+def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: float
+                   ) -> tuple[torch.Tensor, Convergence | None]:
+    """Reference ``(G + λI)^-1 g`` for the query gradients and its convergence (``None`` for a direct reference),
+    cached per (model, queries, damping)."""
     key = ctx.artifacts.key({"ref": ref.fit_key, "cfg": ref.solver.fit_config(), "damping": damping,
                              "queries": ctx.query_positions.tolist(), "model": ctx.model_key})
     cache = ctx.artifacts.cache
-    hit = cache.get("ihvp_reference", key)
-    if hit is not None:
-        return hit[0]["ihvp"].to(grads)
+    hit = cache.get("ihvp_reference", key) if cache is not None else None
+    if hit is not None and "convergence" in hit[1]:  # (entries without it predate convergence records)
+        conv = hit[1]["convergence"]
+        return hit[0]["ihvp"].to(grads), None if conv is None else Convergence(**conv)
+    ref.solver.reset_diagnostics()
     out = ref.solver.precondition(grads, damping)
-    cache.put("ihvp_reference", key, {"ihvp": out}, {"damping": damping})
-    return out
+    conv = ref.solver.diagnostics().get(damping)
+    if cache is not None:
+        cache.put("ihvp_reference", key, {"ihvp": out}, {"damping": damping},
+                  {"convergence": None if conv is None else conv.as_dict()})
+    return out, conv
 
 
 @report_plot("ihvp")
 def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list[Path]:
-    """Relative error against damping and against wall time, one line per solver (``influencelab-report``)."""
+    """Relative error against damping and against wall time, one line per solver (``influencelab-report``);
+    points whose reference did not converge (``ihvp/ref_converged`` false) are drawn hollow, and the legend says
+    so."""
     import matplotlib
 
     from ..report import pyplot
@@ -98,15 +130,23 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     plt = pyplot()
     out: list[Path] = []
     # IHVP relative error vs damping, one line per solver
-    pts = [(r.get("ihvp/solver", r.get("solver", "?")), r["ihvp/damping"], r["ihvp/rel_error"], r.get("ihvp/time_s"))
+    pts = [(r.get("ihvp/solver", r.get("solver", "?")), r["ihvp/damping"], r["ihvp/rel_error"], r.get("ihvp/time_s"),
+            r.get("ihvp/ref_converged", True) not in (False, "False", "false", 0))
            for r in rows if "ihvp/rel_error" in r and "ihvp/damping" in r]
     if pts:
         fig_dir.mkdir(exist_ok=True)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
         for solver in sorted({p[0] for p in pts}):
             sel = sorted((p for p in pts if p[0] == solver), key=lambda p: p[1])
-            a1.plot([p[1] for p in sel], [p[2] for p in sel], marker="o", label=solver)
-            a2.scatter([p[3] for p in sel], [p[2] for p in sel], label=solver)
+            (line,) = a1.plot([p[1] for p in sel], [p[2] for p in sel], label=solver)
+            for ax, xi in ((a1, 1), (a2, 3)):
+                for valid in (True, False):
+                    part = [p for p in sel if p[4] == valid]
+                    if part:
+                        ax.scatter([p[xi] for p in part], [p[2] for p in part], edgecolors=line.get_color(),
+                                   facecolors=line.get_color() if valid else "none", zorder=3)
+        if any(not p[4] for p in pts):
+            a1.scatter([], [], edgecolors="gray", facecolors="none", label="hollow: reference unconverged")
         a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error vs CG", title="error vs damping")
         a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
         a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
