@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Paper Fig. 2: most helpful / harmful training images for test images, MNIST and FashionMNIST, CNN + EK-FAC.
-# MNIST needs its IDX files under data/MNIST/raw/ (or dataset.download=true with internet).
+# Paper Fig. 2 (RESULTS.md section 2): most helpful / harmful training images (FashionMNIST).
+# The commands live in run_here.sh (the one source of truth for what produced RESULTS.md); this runs its sweeps
+# attribution  (resumable: finished sweeps are skipped; extra arguments are sweep names to restrict to).
+# MNIST: see mnist5k.sh (real digits, offline); full MNIST needs its IDX files: influencelab experiment=attribution dataset=mnist
 set -euo pipefail
-influencelab -m experiment=attribution dataset=fashion_mnist,mnist "$@"
+cd "$(dirname "$0")"
+exec bash run_here.sh ${*:-attribution}

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Linear Datamodeling Score on FashionMNIST (5,000 points, CNN, 100 queries, 100 subsets); the retraining ground
-# truth is computed once (cached) and shared by every solver, seed count and damping.
+# Linear Datamodeling Score (RESULTS.md section 4); kronfluence's LDS: experiments/lds_peer.py.
+# The commands live in run_here.sh (the one source of truth for what produced RESULTS.md); this runs its sweeps
+# lds lds_damping lds_seeds lds_ensemble  (resumable: finished sweeps are skipped; extra arguments are sweep names to restrict to).
 set -euo pipefail
-influencelab -m experiment=lds solver=ekfac,kfac,identity "$@"
-influencelab -m experiment=lds solver=ekfac solver.damping=1e-4,1e-3,1e-2,1e-1,auto "$@"
-influencelab -m experiment=lds solver=ekfac lds.seeds_per_subset=2 "$@"
-influencelab -m experiment=lds solver=ekfac,identity score.ensemble=2,4,8 "$@"  # scores averaged over k models
+cd "$(dirname "$0")"
+exec bash run_here.sh ${*:-lds lds_damping lds_seeds lds_ensemble}
