@@ -39,19 +39,38 @@ def mislabel_stage(ctx: Context) -> None:
     metrics: dict[str, float] = {}
     for name, scores in rankings.items():
         metrics.update(detection_metrics(scores, flipped.numpy(), f"mislabel/{name}"))
-    for di, d in enumerate(ctx.solver.dampings[1:], start=1):  # a damping list: every value from one pass
-        metrics.update(detection_metrics(ctx.self_influence[di].numpy(), flipped.numpy(),
-                                         f"mislabel/self_influence@{d}"))
+    by_damping = {}  # a damping list: every value from one pass
+    for di, d in enumerate(ctx.solver.dampings):
+        by_damping[d] = detection_metrics(ctx.self_influence[di].numpy(), flipped.numpy(), "m")
+        if di > 0:
+            metrics.update({f"mislabel/self_influence@{d}/{k[2:]}": v for k, v in by_damping[d].items()})
     ctx.tracker.log(metrics)
-    labels = {"self_influence": f"self-influence ({ctx.solver.name})", "identity": "gradient norm (identity)"}
+    damping_table(ctx, by_damping)
+    extra = {f"self_influence@{d}": ctx.self_influence[di].numpy()
+             for di, d in enumerate(ctx.solver.dampings) if di > 0}
+    labels = {"self_influence": f"self-influence ({ctx.solver.name}, λ={ctx.solver.dampings[0]})",
+              "identity": "gradient norm (identity)"}
     shown = {labels.get(k, k): v for k, v in rankings.items()}
+    shown.update({f"self-influence ({ctx.solver.name}, λ={k.split('@')[1]})": v for k, v in extra.items()})
     ctx.tracker.figure("mislabel_detection", plots.detection_curves(
         shown, flipped.numpy(), f"{ctx.dataset_spec.name}: {int(flipped.sum())} flipped of {len(flipped)}"))
     grid = np.linspace(0, 1, 201)
-    cols = {name: np.interp(grid, *detection_curve(s, flipped.numpy())) for name, s in rankings.items()}
+    cols = {name: np.interp(grid, *detection_curve(s, flipped.numpy())) for name, s in {**rankings, **extra}.items()}
     ctx.tracker.table("mislabel_curve", ["fraction", *cols],
                       [[round(float(g), 4)] + [round(float(c[i]), 5) for c in cols.values()]
                        for i, g in enumerate(grid)], line_x="fraction")
+
+
+def damping_table(ctx: Context, by_damping: dict) -> None:
+    """``mislabel_by_damping.csv`` (and a W&B table, with line charts against λ when there are several numeric
+    dampings): one row per damping, the damping as a column, so it can be an axis or a pivot key."""
+    keys = [k[2:] for k in next(iter(by_damping.values()))]
+    rows = []
+    for d, m in by_damping.items():
+        lam = ctx.solver.resolve_damping(d) if ctx.solver.name != "identity" else float("nan")
+        rows.append([d, lam, *(m.get(f"m/{k}", float("nan")) for k in keys)])
+    numeric = len(rows) > 1 and all(isinstance(r[0], float) for r in rows)
+    ctx.tracker.table("mislabel_by_damping", ["damping", "lambda", *keys], rows, line_x="lambda" if numeric else None)
 
 
 @report_plot("mislabel")
@@ -86,6 +105,33 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
         out.append(fig_dir / "detection_curves.png")
+        fig.savefig(out[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    # recall and ROC AUC against the damping, one line per job (jobs with a damping list, or a damping sweep)
+    tables = [(r, root / r["job"] / "mislabel_by_damping.csv") for r in rows]
+    series = []
+    for r, p in tables:
+        if p.exists():
+            with open(p) as f:
+                series.append((r, [d for d in csv.DictReader(f) if d["lambda"] not in ("", "nan")]))
+    if sum(len(d) for _, d in series) > 1:
+        fig_dir.mkdir(exist_ok=True)
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        by_label: dict[str, list] = {}
+        for (_r, data), name in zip(series, labels([r for r, _ in series], exclude=("solver.damping",), same="λ")):
+            by_label.setdefault(name, []).extend(data)  # a damping sweep's jobs form one line
+        for name, data in by_label.items():
+            data = sorted(data, key=lambda d: float(d["lambda"]))
+            lam = [float(d["lambda"]) for d in data]
+            for ax, key in zip(axes, ("recall@10", "recall@20", "roc_auc"), strict=True):
+                line, = ax.plot(lam, [float(d[key]) for d in data], "-o", markersize=3, label=name)
+                if f"{key}_ci_low" in data[0]:  # the 95% interval (Wilson for recall, bootstrap for AUC)
+                    ax.fill_between(lam, [float(d[f"{key}_ci_low"]) for d in data],
+                                    [float(d[f"{key}_ci_high"]) for d in data], color=line.get_color(), alpha=0.15)
+                ax.set(xscale="log", xlabel="damping λ", ylabel=key, title=f"self-influence {key} vs damping (95% CI)")
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        out.append(fig_dir / "mislabel_vs_damping.png")
         fig.savefig(out[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return out
