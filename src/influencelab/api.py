@@ -83,13 +83,17 @@ class Attributor:
         self.batch_size, self.chunk_size = int(batch_size), int(chunk_size)
         self.artifacts = cache_dir if isinstance(cache_dir, Artifacts) else Artifacts(cache_dir, checkpoint_s)
         self.model = self._on_solver(model)
-        self.model_key = model_key or model_digest(self.model)
+        self.model_key = model_key or self._key(model_digest, self.model)
         self.fit_info: FitInfo | None = None
         self.train: LabeledData | None = None
         self.train_key: Any = None
         self.diagnostics: dict[Damping, Convergence] = {}
 
     # -- fitting -------------------------------------------------------------------------------------------
+    def _key(self, digest_fn, obj) -> str:
+        """A content digest of ``obj`` for cache keys; without a cache nothing is looked up, so nothing is hashed."""
+        return digest_fn(obj) if self.artifacts.cache is not None else "uncached"
+
     def _on_solver(self, model: nn.Module) -> nn.Module:
         p = next(model.parameters())
         if p.device != self.solver.device or p.dtype != self.solver.dtype:
@@ -112,7 +116,7 @@ class Attributor:
     def fit(self, train: Data, data_key: Any = None) -> Attributor:
         """Fit the solver on the training data (or load its cached factors). Returns ``self``."""
         self.train = as_labeled(train)
-        self.train_key = data_key if data_key is not None else data_digest(self.train)
+        self.train_key = data_key if data_key is not None else self._key(data_digest, self.train)
         self.solver.setup(self.model)
         self.fit_info = self.artifacts.fit(self.solver, self.model, self.train, self.model_key)
         return self
@@ -123,7 +127,7 @@ class Attributor:
         if train is None or train is self.train:
             return self.train, self.train_key
         data = as_labeled(train)
-        return data, data_digest(data)
+        return data, self._key(data_digest, data)
 
     def _dampings(self, dampings: Any) -> list[Damping]:
         return self.dampings if dampings is None else parse_dampings(dampings)
@@ -153,7 +157,7 @@ class Attributor:
         self.solver.reset_diagnostics()
         pre = precondition_queries(self.solver, grads, d)
         self.diagnostics = self.solver.diagnostics()
-        qkey = query_key if query_key is not None else data_digest(q)
+        qkey = query_key if query_key is not None else self._key(data_digest, q)
         key = self.artifacts.score_key("pairwise", self.fit_key, d, data_key, [qkey, query_rank])
         s = pairwise_scores(self.solver, self.model, data, pre, self.artifacts, key, self.batch_size,
                             self.chunk_size, partition, query_rank)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, check
+from .scores import parse_partition
 
 
 @dataclass
@@ -41,8 +42,6 @@ class ScoreConfig:
     ensemble: int = 1
 
     def __post_init__(self) -> None:
-        from .scores import parse_partition
-
         check(self.batch_size >= 1, "score.batch_size", self.batch_size, "must be an integer >= 1")
         check(self.chunk_size >= 1, "score.chunk_size", self.chunk_size,
               "must be an integer >= 1 (training points per cached chunk)")
