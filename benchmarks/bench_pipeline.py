@@ -1,13 +1,16 @@
 """Pipeline-level benchmarks: the cost of an EK-FAC damping sweep vs one value, and peak memory of pairwise
 scoring as n_train grows. Prints markdown tables with ratios (targets: sweep of 5 <= 1.5x one value;
-pairwise peak memory grows with the score matrix, not with n_train x params).
+pairwise peak memory grows with the score matrix, not with n_train x params). Writes every measurement to
+benchmarks/results/pipeline.csv (or ``$INFLUENCELAB_BENCH_RESULTS``); ``--note`` goes into its note column.
 
-    python benchmarks/bench_pipeline.py [--n 5000] [--dataset fashion_mnist]
+    python benchmarks/bench_pipeline.py [--n 5000] [--dataset fashion_mnist] [--note "..."]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
 import os
 import resource
 import subprocess
@@ -16,8 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 DAMPINGS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+CSV_COLUMNS = ["date", "torch", "note", "dataset", "solver", "measurement", "run", "n_train", "epochs", "dampings",
+               "wall_s", "ratio_vs_one", "peak_rss_mb", "score_matrix_mb", "n_train_x_params_mb"]
 
 
 def run_cli(args: list[str], cwd: Path) -> tuple[float, int]:
@@ -37,6 +44,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--note", default="", help="free text for the CSV's note column")
     args = ap.parse_args()
     base = [f"dataset={args.dataset}", f"dataset.subset={args.n}", f"trainer.epochs={args.epochs}", "solver=ekfac"]
     rows = []
@@ -61,6 +69,11 @@ def main() -> None:
     print("| run | wall s (incl. process start) | ratio vs one |\n|---|---|---|")
     for name, t, r in rows:
         print(f"| {name} | {t:.1f} | {r:.2f} |")
+    base = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "note": args.note,
+            "dataset": args.dataset, "solver": "ekfac"}
+    csv_rows = [{**base, "measurement": "damping_sweep", "run": name, "n_train": args.n, "epochs": args.epochs,
+                 "dampings": k, "wall_s": t, "ratio_vs_one": r}
+                for (name, t, r), k in zip(rows, (1, len(DAMPINGS), len(DAMPINGS)), strict=True)]
 
     print(f"\n### Peak memory of pairwise scoring vs n_train ({args.dataset}, CNN, 100 queries)\n")
     print("| n_train | peak RSS MB | score matrix MB | n_train x params MB |\n|---|---|---|---|")
@@ -79,6 +92,16 @@ def main() -> None:
 
             params = sum(p.numel() for p in cnn(10, 1, 28).parameters())
             print(f"| {n} | {peak} | {100 * n * 4 / 2**20:.1f} | {n * params * 4 / 2**20:.0f} |")
+            csv_rows.append({**base, "measurement": "pairwise_peak_memory", "run": "fit + pairwise, 100 queries",
+                             "n_train": n, "epochs": 1, "dampings": 1, "peak_rss_mb": peak,
+                             "score_matrix_mb": 100 * n * 4 / 2**20, "n_train_x_params_mb": n * params * 4 / 2**20})
+    out = Path(os.environ.get("INFLUENCELAB_BENCH_RESULTS", Path(__file__).parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "pipeline.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")
+        w.writeheader()
+        w.writerows(csv_rows)
+    print(f"\nwrote {out / 'pipeline.csv'}")
 
 
 if __name__ == "__main__":

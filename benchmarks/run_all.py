@@ -2,6 +2,9 @@
 
     python benchmarks/run_all.py            # full sizes (tens of minutes on 2 CPU cores)
     python benchmarks/run_all.py --quick    # reduced sizes, a few minutes (CSVs in benchmarks/results/quick/)
+
+Every benchmark writes its CSV under benchmarks/results/ (ekfac, lissa, pipeline, scaling .csv); the reduced
+sizes go to benchmarks/results/quick/, which is tracked like the full-size results, never over them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def main() -> None:
         ("damping sweep and memory", ["bench_pipeline.py", *(["--n", "2000"] if quick else [])]),
         ("scaling in n_train", ["bench_scaling.py", *(["--sizes", "1000,2000,4000"] if quick else [])]),
     ]
-    # reduced sizes write their CSVs beside, never over, the full-size results (benchmarks/results/*.csv)
+    # reduced sizes write their CSVs beside, never over, the full-size results (benchmarks/results/*.csv), into
+    # benchmarks/results/quick/ (committed with them: not git-ignored)
     env = {**os.environ, **({"INFLUENCELAB_BENCH_RESULTS": str(HERE / "results" / "quick")} if quick else {})}
     failed = []
     for title, cmd in jobs:

