@@ -23,6 +23,8 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
   fi
   for d in multirun/"$name"/*/; do
     [ -d "$d/figures" ] && for f in "$d"/figures/*.png; do cp "$f" "experiments/results/$name/job$(basename "$d")_$(basename "$f")"; done
+    # per-point tables that RESULTS.md's numbers are computed from (experiments/tables.py): leave-one-out pairs
+    if [ -f "$d/loo.csv" ]; then cp "$d/loo.csv" "experiments/results/$name/job$(basename "$d")_loo.csv"; fi
   done
   echo "$name: $((SECONDS - t0)) s" | tee -a experiments/results/timings.txt
 }
@@ -53,6 +55,13 @@ run mislabel_small experiment=mislabel dataset.subset=500 solver=ekfac,identity 
 # The CG reference (8 queries, exact GGN products over all 500 points) costs minutes per damping value.
 run ihvp_cnn experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
 run ihvp_depth experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.damping=1e-2 solver.depth=25,50,100,400
+# EK-FAC/K-FAC-preconditioned CG and LiSSA (solver.preconditioner) beside the plain ones and EK-FAC/K-FAC at
+# λ = 1e-3: error against the same CG reference, and the iterations and time each takes to an error of 0.1 / 0.01
+run ihvp_precond experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac solver.damping=1e-3
+run ihvp_precond_cg experiment=ihvp_cnn dataset.subset=500 solver=cg solver.preconditioner=null,ekfac,kfac \
+  solver.tol=1e-4 solver.max_iter=150 solver.damping=1e-3
+run ihvp_precond_lissa experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.preconditioner=null,ekfac,kfac \
+  solver.damping=1e-3
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers
@@ -75,6 +84,9 @@ run unlearn_repair experiment=unlearn unlearn.mode=repair unlearn.repair_to=orac
 # solver and damping: does a larger damping (a shorter step) rescue the large removal sets?
 run unlearn_solvers experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=ekfac,cg,lissa \
   solver.damping=1e-3,1e-2,1e-1,1
+# the same step with EK-FAC-preconditioned CG, beside plain CG run back to back (λ = 1e-3, where EK-FAC's step fails)
+run unlearn_precond experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=cg \
+  solver.preconditioner=null,ekfac,kfac solver.damping=1e-3
 run unlearn_fmnist experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
   unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000
 # detect-then-fix with only what a user has: repair to the model's prediction (default unlearn.repair_to) or to a

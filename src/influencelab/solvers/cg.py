@@ -6,10 +6,18 @@ Every call records its convergence per damping (:meth:`Solver.diagnostics`): the
 relative residual ``||(G + λI) x - v|| / ||v||`` of each column, recomputed once at the end with the same
 full-data (or ``max_examples``) products CG iterates with (not CG's recursive residual, which drifts in
 float32); converged = the worst column's residual <= ``max(tol, 100 eps)``, ``eps`` the machine epsilon of the
-products' dtype (the precision a residual can be measured to: 1.2e-5 in float32, 2.2e-14 in float64)."""
+products' dtype (the precision a residual can be measured to: 1.2e-5 in float32, 2.2e-14 in float64).
+
+Preconditioned (``preconditioner: ekfac | kfac``): PCG with ``P^-1`` the fitted EK-FAC/K-FAC inverse at
+``preconditioner_damping`` (:mod:`~influencelab.solvers.preconditioner`), the same damped system and the same
+stopping rule on the unpreconditioned residual ``||r|| <= tol ||v||``; when the true residual then misses ``tol``
+(the recursive one drifts), CG restarts from the true residual (at most three times). The iterations needed fall
+as ``P^-1 (G + λI)`` is better conditioned or more clustered than ``G + λI``; not, in general, for a low-rank ``G``
+that plain CG resolves in about rank-many iterations (``experiments/precond_spectrum.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -31,8 +39,9 @@ class CG(Solver):
     iteration_key = "max_iter"
 
     def __init__(self, *args: Any, tol: float = 1e-8, max_iter: int = 500, max_examples: int | None = None,
-                 **kwargs: Any):
+                 preconditioner: Any = None, preconditioner_damping: Any = "same", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._set_preconditioner(preconditioner, preconditioner_damping)
         check(tol > 0, "solver.tol", tol, "must be > 0")
         check(max_iter >= 1, "solver.max_iter", max_iter, "must be >= 1")
         check(max_examples is None or max_examples >= 1, "solver.max_examples", max_examples, "must be >= 1 or null")
@@ -60,35 +69,55 @@ class CG(Solver):
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         assert self._curv is not None and self._data is not None, "fit the solver first"
         lam = self.resolve_damping(damping)
+        t0 = time.perf_counter()
         b = v.to(self._curv.dtype)
+        lam_rows = torch.full((len(b), 1), lam, dtype=b.dtype, device=b.device)
+        M = (lambda r: self._pre.apply(r, lam_rows)) if self._pre is not None else (lambda r: r)
         x = torch.zeros_like(b)
         r = b.clone()
-        p = r.clone()
-        rs = (r * r).sum(1)
-        target = (self.tol * b.norm(dim=1)) ** 2
-        iterations = 0
-        for it in range(self.max_iter):
-            active = rs > target
-            if not active.any():
+        bn = b.norm(dim=1)
+        target = self.tol * bn  # on the (unpreconditioned) residual norm
+        tol = max(self.tol, 100 * torch.finfo(b.dtype).eps)
+        iterations, restarts, measure_s = 0, 0, 0.0
+        while True:
+            z = M(r)
+            p, rz = z.clone(), (r * z).sum(1)
+            while iterations < self.max_iter:
+                active = r.norm(dim=1) > target
+                if not active.any():
+                    break
+                iterations += 1
+                Ap = self._curv.mean_product(p, self._data, self.batch_size) + lam * p
+                pAp = (p * Ap).sum(1)
+                if not torch.isfinite(pAp).all() or (pAp[active] <= 0).any():
+                    raise SolverDivergedError(
+                        f"CG broke down at iteration {iterations} (curvature not positive definite along a search "
+                        f"direction); increase solver.damping (now {lam:g})")
+                alpha = torch.where(active, rz / pAp.clamp_min(1e-300), torch.zeros_like(rz))
+                x += alpha[:, None] * p
+                r -= alpha[:, None] * Ap
+                z = M(r)
+                rz_new = (r * z).sum(1)
+                beta = torch.where(active, rz_new / rz.where(rz != 0, torch.ones_like(rz)), torch.zeros_like(rz))
+                p = z + beta[:, None] * p
+                rz = rz_new
+                if self._monitor is not None:
+                    self._monitor(damping, iterations, x)
+            conv = self._convergence_of(x, b, lam, iterations)
+            measure_s += conv.measure_s
+            # the recursive residual drifts from the true one in float32: restart from the true residual
+            if conv.converged or iterations >= self.max_iter or restarts >= 3:
                 break
-            iterations = it + 1
-            Ap = self._curv.mean_product(p, self._data, self.batch_size) + lam * p
-            pAp = (p * Ap).sum(1)
-            if not torch.isfinite(pAp).all() or (pAp[active] <= 0).any():
-                raise SolverDivergedError(f"CG broke down at iteration {it} (curvature not positive definite "
-                                          f"along a search direction); increase solver.damping (now {lam:g})")
-            alpha = torch.where(active, rs / pAp.clamp_min(1e-300), torch.zeros_like(rs))
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * Ap
-            rs_new = (r * r).sum(1)
-            beta = torch.where(active, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
-            p = r + beta[:, None] * p
-            rs = rs_new
-        conv = self._convergence_of(x, b, lam, iterations)
+            restarts += 1
+            r = b - (self._curv.mean_product(x, self._data, self.batch_size) + lam * x)
+            target = torch.minimum(target, 0.5 * tol * bn)
+        conv = dataclasses.replace(conv, measure_s=measure_s, solve_s=time.perf_counter() - t0 - measure_s,
+                                   preconditioner=self._pre.name if self._pre is not None else None)
         self._record(damping, conv)
         if not conv.converged:
-            log.warning("CG did not reach tol=%g in %d iterations (worst relative residual %.2e); raise "
-                        "solver.max_iter or solver.damping", conv.tol, iterations, conv.rel_residual_max)
+            log.warning("%s did not reach tol=%g in %d iterations (worst relative residual %.2e); raise "
+                        "solver.max_iter or solver.damping", self.label.upper(), conv.tol, iterations,
+                        conv.rel_residual_max)
         return x.to(v.dtype)
 
     def _convergence_of(self, x: torch.Tensor, b: torch.Tensor, lam: float, iterations: int) -> Convergence:

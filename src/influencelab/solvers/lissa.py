@@ -7,6 +7,15 @@ dampings of a list, iterate together (one vmapped product per step). ``scale="au
 and ``+ λ`` the damping, which is exact (without it, any λ above ~3 λ_max diverges). A fixed ``scale`` is used
 as given for every damping; divergence (NaN/inf or norm growth) stops with a suggestion.
 
+Preconditioned (``preconditioner: ekfac | kfac``, ASTRA, arXiv 2507.14740): the same recursion written on the
+iterate, ``x_0 = P^-1 v / s,  x_j = x_{j-1} + P^-1 (v - (G_batch + λI) x_{j-1}) / s`` (with ``P = I`` it is the
+plain one, ``x_j = h_j / s``), ``P^-1`` the fitted EK-FAC/K-FAC inverse at ``preconditioner_damping`` (see
+:mod:`~influencelab.solvers.preconditioner`); ``scale="auto"`` then sets ``s = 2 μ_max`` per damping, ``μ_max`` the
+top eigenvalue of ``P^-1 (G_S + λI)`` by power iteration on the same seeded sample ``S``. It converges to the same
+``(G + λI)^-1 v``, at a rate set by ``μ_min / s``: fast when ``P`` matches ``G`` well, slower than the plain
+recursion when ``P^-1 (G + λI)`` is worse conditioned than ``G + λI`` (``experiments/precond_spectrum.py``
+measures both).
+
 Every call records its convergence per damping (:meth:`Solver.diagnostics`): depth, scale and the relative
 residual ``||(G_H + λI) x - v|| / ||v||`` of each vector, with ``G_H`` the mean curvature over a held-out set
 ``H`` of ``min(8 * batch_size, n)`` training points: a seeded sample (``seed + 104729``) of the points the
@@ -40,9 +49,12 @@ class LiSSA(Solver):
     HELD_OUT_BATCHES, HELD_OUT_SEED = 8, 104729
 
     def __init__(self, *args: Any, depth: int = 200, scale: float | str = "auto", repeats: int = 1,
-                 converged_tol: float = 0.1, **kwargs: Any):
+                 converged_tol: float = 0.1, preconditioner: Any = None, preconditioner_damping: Any = "same",
+                 **kwargs: Any):
         kwargs.setdefault("batch_size", 32)
         super().__init__(*args, **kwargs)
+        self._set_preconditioner(preconditioner, preconditioner_damping)
+        self._pscale: dict[float, float] = {}  # preconditioned scale=auto: 2 mu_max per damping
         check(isinstance(depth, int) and depth >= 1, "solver.depth", depth, "must be an integer >= 1")
         check(isinstance(repeats, int) and repeats >= 1, "solver.repeats", repeats, "must be an integer >= 1")
         check(scale == "auto" or (isinstance(scale, (int, float)) and scale > 0), "solver.scale", scale,
@@ -56,18 +68,17 @@ class LiSSA(Solver):
         self._scale: float | None = None
 
     def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
-        """Keeps the model and data; estimates ``λ_max`` for ``scale=auto``."""
+        """Keeps the model and data; estimates ``λ_max`` for ``scale=auto`` (preconditioned: ``μ_max`` per damping
+        on first use, once the preconditioner is fitted)."""
         self.bind(model, data)
-        if self.scale == "auto":
-            self._scale = 2.0 * self._top_eigenvalue()
+        if self.scale == "auto":  # (preconditioned: the scale is per damping, see _scales)
+            self._scale = 2.0 * self._top_eigenvalue() if self._pre is None else 0.0
         else:
             self._scale = float(self.scale)
 
     def _top_eigenvalue(self, iters: int = 20) -> float:
         assert self._curv is not None and self._data is not None and self.layout is not None
-        g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(len(self._data), generator=g)[: 8 * self.batch_size]
-        x, y = self._data.images(idx), self._data.targets[idx]
+        x, y, g = self._sample()
         v = torch.randn(1, self.layout.size, generator=g).to(self._curv.device, self._curv.dtype)
         lam = 0.0
         for _ in range(iters):
@@ -100,32 +111,74 @@ class LiSSA(Solver):
 
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         assert self._curv is not None and self._data is not None and self._scale is not None, "fit the solver first"
+        t0 = time.perf_counter()
         k, d = len(v), len(dampings)
-        lam = torch.tensor([self.resolve_damping(x) for x in dampings], dtype=self._curv.dtype,
-                           device=self._curv.device).repeat_interleave(k)[:, None]
-        # per row: s = 2 λ_max + λ (auto) or the fixed scale
-        s = lam + self._scale if self.scale == "auto" else torch.full_like(lam, self._scale)
+        lams = [self.resolve_damping(x) for x in dampings]
+        lam = torch.tensor(lams, dtype=self._curv.dtype, device=self._curv.device).repeat_interleave(k)[:, None]
+        s = self._scales(lams).repeat_interleave(k)[:, None]  # per row, damping-major
+        M = (lambda r: self._pre.apply(r, lam)) if self._pre is not None else (lambda r: r)
         V = v.to(self._curv.dtype).repeat(d, 1)  # [d*k, P], damping-major
-        vnorm = V.norm(dim=1).clamp_min(1e-30)
         total = torch.zeros_like(V)
         visited = torch.zeros(len(self._data), dtype=torch.bool)
+        x0 = M(V) / s  # the first step from x = 0
+        x0norm = x0.norm(dim=1).clamp_min(1e-30)
+        pre = f" (preconditioned by {self._pre.name})" if self._pre is not None else ""
         for rep in range(self.repeats):
-            h = V.clone()
+            x = x0.clone()
             batches = self._stream(rep)
-            for j in progress(range(self.depth), desc="lissa"):
-                x, y, pos = next(batches)
+            for j in progress(range(self.depth), desc=self.label):
+                xb, yb, pos = next(batches)
                 visited[pos] = True
-                h = V + h - (self._curv.product(h, x, y) + lam * h) / s
+                x = x + M(V - (self._curv.product(x, xb, yb) + lam * x)) / s
                 if j % 10 == 9 or j == self.depth - 1:
-                    norm = h.norm(dim=1)
-                    if not torch.isfinite(norm).all() or (norm > 2 * (j + 2) * vnorm).any():
+                    norm = x.norm(dim=1)
+                    if not torch.isfinite(norm).all() or (norm > 2 * (j + 2) * x0norm).any():
                         raise SolverDivergedError(
-                            f"LiSSA diverged at step {j + 1} (scale {s.max().item():.3g}, damping {dampings}); use "
-                            f"a larger solver.scale (e.g. {4 * s.max().item():.3g}) or a larger solver.damping")
-            total += h / s
+                            f"LiSSA{pre} diverged at step {j + 1} (scale {s.max().item():.3g}, damping {dampings}); "
+                            f"use a larger solver.scale (e.g. {4 * s.max().item():.3g}) or a larger solver.damping")
+                if self._monitor is not None and self.repeats == 1:
+                    for i, damping in enumerate(dampings):
+                        self._monitor(damping, j + 1, x[i * k:(i + 1) * k])
+            total += x
         out = total / self.repeats
-        self._record_convergence(out, V, lam, s, visited, dampings, k)
+        self._record_convergence(out, V, lam, s, visited, dampings, k, time.perf_counter() - t0)
         return out.reshape(d, k, -1).to(v.dtype)
+
+    def _scales(self, lams: Sequence[float]) -> torch.Tensor:
+        """The scale ``s`` (1 / step size) per damping. Plain: ``2 λ_max(G) + λ`` (auto) or the fixed scale.
+        Preconditioned: ``2 μ_max`` with ``μ_max`` the top eigenvalue of ``P^-1 (G + λI)`` (power iteration on the
+        same sample as ``λ_max``; cached per λ), or the fixed scale."""
+        dt = dict(dtype=self._curv.dtype, device=self._curv.device)
+        if self.scale != "auto":
+            return torch.full((len(lams),), float(self._scale), **dt)
+        if self._pre is None:
+            return torch.tensor(lams, **dt) + self._scale
+        missing = [lv for lv in dict.fromkeys(lams) if lv not in self._pscale]
+        if missing:
+            for lv, mu in zip(missing, self._top_preconditioned(missing)):
+                self._pscale[lv] = 2.0 * mu
+        return torch.tensor([self._pscale[lv] for lv in lams], **dt)
+
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """The seeded sample of ``8 x batch_size`` training points the power iterations use."""
+        assert self._data is not None
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(self._data), generator=g)[: 8 * self.batch_size]
+        return self._data.images(idx), self._data.targets[idx], g
+
+    def _top_preconditioned(self, lams: Sequence[float], iters: int = 20) -> list[float]:
+        """Top eigenvalue of ``P^-1 (G_S + λI)`` per λ (all together; ``G_S`` on :meth:`_sample`)."""
+        assert self._curv is not None and self.layout is not None and self._pre is not None
+        x, y, g = self._sample()
+        lam = torch.tensor(list(lams), dtype=self._curv.dtype, device=self._curv.device)[:, None]
+        u = torch.randn(len(lams), self.layout.size, generator=g).to(self._curv.device, self._curv.dtype)
+        mu = torch.ones(len(lams), dtype=self._curv.dtype, device=self._curv.device)
+        for _ in range(iters):
+            u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            w = self._pre.apply(self._curv.product(u, x, y) + lam * u, lam)
+            mu = w.norm(dim=1)
+            u = w
+        return [max(float(m), 1e-12) for m in mu]
 
     def held_out(self, visited: torch.Tensor) -> tuple[torch.Tensor, str]:
         """Positions of the held-out set given the points the recursion ``visited`` (see the module doc)."""
@@ -141,7 +194,7 @@ class LiSSA(Solver):
         return pick, f"held-out: {what} {n} training points, resampled (the recursion visited {int(visited.sum())})"
 
     def _record_convergence(self, X: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, s: torch.Tensor,
-                            visited: torch.Tensor, dampings: Sequence[Damping], k: int) -> None:
+                            visited: torch.Tensor, dampings: Sequence[Damping], k: int, solve_s: float) -> None:
         """Relative residuals of the rows of ``X`` (damping-major, ``k`` per damping) on the held-out set."""
         assert self._curv is not None and self._data is not None
         t0 = time.perf_counter()
@@ -158,7 +211,8 @@ class LiSSA(Solver):
             worst = float(rel[i].max())
             self._record(damping, Convergence(
                 float(lam[i * k]), self.depth, worst, float(rel[i].mean()), self.converged_tol,
-                worst <= self.converged_tol, k, on, scale=float(s[i * k]), measure_s=seconds))
+                worst <= self.converged_tol, k, on, scale=float(s[i * k]), measure_s=seconds,
+                solve_s=solve_s / len(dampings), preconditioner=self._pre.name if self._pre is not None else None))
 
     def _stream(self, rep: int):
         """An endless seeded stream of training batches ``(x, y, positions)`` (reshuffled each epoch)."""

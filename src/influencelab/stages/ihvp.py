@@ -45,33 +45,80 @@ def explicit_dampings(ctx: Context) -> None:
                           "e.g. solver.damping=[1e-4,1e-3,1e-2]")
 
 
+#: error levels at which the ihvp stage records an iterative solver's iterations and time to reach them
+ERROR_LEVELS = (0.1, 0.01)
+COLUMNS = ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s", "time_s", "rel_residual",
+           "ref_rel_residual", "ref_converged", "iterations", *(f"{w}_to_{e:g}" for e in ERROR_LEVELS
+                                                                 for w in ("iters", "time_s"))]
+
+
+class ErrorTrace:
+    """Per iteration of an iterative solver (its :meth:`~influencelab.solvers.base.Solver.set_monitor` hook): the
+    mean relative error of the current iterate against the reference, and the first iteration (and wall time since
+    :meth:`start`, solving only) at which it is at most each of :data:`ERROR_LEVELS`."""
+
+    def __init__(self, target: torch.Tensor):
+        self.target, self.tnorm = target, target.norm(dim=1).clamp_min(1e-30)
+        self.errors: list[float] = []
+        self.reached: dict[float, tuple[int, float]] = {}
+        self.t0 = time.perf_counter()
+        self.paused = 0.0
+
+    def __call__(self, damping: Any, iteration: int, x: torch.Tensor) -> None:
+        t = time.perf_counter()
+        err = ((x.to(self.target) - self.target).norm(dim=1) / self.tnorm).mean().item()
+        self.errors.append(err)
+        for e in ERROR_LEVELS:
+            if err <= e and e not in self.reached:
+                self.reached[e] = (iteration, t - self.t0 - self.paused)
+        self.paused += time.perf_counter() - t  # (the trace's own time is not the solver's)
+
+
 @stage("ihvp", section="ihvp", schema=IHVPConfig, precheck=explicit_dampings)
 def ihvp_stage(ctx: Context) -> None:
-    """Error and cosine against the reference per damping (metrics per damping and an ``ihvp`` table)."""
+    """Error and cosine against the reference per damping (metrics per damping and an ``ihvp`` table); for an
+    iterative solver also its iterations, and the iterations and time (fit + solve) it took to reach an error of
+    0.1 and 0.01 (NaN: not reached)."""
     attr = ctx.attributor
     solver = attr.solver
     queries = ctx.test_data.subset(ctx.query_positions)
     grads = query_gradients(solver, attr.model, queries, ctx.score.batch_size)
     ref = ctx.attributor_for(ctx.model, ctx.model_key, ctx.new_solver(reference_node(ctx)))
     rows, metrics = [], {}
+    nan = float("nan")
     for d in solver.dampings:
         target, ref_conv = reference_ihvp(ctx, ref, grads, float(d))
         solver.reset_diagnostics()
+        trace = ErrorTrace(target)
+        solver.set_monitor(trace if solver.iteration_key else None)
         t0 = time.perf_counter()
-        x = solver.precondition(grads, d)
+        try:
+            x = solver.precondition(grads, d)
+        finally:
+            solver.set_monitor(None)
         own = solver.diagnostics().get(d)
-        prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0)  # (solving, not measuring residuals)
+        # (solving, not measuring residuals or tracing errors)
+        prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0) - trace.paused
         err = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).mean().item()
         cos = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).mean().item()
         total = attr.fit_seconds + prec_s
         ref_ok = ref_conv is None or ref_conv.converged
-        nan = float("nan")
-        rows.append([solver.name, float(d), err, cos, attr.fit_seconds, prec_s, total,
-                     own.rel_residual_max if own else nan, ref_conv.rel_residual_max if ref_conv else nan, ref_ok])
+        reach = []
+        for e in ERROR_LEVELS:
+            if own is None:  # a direct solver: all or nothing
+                reach += [0 if err <= e else nan, total if err <= e else nan]
+            else:
+                it, sec = trace.reached.get(e, (nan, nan))
+                reach += [it, attr.fit_seconds + sec]
+        rows.append([solver.label, float(d), err, cos, attr.fit_seconds, prec_s, total,
+                     own.rel_residual_max if own else nan, ref_conv.rel_residual_max if ref_conv else nan, ref_ok,
+                     own.iterations if own else 0, *reach])
         metrics.update({f"ihvp/rel_error@{d:g}": err, f"ihvp/cosine@{d:g}": cos, f"ihvp/time_s@{d:g}": total,
                         f"ihvp/ref_converged@{d:g}": ref_ok})
+        metrics.update({f"ihvp/{c}@{d:g}": v for c, v in zip(COLUMNS[-4:], reach)})
         if own is not None:
             metrics[f"ihvp/rel_residual@{d:g}"] = own.rel_residual_max
+            metrics[f"ihvp/iterations@{d:g}"] = own.iterations
         if ref_conv is not None:
             metrics[f"ihvp/ref_rel_residual@{d:g}"] = ref_conv.rel_residual_max
         if not ref_ok:
@@ -79,14 +126,13 @@ def ihvp_stage(ctx: Context) -> None:
                         "rel_error is not against a valid reference; raise ihvp.reference_args.%s", float(d),
                         ref.solver.name, ref_conv.rel_residual_max, ref_conv.tol, ref.solver.iteration_key)
     if len(rows) == 1:
-        metrics.update({"ihvp/solver": solver.name, "ihvp/damping": rows[0][1], "ihvp/rel_error": rows[0][2],
+        metrics.update({"ihvp/solver": solver.label, "ihvp/damping": rows[0][1], "ihvp/rel_error": rows[0][2],
                         "ihvp/cosine": rows[0][3], "ihvp/time_s": rows[0][6], "ihvp/ref_converged": rows[0][9]})
-        for k in ("rel_residual", "ref_rel_residual"):
+        for k in ("rel_residual", "ref_rel_residual", "iterations", *COLUMNS[-4:]):
             if f"ihvp/{k}@{rows[0][1]:g}" in metrics:
                 metrics[f"ihvp/{k}"] = metrics[f"ihvp/{k}@{rows[0][1]:g}"]
     ctx.tracker.log(metrics)
-    ctx.tracker.table("ihvp", ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s", "time_s",
-                               "rel_residual", "ref_rel_residual", "ref_converged"], rows)
+    ctx.tracker.table("ihvp", COLUMNS, rows)
 
 
 def reference_node(ctx: Context):
