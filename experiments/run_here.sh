@@ -25,6 +25,8 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
     [ -d "$d/figures" ] && for f in "$d"/figures/*.png; do cp "$f" "experiments/results/$name/job$(basename "$d")_$(basename "$f")"; done
     # per-point tables that RESULTS.md's numbers are computed from (experiments/tables.py): leave-one-out pairs
     if [ -f "$d/loo.csv" ]; then cp "$d/loo.csv" "experiments/results/$name/job$(basename "$d")_loo.csv"; fi
+    # and the ihvp stage's per-damping rows (fit and solve time apart, iterations to each error level)
+    if [ -f "$d/ihvp.csv" ]; then cp "$d/ihvp.csv" "experiments/results/$name/job$(basename "$d")_ihvp.csv"; fi
   done
   echo "$name: $((SECONDS - t0)) s" | tee -a experiments/results/timings.txt
 }
@@ -84,9 +86,9 @@ run unlearn_repair experiment=unlearn unlearn.mode=repair unlearn.repair_to=orac
 # solver and damping: does a larger damping (a shorter step) rescue the large removal sets?
 run unlearn_solvers experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=ekfac,cg,lissa \
   solver.damping=1e-3,1e-2,1e-1,1
-# the same step with EK-FAC-preconditioned CG, beside plain CG run back to back (λ = 1e-3, where EK-FAC's step fails)
+# the same step with EK-FAC/K-FAC-preconditioned CG, beside plain CG run back to back (λ = 1e-2: the exact step that keeps accuracy)
 run unlearn_precond experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=cg \
-  solver.preconditioner=null,ekfac,kfac solver.damping=1e-3
+  solver.preconditioner=null,ekfac,kfac solver.damping=1e-2
 run unlearn_fmnist experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
   unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000
 # detect-then-fix with only what a user has: repair to the model's prediction (default unlearn.repair_to) or to a

@@ -8,6 +8,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pandas as pd
+
+from influencelab.run import first_damping, split_dampings
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -75,24 +79,34 @@ def lds(name: str) -> None:
               f"{f(r.get('lds/ci_high'))}] | {f(r.get('lds_margin/mean'))} | {f(r.get('time/lds_truth_s'))} |")
 
 
+def by_damping(name: str) -> pd.DataFrame | None:
+    """The report as a DataFrame of one row per job and damping (:func:`influencelab.run.split_dampings`: a
+    damping list's ``.../name@<λ>`` columns as ``.../name`` on the row of λ, the first damping's from the bare
+    names), cells as the CSV writes them (empty: ``None``); ``None`` without a report."""
+    path = RESULTS / name / "report.csv"
+    if not path.exists():
+        return None
+    wide = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return split_dampings(wide.mask(wide == ""), first="solver.damping").astype(object)
+
+
 def mislabel_damping(name: str) -> None:
     """Per-damping recall of self-influence (every damping of a list from one fit and one scoring pass)."""
-    rs = rows(name)
-    if not rs:
+    df = by_damping(name)
+    if df is None:
         return
-    print(f"\n#### {name}: test accuracy {f(rs[0]['train/test_accuracy'])}\n")
+    df = df[df["mislabel/self_influence/recall@10"].notna()]
+    first = df.get("solver.damping", pd.Series(None, index=df.index, dtype=object)).map(first_damping)
+    df = df.assign(damping=df["damping"].where(df["damping"].notna(), first))  # a job of one damping: its own
+    # each job's rows: its first damping (the list's first), then the others in increasing order
+    df = df.assign(_job=pd.factorize(df["job"])[0], _later=df["damping"] != first)
+    df = df.sort_values(["_job", "_later"], kind="stable")
+    print(f"\n#### {name}: test accuracy {f(df['train/test_accuracy'].iloc[0])}\n")
     print("| run | damping | top 10% | top 20% | ROC AUC | AP |\n|---|---|---|---|---|---|")
-    for r in rs:
-        run = run_label(r)
-        first = r.get("solver.damping", "").strip("[]").split(",")[0]
-        dampings = [(first, "mislabel/self_influence")] + sorted(
-            ((k.split("@")[1].split("/")[0], k.split("/recall")[0]) for k in r
-             if k.startswith("mislabel/self_influence@") and k.endswith("recall@10") and r[k] != ""),
-            key=lambda t: float(t[0]))
-        for d, prefix in dampings:
-            print(f"| {run or 'defaults'} | {float(d):g} | "
-                  f"{f(r[prefix + '/recall@10'], True)} | {f(r[prefix + '/recall@20'], True)} | "
-                  f"{f(r[prefix + '/roc_auc'])} | {f(r[prefix + '/ap'])} |")
+    m = "mislabel/self_influence/"
+    for r in (row.dropna().to_dict() for _, row in df.iterrows()):
+        print(f"| {run_label(r) or 'defaults'} | {float(r['damping']):g} | {f(r[m + 'recall@10'], True)} | "
+              f"{f(r[m + 'recall@20'], True)} | {f(r[m + 'roc_auc'])} | {f(r[m + 'ap'])} |")
 
 
 def unlearn(name: str) -> None:

@@ -1,6 +1,7 @@
 """EK-FAC/K-FAC-preconditioned CG and LiSSA (``solver.preconditioner``) against dense float64 solves of the damped
 system, the preconditioner's cached fit reused, and the CLI path."""
 
+# ruff: noqa: F811  (the tests take test_solvers' imported module fixture ``setup`` as an argument)
 from __future__ import annotations
 
 import json
@@ -15,20 +16,7 @@ from influencelab.solvers.cg import CG
 from influencelab.solvers.ekfac import EKFAC, KFAC
 from influencelab.solvers.exact import Exact
 from influencelab.solvers.lissa import LiSSA
-from test_solvers import F64, Reference, _data, _model, _short_train, from_param_order, to_param_order
-
-
-@pytest.fixture(scope="module")
-def models():
-    train, test = _data()
-    out = {}
-    for kind in ("mlp", "cnn"):
-        model = _short_train(_model(kind), train)
-        ref = Reference(model)
-        x, y = train.x.double(), train.targets
-        qx, qy = test.x[:3].double(), test.targets[:3]
-        out[kind] = (model, ref, train, x, y, ref.grads(qx, qy))
-    return out
+from test_solvers import F64, from_param_order, setup, to_param_order  # noqa: F401 (setup: the shared module fixture)
 
 
 def _dense_solve(ref, curvature, x, y, gq, lam):
@@ -48,10 +36,10 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("curvature", ["fisher", "empirical_fisher", "hessian"])
-def test_preconditioned_cg_equals_the_dense_solve(models, kind, curvature):
+def test_preconditioned_cg_equals_the_dense_solve(setup, kind, curvature):
     """The solution is the damped system's whatever the preconditioner (EK-FAC estimates the Gauss-Newton part of
     a Hessian solve, the true Fisher there); CG's own iteration count and true residual are recorded."""
-    model, ref, train, x, y, gq = models[kind]
+    model, ref, train, x, y, gq = setup[kind]
     lam = 0.5 if curvature == "hessian" else 1e-2
     expected = _dense_solve(ref, curvature, x, y, gq, lam)
     pre = _fitted(EKFAC, model, train, "fisher" if curvature == "hessian" else curvature, lam)
@@ -64,8 +52,8 @@ def test_preconditioned_cg_equals_the_dense_solve(models, kind, curvature):
     assert cg.label == "cg+ekfac"
 
 
-def test_preconditioned_cg_with_kfac_equals_the_dense_solve(models):
-    model, ref, train, x, y, gq = models["mlp"]
+def test_preconditioned_cg_with_kfac_equals_the_dense_solve(setup):
+    model, ref, train, x, y, gq = setup["mlp"]
     lam = 1e-2
     expected = _dense_solve(ref, "fisher", x, y, gq, lam)
     pre = _fitted(KFAC, model, train, "fisher", lam)
@@ -74,10 +62,10 @@ def test_preconditioned_cg_with_kfac_equals_the_dense_solve(models):
     assert _rel(got, expected) <= 1e-6 and cg.label == "cg+kfac"
 
 
-def test_cg_preconditioned_by_the_exact_inverse_converges_in_one_iteration(models):
+def test_cg_preconditioned_by_the_exact_inverse_converges_in_one_iteration(setup):
     """With P = G + λI itself, PCG's first step is the solution: the recursion applies P^-1 where it should
     (a PCG that preconditioned the wrong vector, or not at all, would need dozens of iterations here)."""
-    model, ref, train, x, y, gq = models["cnn"]
+    model, ref, train, x, y, gq = setup["cnn"]
     lam = 1e-3
     exact = _fitted(Exact, model, train, "fisher", lam)
     plain = _fitted(CG, model, train, "fisher", lam, tol=1e-10, max_iter=2000)
@@ -88,8 +76,8 @@ def test_cg_preconditioned_by_the_exact_inverse_converges_in_one_iteration(model
     assert pcg.diagnostics()[lam].iterations == 1 and plain.diagnostics()[lam].iterations >= 20
 
 
-def test_preconditioner_damping_changes_iterations_not_the_solution(models):
-    model, ref, train, x, y, gq = models["mlp"]
+def test_preconditioner_damping_changes_iterations_not_the_solution(setup):
+    model, ref, train, x, y, gq = setup["mlp"]
     lam = 1e-2
     expected = _dense_solve(ref, "fisher", x, y, gq, lam)
     pre = _fitted(EKFAC, model, train, "fisher", lam)
@@ -101,12 +89,12 @@ def test_preconditioner_damping_changes_iterations_not_the_solution(models):
 
 
 @pytest.mark.parametrize("kind,lam", [("mlp", 0.2), pytest.param("cnn", 1.0, marks=pytest.mark.slow)])
-def test_preconditioned_lissa_is_within_2_percent_at_enough_depth(models, kind, lam):
+def test_preconditioned_lissa_is_within_2_percent_at_enough_depth(setup, kind, lam):
     """Full-batch products isolate the recursion from sampling noise. The step 1/s comes from the power iteration
     on P^-1 (G + λI) (scale=auto): s must cover its top eigenvalue (stable), and the error then contracts by
     (1 - μ_min / s) a step, so J = 8 s / μ_min steps (μ_min from the dense spectrum) leave < 2%. The result is the
     damped system's, not the preconditioner's. (The CNN needs ~1,800 full-batch steps: marked slow.)"""
-    model, ref, train, x, y, gq = models[kind]
+    model, ref, train, x, y, gq = setup[kind]
     expected = _dense_solve(ref, "fisher", x, y, gq, lam)
     ex = _fitted(Exact, model, train, "fisher", lam)
     pre = _fitted(EKFAC, model, train, "fisher", lam)
@@ -127,8 +115,8 @@ def test_preconditioned_lissa_is_within_2_percent_at_enough_depth(models, kind, 
     assert conv.preconditioner == "ekfac" and conv.scale == pytest.approx(s)
 
 
-def test_preconditioned_lissa_joint_dampings_equal_separate_runs(models):
-    model, ref, train, x, y, gq = models["mlp"]
+def test_preconditioned_lissa_joint_dampings_equal_separate_runs(setup):
+    model, ref, train, x, y, gq = setup["mlp"]
     pre = _fitted(EKFAC, model, train, "fisher", [0.2, 1.0])
     li = _fitted(LiSSA, model, train, "fisher", [0.2, 1.0], depth=50, batch_size=len(train), preconditioner=pre)
     v = from_param_order(li.layout, model, gq)
@@ -137,10 +125,10 @@ def test_preconditioned_lissa_joint_dampings_equal_separate_runs(models):
         torch.testing.assert_close(both[i], li.precondition(v, lam), rtol=1e-9, atol=1e-12)
 
 
-def test_preconditioner_is_fitted_once_and_reused_from_an_ekfac_run(models, tmp_path):
+def test_preconditioner_is_fitted_once_and_reused_from_an_ekfac_run(setup, tmp_path):
     """Through the API with a cache: the preconditioner's fit key is a ``solver=ekfac`` run's of the same model,
     so a preconditioned solve after an EK-FAC run loads its factors instead of refitting."""
-    model, ref, train, x, y, gq = models["mlp"]
+    model, ref, train, x, y, gq = setup["mlp"]
     kw = dict(damping=1e-2, cache_dir=tmp_path, modules="all", dtype="float64")
     ek = Attributor(model, solver="ekfac", **kw).fit(train)
     assert not ek.fit_info.cached
@@ -190,3 +178,17 @@ def test_ihvp_stage_records_iterations_and_time_to_each_error_level(run_pipeline
     assert m["ihvp/solver"] == "cg+ekfac" and m["ihvp/rel_error"] <= 1e-4
     assert 1 <= m["ihvp/iters_to_0.1"] <= m["ihvp/iters_to_0.01"] <= m["ihvp/iterations"]
     assert 0 < m["ihvp/time_s_to_0.1"] <= m["ihvp/time_s_to_0.01"] <= m["ihvp/time_s"]
+
+
+def test_unlearn_step_with_preconditioned_cg_equals_plain_cg_and_reports_convergence(run_pipeline):
+    """The one-step removal with cg+ekfac is the same Newton step as plain CG's (same damped system), and the stage
+    records how converged the step is."""
+    base = ["experiment=unlearn", "dataset.subset=200", "trainer.epochs=3", "unlearn.mode=remove",
+            "unlearn.selection=random", "unlearn.size=5", "solver=cg", "solver.damping=1e-2", "solver.tol=1e-6",
+            "solver.dtype=float64", "solver.max_iter=1000"]
+    _, plain = run_pipeline([*base, "solver.preconditioner=null"], name="plain")
+    _, pre = run_pipeline([*base, "solver.preconditioner=ekfac"], name="pre")
+    for m in (plain, pre):
+        assert m["solver/converged@0.01"] is True and m["solver/rel_residual_max@0.01"] <= 1e-6
+    assert pre["unlearn/edited/param_dist_rel"] == pytest.approx(plain["unlearn/edited/param_dist_rel"], rel=1e-4)
+    assert pre["unlearn/edited/test_loss"] == pytest.approx(plain["unlearn/edited/test_loss"], rel=1e-4)

@@ -3,49 +3,30 @@
 Every job directory under DIR (one with ``metrics.json``) becomes a row: its Hydra overrides
 (``.hydra/overrides.yaml``) as columns, then every metric. Comparison plots are drawn when the metrics
 are there: IHVP error vs damping per solver, detection curves across runs, LDS per solver with intervals.
+The same jobs as a pandas DataFrame (one row per job and damping): :func:`influencelab.load_sweep`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-def find_jobs(root: Path) -> list[Path]:
-    """Job directories under ``root`` (itself included), sorted naturally: those with ``metrics.json`` and those
-    that stopped on bad input before writing any (``error.txt``)."""
-    jobs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob("error.txt")}
-    return sorted(jobs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(root).parts])
-
-
-def overrides(job: Path) -> dict[str, str]:
-    """The job's command-line overrides, ``key -> value`` (values unescaped: a sweep job's ``last\\:1`` is ``last:1``)."""
-    path = job / ".hydra" / "overrides.yaml"
-    if not path.exists():
-        return {}
-    out = {}
-    for item in yaml.safe_load(path.read_text()) or []:
-        key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = re.sub(r"\\(.)", r"\1", value)
-    return out
+from .run import find_jobs, job_metrics
+from .run import job_overrides as overrides  # the job's command-line overrides, key -> value
 
 
 def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Rows (one per job) and the column order: ``job``, override keys, metric keys."""
+    """Rows (one per job, the metrics as the runs name them) and the column order: ``job``, override keys,
+    metric keys (and ``error`` among them for a job that stopped on bad input). Plain values, not a DataFrame:
+    the table tells a metric a job logged as NaN (``nan``) from one it does not have (empty), and the command
+    needs no pandas; :func:`influencelab.load_sweep` reads the same directories into one."""
     rows, okeys, mkeys = [], [], []
     for job in find_jobs(root):
-        o = overrides(job)
-        m = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").exists() else {}
-        if (job / "error.txt").exists():  # a job of the sweep that stopped on bad input
-            m = {**m, "error": (job / "error.txt").read_text().strip()}
+        o, m = overrides(job), job_metrics(job)
         okeys += [k for k in o if k not in okeys]
         mkeys += [k for k in m if k not in mkeys]
         rows.append({"job": str(job.relative_to(root)) or ".", **o, **m})

@@ -155,11 +155,14 @@ def unlearn_stage(ctx: Context) -> None:
     damping = solver.dampings[0]
 
     t0 = time.perf_counter()
+    solver.reset_diagnostics()
     if c.mode == "remove":
         edited = removal_step(solver, imodel, x_r, y_r, n, damping)
     else:
         edited = repair_step(solver, imodel, x_r, y_r, fixed[R], n, damping)
     edit_s = time.perf_counter() - t0
+    # an iterative solver's step says how converged it is (solver/iterations@, rel_residual_max@, converged@, ...)
+    ctx._report_convergence("unlearn", solver.diagnostics())
     edited = edited.to(next(model.parameters()).dtype)
 
     target_data = train.subset(keep.nonzero().squeeze(1)) if c.mode == "remove" else \
