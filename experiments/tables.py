@@ -761,5 +761,56 @@ table("precond_spectrum", ["model", "λ", "cond(G + λI)", "cond(P⁻¹(G + λI)
       "3b: condition numbers and CG iterations, plain vs EK-FAC/K-FAC-preconditioned, small float64 models")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 3b: Sec. 3 setting at λ = 1e-3: plain and preconditioned CG/LiSSA beside EK-FAC/K-FAC (same model and reference)
+
+
+def pre_row(label: str, name: str, job: int, iterative: bool = True) -> list[str | Cell]:
+    def R(key: str) -> Ref:  # the job's ihvp table (one row: its damping)
+        return ref(f"experiments/results/{name}/job{job}_ihvp.csv", key)
+
+    row: list[str | Cell] = [label, cell("{:.3} / {:.3}", R("rel_error"), R("cosine"))]
+    if iterative:
+        row += [cell("{:d} ({:e2})", R("iterations"), R("rel_residual")),
+                cell("{:d} / {:d}", R("iters_to_0.1"), R("iters_to_0.01")),
+                cell("{:s3} / {:s3}", R("time_s_to_0.1"), R("time_s_to_0.01"))]
+    else:
+        row += ["direct", "–", "–"]
+    return row + [cell("{:s3}", R("fit_s")), cell("{:s3}", R("time_s"))]
+
+
+table("ihvp_precond", ["solver (λ = 1e-3)", "error vs CG / cosine", "iterations (relative residual)",
+                       "iterations to error 0.1 / 0.01", "time to error 0.1 / 0.01 (s, fit included)", "fit (s)",
+                       "fit + solve (s)"], [
+    pre_row("EK-FAC", "ihvp_precond", 0, iterative=False),
+    pre_row("K-FAC", "ihvp_precond", 1, iterative=False),
+    pre_row("CG (tol 1e-4, ≤ 150 iterations)", "ihvp_precond_cg", 0),
+    pre_row("CG + EK-FAC", "ihvp_precond_cg", 1),
+    pre_row("CG + K-FAC", "ihvp_precond_cg", 2),
+    pre_row("LiSSA (depth 200, batch 32)", "ihvp_precond_lissa", 0),
+    pre_row("LiSSA + EK-FAC", "ihvp_precond_lissa", 1),
+    pre_row("LiSSA + K-FAC", "ihvp_precond_lissa", 2),
+], "3b: the Sec. 3 CNN at λ = 1e-3, plain vs preconditioned iterative solvers")
+
+
+# 3b: the one-step removal of 5d with preconditioned CG (jobs: |R| = 10 then 100, each null / ekfac / kfac)
+_UP = report("unlearn_precond")
+
+
+def up_row(label: str, job: int) -> list[str | Cell]:
+    return [label, cell("{:d}", _UP("unlearn/n_points", job=job)),
+            cell("{:.3}", _UP("unlearn/edited/test_accuracy", job=job)),
+            cell("{:.3}", _UP("unlearn/edited/set_loss", job=job)),
+            cell("{:d}", _UP("solver/iterations@0.01", job=job)),
+            cell("{:e2}", _UP("solver/rel_residual_max@0.01", job=job)),
+            cell("{:s3}", _UP("time/unlearn_edit_s", job=job))]
+
+
+table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the step", "removed-set loss",
+                          "CG iterations", "relative residual", "step time (s, shared cores)"],
+      [up_row(lab, j) for j, lab in enumerate(["CG", "CG + EK-FAC", "CG + K-FAC"] * 2)],
+      "3b/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")
+
+
 if __name__ == "__main__":
     sys.exit(main())
