@@ -43,7 +43,7 @@ def main() -> None:
                     row[m], (row[f"{m}_ci_low"], row[f"{m}_ci_high"]) = acc, wilson(acc, n_test)
                 rows.append(row)
     out = pd.DataFrame(rows)
-    out.to_csv(RESULTS / "clean_pipeline_summary.csv", index=False, float_format="%.4f")
+    out.to_csv(RESULTS / "clean_pipeline_summary.csv", index=False, float_format="%.6f")
     print("| data | mode (labels from) | points fixed (flipped; relabelled to the true class) | noisy model "
           "| one Newton step | fine-tune 1 epoch | retrain on cleaned data |")
     print("|---|---|---|---|---|---|---|")
