@@ -246,11 +246,11 @@ class Context:
         s = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
         self.tracker.log({f"time/{what}_s": time.perf_counter() - t0})
         own = list(self.solver.dampings)
-        self._report_convergence(what, merge_diagnostics(*({d: c for d, c in a.diagnostics.items() if d in own}
+        self.report_convergence(what, merge_diagnostics(*({d: c for d, c in a.diagnostics.items() if d in own}
                                                            for a in [self.attributor, *self.members])))
         return s
 
-    def _report_convergence(self, what: str, record: dict[Damping, Convergence]) -> None:
+    def report_convergence(self, what: str, record: dict[Damping, Convergence]) -> None:
         """Keep ``what``'s convergence record; log ``solver/{rel_residual_max,rel_residual_mean,iterations,
         converged,solve_s}@<damping>`` (and LiSSA's ``solver/scale@``), the worst over the run's score passes so far
         (``solve_s``: their summed solve time), and warn for each unconverged damping, with the fix."""

@@ -173,13 +173,23 @@ class Solver(ABC):
 
     def _set_preconditioner(self, spec: Any, damping: Any) -> None:
         """``solver.preconditioner`` (null | ekfac | kfac | a fitted-or-not Solver) and its damping."""
-        check_spec(spec, damping)
+        check_spec(spec, damping)  # (also when spec is None: a bad preconditioner_damping is an error either way)
         self._pre = Preconditioner(self, spec, damping) if spec is not None else None
 
     @property
     def preconditioner(self) -> Solver | None:
         """The preconditioning solver (``None`` without one)."""
         return self._pre.solver if self._pre is not None else None
+
+    def _precondition_rows(self, r: torch.Tensor, lam_rows: torch.Tensor) -> torch.Tensor:
+        """``P^-1 r`` row-wise at the rows' dampings ``lam_rows`` ``[rows, 1]``; ``r`` itself without a
+        preconditioner."""
+        return self._pre.apply(r, lam_rows) if self._pre is not None else r
+
+    @property
+    def preconditioner_name(self) -> str | None:
+        """``ekfac``, ``kfac`` or ``None`` (as recorded in :class:`Convergence`)."""
+        return self._pre.name if self._pre is not None else None
 
     @property
     def label(self) -> str:

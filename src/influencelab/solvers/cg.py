@@ -72,7 +72,9 @@ class CG(Solver):
         t0 = time.perf_counter()
         b = v.to(self._curv.dtype)
         lam_rows = torch.full((len(b), 1), lam, dtype=b.dtype, device=b.device)
-        M = (lambda r: self._pre.apply(r, lam_rows)) if self._pre is not None else (lambda r: r)
+        def M(r: torch.Tensor) -> torch.Tensor:
+            return self._precondition_rows(r, lam_rows)
+
         x = torch.zeros_like(b)
         r = b.clone()
         bn = b.norm(dim=1)
@@ -112,7 +114,7 @@ class CG(Solver):
             r = b - (self._curv.mean_product(x, self._data, self.batch_size) + lam * x)
             target = torch.minimum(target, 0.5 * tol * bn)
         conv = dataclasses.replace(conv, measure_s=measure_s, solve_s=time.perf_counter() - t0 - measure_s,
-                                   preconditioner=self._pre.name if self._pre is not None else None)
+                                   preconditioner=self.preconditioner_name)
         self._record(damping, conv)
         if not conv.converged:
             log.warning("%s did not reach tol=%g in %d iterations (worst relative residual %.2e); raise "

@@ -116,7 +116,9 @@ class LiSSA(Solver):
         lams = [self.resolve_damping(x) for x in dampings]
         lam = torch.tensor(lams, dtype=self._curv.dtype, device=self._curv.device).repeat_interleave(k)[:, None]
         s = self._scales(lams).repeat_interleave(k)[:, None]  # per row, damping-major
-        M = (lambda r: self._pre.apply(r, lam)) if self._pre is not None else (lambda r: r)
+        def M(r: torch.Tensor) -> torch.Tensor:
+            return self._precondition_rows(r, lam)
+
         V = v.to(self._curv.dtype).repeat(d, 1)  # [d*k, P], damping-major
         total = torch.zeros_like(V)
         visited = torch.zeros(len(self._data), dtype=torch.bool)
@@ -212,7 +214,7 @@ class LiSSA(Solver):
             self._record(damping, Convergence(
                 float(lam[i * k]), self.depth, worst, float(rel[i].mean()), self.converged_tol,
                 worst <= self.converged_tol, k, on, scale=float(s[i * k]), measure_s=seconds,
-                solve_s=solve_s / len(dampings), preconditioner=self._pre.name if self._pre is not None else None))
+                solve_s=solve_s / len(dampings), preconditioner=self.preconditioner_name))
 
     def _stream(self, rep: int):
         """An endless seeded stream of training batches ``(x, y, positions)`` (reshuffled each epoch)."""

@@ -34,11 +34,11 @@ def check_spec(preconditioner: Any, damping: Any) -> None:
 
 
 class Preconditioner:
-    """The preconditioner of ``owner`` (an iterative solver): built lazily from its spec, fitted through the
-    artifacts like any solver (see :meth:`Solver.components`), applied row-wise at per-row dampings."""
+    """The preconditioner of ``owner`` (an iterative solver): built lazily from its spec (checked by
+    :func:`check_spec`), fitted through the artifacts like any solver (see :meth:`Solver.components`), applied
+    row-wise at per-row dampings."""
 
     def __init__(self, owner: Solver, spec: Any, damping: Any = "same"):
-        check_spec(spec, damping)
         self.owner, self.spec, self.damping = owner, spec, damping
         self._solver: Solver | None = spec if not isinstance(spec, str) else None
 

@@ -162,7 +162,7 @@ def unlearn_stage(ctx: Context) -> None:
         edited = repair_step(solver, imodel, x_r, y_r, fixed[R], n, damping)
     edit_s = time.perf_counter() - t0
     # an iterative solver's step says how converged it is (solver/iterations@, rel_residual_max@, converged@, ...)
-    ctx._report_convergence("unlearn", solver.diagnostics())
+    ctx.report_convergence("unlearn", solver.diagnostics())
     edited = edited.to(next(model.parameters()).dtype)
 
     target_data = train.subset(keep.nonzero().squeeze(1)) if c.mode == "remove" else \
