@@ -16,12 +16,12 @@ import copy
 import csv
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch.utils.data import TensorDataset
 
@@ -33,6 +33,9 @@ from influencelab.scores import compress
 from influencelab.solvers.ekfac import EKFAC, KFAC
 from influencelab.solvers.identity import Identity
 from influencelab.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import kronfluence_run  # noqa: E402
 
 DAMPING = 1e-3
 
@@ -73,37 +76,11 @@ def ours(model, train, queries, batch, strategy="ekfac", device="cpu"):
 
 
 def kronfluence(model, train, queries, batch, out_dir, strategy="ekfac", empirical=True, damping=DAMPING):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            logits = model(batch[0])
-            if not sample:
-                return F.cross_entropy(logits, batch[1], reduction="sum")
-            with torch.no_grad():  # true Fisher: labels sampled from the model
-                y = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
-
-    task = Classification()
-    km = prepare_model(copy.deepcopy(model), task)
-    an = Analyzer("bench", km, task, cpu=True, disable_tqdm=True, output_dir=out_dir, log_level=40)
-    tr = TensorDataset(train.x, train.targets)
-    qs = TensorDataset(queries.x, queries.targets)
-    sargs = ScoreArguments(damping_factor=damping)
-    _, fit = timed(lambda: an.fit_all_factors("f", tr, per_device_batch_size=batch,
-                                              factor_args=FactorArguments(strategy=strategy,
-                                                                                           use_empirical_fisher=empirical)))
-    _, self_t = timed(lambda: an.compute_self_scores("s", "f", tr, per_device_train_batch_size=batch, score_args=sargs))
-    _, pair_t = timed(lambda: an.compute_pairwise_scores("p", "f", qs, tr, per_device_query_batch_size=len(qs),
-                                                         per_device_train_batch_size=batch, score_args=sargs))
-    sv = an.load_self_scores("s")["all_modules"]
-    pw = an.load_pairwise_scores("p")["all_modules"]
-    return {"fit": fit, "self": self_t, "pairwise": pair_t}, sv, pw
+    """kronfluence on the CPU (its defaults, fp32): ({fit, self, pairwise} seconds, self scores, pairwise scores)."""
+    times, sv, pw = kronfluence_run(model, TensorDataset(train.x, train.targets),
+                                    TensorDataset(queries.x, queries.targets), out_dir, strategy, damping,
+                                    empirical, batch)
+    return times.seconds, sv, pw
 
 
 def main() -> None:

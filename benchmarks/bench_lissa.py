@@ -75,7 +75,7 @@ def _attributor(model: nn.Module, damping: float, depth: int, batch: int, seed: 
     does (``Attributor``'s own ``batch_size`` is its gradient batch size, so LiSSA's goes into the config)."""
     solver = solver_config("lissa", {"damping": damping, "curvature": "hessian", "depth": depth,
                                      "batch_size": batch, "seed": seed}, device="cpu")
-    return Attributor(model, solver=solver, batch_size=max(batch, 64))
+    return Attributor(model, solver=solver, score_batch_size=max(batch, 64))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

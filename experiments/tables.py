@@ -812,5 +812,60 @@ table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the s
       "3b/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")
 
 
+
+# 6c. The GPU check (benchmarks/gpu/run.sh on a lent device; benchmarks/gpu/summarize.py commits its files)
+_GPU = "benchmarks/results/gpu/bench.csv"
+GPU_HEADER = ["model (training points, px)", "strategy, precision", "run", "fit + self s: ours / kronfluence",
+              "ratio (target ≤ 0.5)", "pairwise s: ours / kronfluence", "ratio", "peak CUDA GB: ours / kronfluence",
+              "Spearman self / pairwise"]
+
+
+def _gpu(impl: str, col: str | Callable[[pd.Series], Any]) -> Callable[[pd.DataFrame], Any]:
+    """A value of the selected measurement's ``impl`` row (NaN when it failed or was skipped)."""
+    def get(df: pd.DataFrame) -> Any:
+        ok = df[(df["impl"] == impl) & df["fit_s"].notna()]
+        if len(ok) != 1:
+            return math.nan
+        row = ok.iloc[0]
+        return col(row) if callable(col) else row[col]
+    return get
+
+
+def _gpu_ratio(col: str) -> Callable[[pd.DataFrame], Any]:
+    return lambda df: _gpu("influencelab", col)(df) / _gpu("kronfluence", col)(df)
+
+
+def _peak_gb(row: pd.Series) -> float:
+    return max(row["peak_fit_mb"], row["peak_self_mb"], row["peak_pairwise_mb"]) / 1024
+
+
+def gpu_table(src: str = _GPU, name: str = "gpu") -> Table:
+    """One row per measured (run, model, strategy, precision) of a GPU bench.csv (ours measured)."""
+    rows: list[list[str | Cell]] = []
+    path = ROOT / src
+    if path.exists():
+        df = pd.read_csv(path)
+        done = df[(df["impl"] == "influencelab") & df["fit_s"].notna()]
+        for _, r in done.iterrows():
+            w = dict(run=r["run"], case=r["case"], strategy=r["strategy"], precision=r["precision"])
+
+            def R(key: Callable[[pd.DataFrame], Any], w: dict = w) -> Ref:
+                return ref(src, key, **w)
+
+            rows.append([f"{r['model']} ({int(r['n_train']):,}, {int(r['image_size'])})",
+                         f"{'EK-FAC' if r['strategy'] == 'ekfac' else 'K-FAC'}, {r['precision']}", str(r["run"]),
+                         cell("{:s3} / {:s3}", R(_gpu("influencelab", "fit_self_s")), R(_gpu("kronfluence", "fit_self_s"))),
+                         cell("**{:.2}**", R(_gpu_ratio("fit_self_s"))),
+                         cell("{:s3} / {:s3}", R(_gpu("influencelab", "pairwise_s")), R(_gpu("kronfluence", "pairwise_s"))),
+                         cell("{:.2}", R(_gpu_ratio("pairwise_s"))),
+                         cell("{:s2} / {:s2}", R(_gpu("influencelab", _peak_gb)), R(_gpu("kronfluence", _peak_gb))),
+                         cell("{:.4} / {:.4}", R(_gpu("kronfluence", "spearman_self")),
+                              R(_gpu("kronfluence", "spearman_pairwise")))])
+    return Table(name, GPU_HEADER, rows, "6c: EK-FAC/K-FAC vs kronfluence on one GPU (benchmarks/gpu/run.py)")
+
+
+TABLES["gpu"] = gpu_table()
+
+
 if __name__ == "__main__":
     sys.exit(main())

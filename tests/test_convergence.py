@@ -149,7 +149,7 @@ def test_self_influence_keeps_the_worst_batch_and_reads_it_back_from_cached_chun
 
     def run():
         attr = Attributor(net, solver=CG(damping=1e-2, tol=1e-9, max_iter=2, batch_size=16, dtype="float64"),
-                          cache_dir=tmp_path, batch_size=16, chunk_size=32).fit(data)
+                          cache_dir=tmp_path, score_batch_size=16, chunk_size=32).fit(data)
         return attr.self_influence(), attr.diagnostics[1e-2]
 
     s1, c1 = run()

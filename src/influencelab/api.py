@@ -49,6 +49,8 @@ class Attributor:
     ``identity``) or a :class:`Solver`. ``damping``: a float, ``"auto"`` or a list (results get a leading
     ``n_damping`` axis either way). ``modules``: ``all``, ``last:K``, ``re:PATTERN`` or module names.
     ``solver_args``: any other key of the solver's config (e.g. ``curvature="empirical_fisher"``, ``depth=100``).
+    ``batch_size`` among them is the solver's own (EK-FAC's fitting batch, LiSSA's recursion batch); the batch of
+    training points scored at a time is ``score_batch_size`` (the CLI's ``score.batch_size``), beside ``chunk_size``.
     ``cache_dir``: cache fitted factors and score chunks there (``None``: nothing is written), or an
     :class:`~influencelab.artifacts.Artifacts` store (the CLI passes its own).
     ``model_key``/``data_key``: what identifies the model / training data in cache keys (default: digests of
@@ -64,7 +66,7 @@ class Attributor:
     def __init__(self, model: nn.Module, task: Task | str | None = None, solver: str | Solver = "ekfac",
                  damping: Any = None, modules: str | Sequence[str] | None = None,
                  cache_dir: str | Path | Artifacts | None = None,
-                 device: str | None = None, batch_size: int = 256, chunk_size: int = 4096,
+                 device: str | None = None, score_batch_size: int = 256, chunk_size: int = 4096,
                  model_key: str | None = None, checkpoint_s: float = 30.0, **solver_args: Any):
         self.task = resolve_task(task)
         if isinstance(solver, Solver):
@@ -78,9 +80,10 @@ class Attributor:
                     **({"modules": modules} if modules is not None else {})}
             dev = device or str(next(model.parameters()).device)
             self.solver = solver_config(solver, args, device=dev, task=self.task)
-        if batch_size < 1 or chunk_size < 1:
-            raise ConfigError(f"batch_size={batch_size}, chunk_size={chunk_size} are invalid: both must be >= 1")
-        self.batch_size, self.chunk_size = int(batch_size), int(chunk_size)
+        if score_batch_size < 1 or chunk_size < 1:
+            raise ConfigError(f"score_batch_size={score_batch_size}, chunk_size={chunk_size} are invalid: both must "
+                              f"be >= 1")
+        self.batch_size, self.chunk_size = int(score_batch_size), int(chunk_size)
         self.artifacts = cache_dir if isinstance(cache_dir, Artifacts) else Artifacts(cache_dir, checkpoint_s)
         self.model = self._on_solver(model)
         self.model_key = model_key or self._key(model_digest, self.model)
@@ -156,6 +159,7 @@ class Attributor:
         d = self._dampings(dampings)
         self.solver.reset_diagnostics()
         pre = precondition_queries(self.solver, grads, d)
+        del grads  # [n_query, P]: gigabytes for big models, not needed once preconditioned
         self.diagnostics = self.solver.diagnostics()
         qkey = query_key if query_key is not None else self._key(data_digest, q)
         key = self.artifacts.score_key("pairwise", self.fit_key, d, data_key, [qkey, query_rank])

@@ -149,7 +149,7 @@ class Context:
         """An :class:`Attributor` of ``model`` with the configured solver (or ``solver``), fitted on the training
         data with the run's cache and keys."""
         attr = Attributor(model, solver=solver or self.new_solver(), cache_dir=self.artifacts,
-                          batch_size=self.score.batch_size, chunk_size=self.score.chunk_size, model_key=model_key)
+                          score_batch_size=self.score.batch_size, chunk_size=self.score.chunk_size, model_key=model_key)
         return attr.fit(self.train_data, data_key=self.dataset_spec.cache_key())
 
     @cached_property

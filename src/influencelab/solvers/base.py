@@ -232,6 +232,8 @@ class Solver(ABC):
 
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         """``[len(dampings), k, P]``: :meth:`precondition` for every damping (solvers may do them jointly)."""
+        if len(dampings) == 1:  # a view, not a stacked copy (for big models k x P is gigabytes)
+            return self.precondition(v, dampings[0]).unsqueeze(0)
         return torch.stack([self.precondition(v, d) for d in dampings])
 
     # -- convergence (iterative solvers record it; direct solvers have none) ------------------------------

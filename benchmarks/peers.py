@@ -1,0 +1,94 @@
+"""kronfluence, run the way its users run it: one place for every benchmark that measures against it.
+
+``kronfluence_run`` fits its factors, then computes self-influence and pairwise scores with an ``Analyzer`` on
+``device`` (``cpu`` or ``cuda``), timing each stage (CUDA synchronised) and recording peak CUDA memory per stage.
+``precision="bf16"`` uses kronfluence's own documented low-precision presets
+(``smart_low_precision_factor_arguments`` / ``smart_low_precision_score_arguments``: bf16 autocast and bf16
+per-sample gradients, eigendecompositions and preconditioning in float32); ``"fp32"`` its defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+@dataclass
+class StageTimes:
+    """Wall seconds and peak CUDA memory (MB; 0 on CPU) of fit / self / pairwise."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+
+
+def timed_stage(times: StageTimes, stage: str, device: str, fn) -> Any:
+    """Run ``fn()`` as ``stage``: synchronised wall time and peak CUDA memory go into ``times``."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times.seconds[stage] = time.perf_counter() - t0
+    times.peak_mb[stage] = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    return out
+
+
+def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDataset, out_dir: str,
+                    strategy: str = "ekfac", damping: float | None = 1e-3, empirical: bool = True,
+                    batch: int = 256, device: str = "cpu", precision: str = "fp32", self_scores: bool = True,
+                    pairwise: bool = True) -> tuple[StageTimes, torch.Tensor | None, torch.Tensor | None]:
+    """kronfluence's fit, self-influence ``[n_train]`` and pairwise scores ``[n_query, n_train]`` (on the CPU)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.common.factor_arguments import smart_low_precision_factor_arguments
+    from kronfluence.utils.common.score_arguments import smart_low_precision_score_arguments
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(batch[0])
+            if not sample:
+                return F.cross_entropy(logits, batch[1], reduction="sum")
+            with torch.no_grad():  # true Fisher: labels sampled from the model
+                y = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+    if precision == "bf16":
+        fargs = smart_low_precision_factor_arguments(strategy=strategy, dtype=torch.bfloat16)
+        sargs = smart_low_precision_score_arguments(damping_factor=damping, dtype=torch.bfloat16)
+    elif precision == "fp32":
+        fargs, sargs = FactorArguments(strategy=strategy), ScoreArguments(damping_factor=damping)
+    else:
+        raise ValueError(f"precision={precision!r}: use fp32 or bf16")
+    fargs.use_empirical_fisher = empirical
+    task = Classification()
+    km = prepare_model(copy.deepcopy(model).to(device).eval(), task)
+    an = Analyzer("bench", km, task, cpu=not device.startswith("cuda"), disable_tqdm=True, output_dir=out_dir,
+                  log_level=40)
+    times = StageTimes()
+    timed_stage(times, "fit", device, lambda: an.fit_all_factors("f", train, per_device_batch_size=batch,
+                                                                  factor_args=fargs))
+    sv = pw = None
+    if self_scores:
+        timed_stage(times, "self", device, lambda: an.compute_self_scores(
+            "s", "f", train, per_device_train_batch_size=batch, score_args=sargs))
+        sv = an.load_self_scores("s")["all_modules"].float().cpu()
+    if pairwise:
+        timed_stage(times, "pairwise", device, lambda: an.compute_pairwise_scores(
+            "p", "f", queries, train, per_device_query_batch_size=len(queries), per_device_train_batch_size=batch,
+            score_args=sargs))
+        pw = an.load_pairwise_scores("p")["all_modules"].float().cpu()
+    return times, sv, pw
