@@ -18,6 +18,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,7 @@ from . import schema
 from .compose import CONFIG_DIR, build
 from .errors import InfluenceLabError
 from .stages import load_all
+from .tracking import RunInfo, Tracker, run_info
 
 log = logging.getLogger("influencelab")
 load_all()  # every stage registers itself (and its config schema)
@@ -33,22 +35,24 @@ schema.register()  # conf/config.yaml's defaults list the schemas: composition t
 
 
 def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None = None,
-        sweep_dampings: list | None = None) -> dict:
+        sweep_dampings: list | None = None, info: RunInfo | None = None) -> dict:
     """Run ``cfg.stages`` with outputs in ``run_dir``; returns the metrics. Usable without Hydra's CLI.
     ``sweep_dampings``: the values of ``solver.damping`` that this job's multirun sweeps over (see
-    :attr:`Context.score_dampings`)."""
+    :attr:`Context.score_dampings`). ``info``: the W&B run's identity (name, group, tags, job type; the CLI's
+    from :func:`~influencelab.tracking.run_info`), else ``job_name`` and ``group``."""
     from . import distributed
     from .pipeline import Context
     from .stages import STAGES
-    from .tracking import Tracker
 
+    # the logger first: a W&B run that could not start (no wandb, online without a login) is a one-line error
+    # before anything is read or written
     tracker = build(cfg.logger) if distributed.is_main() else Tracker(backend="none")
     ctx = Context(cfg, run_dir, tracker, sweep_dampings)  # validates the whole config before anything is written
     distributed.maybe_init(ctx.device)
     if not distributed.is_main():
         tracker = ctx.tracker = Tracker(backend="none")
     else:
-        tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True), job_name, group)
+        tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True), info or RunInfo(job_name, group))
     try:
         for name in cfg.stages:
             t0 = time.perf_counter()
@@ -92,10 +96,9 @@ def summary(metrics: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def swept_values(sweep_dir: Path, key: str) -> list[Any]:
-    """The values a multirun sweeps ``key`` over (a command-line sweep such as ``key=a,b,c`` or ``range(...)``,
-    or ``hydra.sweeper.params``), read from the sweep's ``multirun.yaml``; ``[]`` when ``key`` is not swept
-    or the sweeper wrote no such file."""
+def sweep_overrides(sweep_dir: Path) -> list[Override]:
+    """A multirun's overrides (the command line's and ``hydra.sweeper.params``), parsed, from the sweep's
+    ``multirun.yaml``; ``[]`` when the sweeper wrote no such file."""
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
         return []
@@ -103,29 +106,41 @@ def swept_values(sweep_dir: Path, key: str) -> list[Any]:
     params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
     overrides = [*hydra_cfg.overrides.task, *(f"{k}={v}" for k, v in params.items())]
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        return OverridesParser.create().parse_overrides(overrides)
     except HydraException:
         return []
-    for o in parsed:
+
+
+def swept_values(sweep_dir: Path, key: str) -> list[Any]:
+    """The values a multirun sweeps ``key`` over (a command-line sweep such as ``key=a,b,c`` or ``range(...)``,
+    or ``hydra.sweeper.params``), read from the sweep's ``multirun.yaml``; ``[]`` when ``key`` is not swept
+    or the sweeper wrote no such file."""
+    for o in sweep_overrides(sweep_dir):
         if o.key_or_group == key and o.is_discrete_sweep():
             return list(o.sweep_iterator())
     return []
+
+
+def swept_keys(sweep_dir: Path) -> list[str]:
+    """The keys (and config groups) a multirun sweeps over: what tells its jobs apart (their W&B run names)."""
+    return [o.key_or_group for o in sweep_overrides(sweep_dir) if o.is_sweep_override()]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
-    name = f"{hc.job.num}" if group else run_dir.name
-    swept = swept_values(Path(hc.sweep.dir), "solver.damping") if group else []
+    sweep_dir = Path(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else None
+    name = f"{hc.job.num}" if sweep_dir else run_dir.name
+    swept = swept_values(sweep_dir, "solver.damping") if sweep_dir else []
+    info = run_info(hc, list(cfg.stages), swept_keys(sweep_dir) if sweep_dir else None)
     try:
-        metrics = run(cfg, run_dir, name, group, swept)
+        metrics = run(cfg, run_dir, name, sweep_dampings=swept, info=info)
     except InfluenceLabError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
-        if group is None:
+        if sweep_dir is None:
             sys.exit(2)
         # in a sweep, one bad job does not stop the others: it is recorded, and the sweep exits 2 at the end
         (run_dir / "error.txt").write_text(f"{e}\n")
@@ -136,12 +151,25 @@ def app(cfg: DictConfig) -> None:
 
 
 class FailedJobs(Callback):
-    """At the end of a sweep, lists the jobs that stopped on bad input and exits with status 2 if any did."""
+    """At the end of a sweep, lists the jobs that stopped on bad input and exits with status 2 if any did. At its
+    start, a logger that could not start (logger=wandb without wandb, online without a login) stops the sweep
+    in one line, exit status 2, before any job runs (unless the sweep sweeps the logger: then each job checks)."""
 
     FILE = "failed_jobs.txt"
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         (Path(config.hydra.sweep.dir) / self.FILE).unlink(missing_ok=True)  # a re-run starts a fresh list
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+        swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+                 if o.is_sweep_override()] + [str(k) for k in params]
+        if not any(k.split(".")[0] == "logger" for k in swept):
+            try:
+                build(config.logger)
+            except InfluenceLabError as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = Path(config.hydra.sweep.dir) / self.FILE

@@ -24,17 +24,28 @@ log = logging.getLogger(__name__)
 
 
 def finite_or_raise(t: torch.Tensor, what: str, solver: Solver) -> None:
-    """A diverged solver is reported with a suggestion instead of returning NaN/inf scores."""
-    if not torch.isfinite(t).all():
+    """A diverged solver is reported with a suggestion instead of returning NaN/inf scores. The sum is finite when
+    every entry is (it can overflow only past 3e38 in float32, and is then checked entry by entry): ``isfinite`` of a
+    ``[n_query, P]`` matrix would allocate 1.5 copies of it."""
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise SolverDivergedError(
             f"{solver.name} produced NaN/inf {what}; increase solver.damping (now {solver.dampings}) "
             f"or use solver.dtype=float64{' or a larger solver.scale' if solver.name == 'lissa' else ''}")
 
 
 def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batch_size: int) -> torch.Tensor:
-    """Flat gradients ``[n_query, P]`` of the queries' measurement (the task's; their loss by default)."""
-    parts = [solver.query_grads(model, x, y) for x, y, _ in queries.batches(batch_size)]
-    return torch.cat(parts)
+    """Flat gradients ``[n_query, P]`` of the queries' measurement (the task's; their loss by default), written batch
+    by batch into one preallocated matrix (for a big model ``n_query x P`` is gigabytes: no concatenated copy)."""
+    out: torch.Tensor | None = None
+    for x, y, pos in queries.batches(batch_size):
+        g = solver.query_grads(model, x, y)
+        if out is None:
+            if len(g) == len(queries):
+                return g
+            out = g.new_empty(len(queries), g.shape[1])
+        out[pos.to(out.device)] = g
+    assert out is not None, "no queries"
+    return out
 
 
 def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:

@@ -77,14 +77,24 @@ class Capture:
 
 
 class PreparedQueries:
-    """Preconditioned queries ``[k, P]`` split into contiguous per-block weight / bias parts (made once per score
-    pass by :meth:`BlockGradSolver.prepare_queries`; owning its tensors, so nothing can go stale)."""
+    """Preconditioned queries ``[k, P]`` seen block by block as ``[k, out, in]`` views (bias as the last column; no
+    copy: for a big model ``k x P`` is gigabytes), made once per score pass by
+    :meth:`BlockGradSolver.prepare_queries`. One-position blocks (plain Linear) score fastest from contiguous
+    weight / bias parts, which :meth:`split` makes on first use and keeps."""
 
-    def __init__(self, k: int, parts: list[tuple[torch.Tensor, torch.Tensor | None]]):
-        self.k, self.parts = k, parts
+    def __init__(self, k: int, blocks: list[torch.Tensor]):
+        self.k, self.blocks = k, blocks
+        self._split: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
         return self.k
+
+    def split(self, i: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Contiguous ``(weight [k, out, in - 1], bias [k, out])`` of block ``i`` (``(weight, None)`` without bias)."""
+        if i not in self._split:
+            Q = self.blocks[i]
+            self._split[i] = (Q[..., :-1].contiguous(), Q[..., -1].contiguous()) if bias else (Q.contiguous(), None)
+        return self._split[i]
 
 
 class BlockGradSolver(Solver):
@@ -122,19 +132,19 @@ class BlockGradSolver(Solver):
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Flat ``[b, P]``, each block written into its slice (no list of blocks concatenated: one copy, not two)."""
         assert self.layout is not None
         with self._captured(model, x, y) as cap:
-            return torch.cat([self._block_grads(cap, b).flatten(1) for b in self.layout.blocks], dim=1)
+            out = torch.empty(len(x), self.layout.size, dtype=self.dtype, device=self.device)
+            for b in self.layout.blocks:
+                self.layout.block(out, b).copy_(self._block_grads(cap, b))
+            return out
 
     def prepare_queries(self, preconditioned: torch.Tensor) -> PreparedQueries:
-        """Contiguous weight / bias parts of every block of the preconditioned queries."""
+        """Per-block ``[k, out, in]`` views of the preconditioned queries (see :class:`PreparedQueries`)."""
         assert self.layout is not None
-        parts = []
-        for b in self.layout.blocks:
-            Q = self.layout.block(preconditioned, b).to(self.dtype)
-            bias = b.bias is not None
-            parts.append((Q[..., :-1].contiguous() if bias else Q.contiguous(), Q[..., -1].contiguous() if bias else None))
-        return PreparedQueries(len(preconditioned), parts)
+        pre = preconditioned.to(self.dtype)
+        return PreparedQueries(len(pre), [self.layout.block(pre, b) for b in self.layout.blocks])
 
     def pairwise(self, model: nn.Module, preconditioned: torch.Tensor | PreparedQueries, x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
@@ -146,14 +156,16 @@ class BlockGradSolver(Solver):
         k = len(prepared)
         out = torch.zeros(k, len(x), dtype=self.dtype, device=self.device)
         with self._captured(model, x, y) as cap:
-            for b, (Qw, Qb) in zip(self.layout.blocks, prepared.parts, strict=True):
+            for i, (b, Q) in enumerate(zip(self.layout.blocks, prepared.blocks, strict=True)):
                 a, s = cap.a[b.name], cap.s[b.name]
+                bias = b.bias is not None
                 if a.shape[1] == 1:
+                    Qw, Qb = prepared.split(i, bias)
                     t = (Qw.reshape(k * b.out_dim, -1) @ a[:, 0].T).view(k, b.out_dim, -1)
                     out += torch.einsum("kob,bo->kb", t, s[:, 0])
-                else:
-                    g = torch.bmm(s.transpose(1, 2), a)
-                    out += Qw.reshape(k, -1) @ g.reshape(len(x), -1).T
-                if Qb is not None:
-                    out += Qb @ s.sum(1).T
+                    if Qb is not None:
+                        out += Qb @ s[:, 0].T
+                else:  # the view [k, out * in] (row stride P) multiplies without a copy
+                    g = self._block_grads(cap, b)
+                    out += Q.reshape(k, -1) @ g.reshape(len(x), -1).T
         return out
