@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -294,23 +296,43 @@ def test_report_on_a_small_multirun(tmp_path):
     assert any(p.name == "detection_curves.png" for p in figs)
 
 
-def test_notebook_executes_on_a_small_run(tmp_path):
+def test_notebook_executes_from_its_directory(monkeypatch):
+    """notebooks/explore_run.ipynb started from notebooks/ (not the repository root): it runs its sweeps through the
+    CLI (LiSSA vs EK-FAC IHVP across damping, mislabel detection per solver; INFLUENCELAB_NOTEBOOK_RERUN: even where
+    finished runs exist, so the commands themselves are tested), plots them and explores a run, with every path
+    anchored to the repository (runs in multirun/notebook/, the cache in cache/, both git-ignored): nothing new
+    that git would track, no cache or run folder in notebooks/, and the notebook file itself left as it was."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    r = run_cli(["experiment=quickstart", "dataset.subset=300", "trainer.epochs=3", "hydra.run.dir=run"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    nb = nbformat.read(REPO / "notebooks" / "explore_run.ipynb", as_version=4)
-    os.environ["INFLUENCELAB_RUN"] = str(tmp_path / "run")
-    os.environ["INFLUENCELAB_CACHE"] = str(tmp_path / "cache")
-    try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        os.environ.pop("INFLUENCELAB_RUN")
-        os.environ.pop("INFLUENCELAB_CACHE")
+    path = REPO / "notebooks" / "explore_run.ipynb"
+
+    def untracked() -> set[str] | None:
+        if not (REPO / ".git").exists() or shutil.which("git") is None:
+            return None
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        return {line[3:] for line in out.splitlines() if line.startswith("??")}
+
+    before, committed = untracked(), path.read_bytes()
+    for var in ("INFLUENCELAB_RUN", "INFLUENCELAB_CACHE", "INFLUENCELAB_DATA"):
+        monkeypatch.delenv(var, raising=False)  # the notebook's own defaults: the repository's folders
+    monkeypatch.setenv("INFLUENCELAB_NOTEBOOK_RERUN", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 3
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "runs: multirun/notebook | cache: cache" in text  # found the repository from notebooks/
+    assert len(re.findall(r"^ran \d+ jobs", text, re.M)) == 3, text  # the three CLI sweeps ran (not reused)
+    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 4
+    ihvp = [o for o in outputs if "lissa, batch 128" in o.get("data", {}).get("text/plain", "")]
+    assert ihvp, "the IHVP table has a row per solver configuration and damping"
+    assert not [p.name for p in (REPO / "notebooks").iterdir() if p.name in ("cache", "outputs", "multirun", "data")]
+    assert path.read_bytes() == committed
+    if before is not None:
+        assert untracked() - before == set()
 
 
 def test_report_unescapes_sweep_override_values(tmp_path):
