@@ -813,6 +813,27 @@ table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the s
 
 
 
+# 6. EK-FAC on a conv-heavy net (ResNet-18), before/after issue #18: `python benchmarks/bench_resnet.py`
+_R18 = "benchmarks/results/resnet18_ekfac.csv"
+
+
+def r18_row(label: str, run: str) -> list[str | Cell]:
+    def R(key: str) -> Ref:
+        return ref(_R18, key, run=run)
+
+    return [label, cell("{:s2}", R("train_s_per_epoch")), cell("{:s3}", R("fit_s")), cell("{:s3}", R("self_s")),
+            cell("**{:.1}**", R("fit_plus_self_epochs")), cell("{:,0}", R("peak_rss_mb")),
+            cell("{:s2} / {:s2} / {:s3}", R("covariances_s"), R("eigh_s"), R("correction_s")),
+            cell("{:.4}", R("spearman_vs_baseline"))]
+
+
+table("resnet18_ekfac", ["ekfac.py", "train s / epoch", "fit s", "self s", "fit + self in epochs (target ≤ 10)",
+                         "peak RSS MB (target ≤ 4,000)", "covariances / eigh / correction s",
+                         "Spearman vs before"],
+      [r18_row("before (2c92a3e)", "before"), r18_row("after", "after")],
+      "6: EK-FAC fit + self on ResNet-18, FashionMNIST 2,000 points, before/after #18")
+
+
 # 6c. The GPU check (benchmarks/gpu/run.sh on a lent device; benchmarks/gpu/summarize.py commits its files)
 _GPU = "benchmarks/results/gpu/bench.csv"
 GPU_HEADER = ["model (training points, px)", "strategy, precision", "run", "fit + self s: ours / kronfluence",
