@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core
 PYTHON ?= python3
 DIR ?= multirun
 ARGS ?=
@@ -13,14 +14,19 @@ ARGS ?=
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# the core package alone (what `make demo` needs), then the extras for tests, benchmarks, clusters and mnist_5k
+$(CORE): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e .
+	@touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(PY) -m pip install -q -e '.[dev,bench,cluster,mnist5k]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install influencelab with dev, benchmark and cluster extras (idempotent)
 
-demo: $(STAMP) ## Quickstart on embedded digits: train, EK-FAC, mislabel detection, attribution figure (<5 min)
+demo: $(CORE) ## Quickstart on embedded digits (core dependencies only): train, EK-FAC, mislabel detection, attribution figure (<5 min)
 	$(VENV)/bin/influencelab experiment=quickstart $(ARGS)
 
 test: $(STAMP) ## Run the default test suite (slow tests excluded)
