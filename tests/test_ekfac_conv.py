@@ -123,3 +123,23 @@ def test_eigh_with_zero_rows_equals_lapack():
         assert float(evecs[r].abs().max()) == 1.0 and int((evecs[r] != 0).sum()) == 1
     zeros = torch.zeros(3, 3, dtype=torch.float64)  # all rows zero: the plain decomposition
     torch.testing.assert_close(_eigh(zeros)[1].abs().sum(0), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["ekfac", "kfac", "cg"])
+def test_precondition_in_place_equals_precondition(problem, name):
+    """``precondition_`` (what ``Attributor.pairwise`` uses on its own query gradients) overwrites its input with
+    what :meth:`precondition` returns: EK-FAC/K-FAC block by block without a copy, other solvers through one."""
+    from influencelab.compose import solver_config
+
+    model, x, y, g = problem
+    s = solver_config(name, {"damping": 1e-2, "curvature": "empirical_fisher", "dtype": "float64"})
+    s.setup(model)
+    s.fit(model, as_labeled(torch.utils.data.TensorDataset(x, y)))
+    if name == "cg":
+        s.bind(model, as_labeled(torch.utils.data.TensorDataset(x, y)))
+    v = g[:5].clone()
+    expected = s.precondition(v, 1e-2)
+    assert torch.equal(v, g[:5]) and not torch.allclose(expected, v)  # precondition leaves its input alone
+    out = s.precondition_(v, 1e-2)
+    assert out.data_ptr() == v.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

@@ -158,7 +158,7 @@ class Attributor:
         grads = query_gradients(self.solver, self.model, q, self.batch_size)
         d = self._dampings(dampings)
         self.solver.reset_diagnostics()
-        pre = precondition_queries(self.solver, grads, d)
+        pre = precondition_queries(self.solver, grads, d, consume=True)  # (in place where the solver can)
         del grads  # [n_query, P]: gigabytes for big models, not needed once preconditioned
         self.diagnostics = self.solver.diagnostics()
         qkey = query_key if query_key is not None else self._key(data_digest, q)

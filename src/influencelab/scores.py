@@ -48,11 +48,16 @@ def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batc
     return out
 
 
-def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
+def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence[Damping],
+                         consume: bool = False) -> torch.Tensor:
     """``[n_damping * n_query, P]``: each damping's ``(G + λI)^-1 g_q``, stacked damping-major (every rank
-    solves the same queries, so curvature products are split across torchrun ranks)."""
+    solves the same queries, so curvature products are split across torchrun ranks). ``consume``: ``grads`` is
+    not needed afterwards, so one damping is solved in place (:meth:`Solver.precondition_`)."""
     with distributed.collective():
-        pre = solver.precondition_all(grads, dampings).flatten(0, 1)
+        if consume and len(dampings) == 1:
+            pre = solver.precondition_(grads, dampings[0])
+        else:
+            pre = solver.precondition_all(grads, dampings).flatten(0, 1)
     finite_or_raise(pre, "preconditioned query gradients", solver)
     return pre
 

@@ -230,6 +230,11 @@ class Solver(ABC):
             self._mean_eig = float(self.mean_eigenvalue())
         return AUTO_FRACTION * self._mean_eig
 
+    def precondition_(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """:meth:`precondition` into ``v`` itself (returned), for a caller that no longer needs ``v``: for a big model
+        ``k x P`` is gigabytes. Solvers whose inverse works block by block (EK-FAC, K-FAC) do it without a copy."""
+        return v.copy_(self.precondition(v, damping))
+
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         """``[len(dampings), k, P]``: :meth:`precondition` for every damping (solvers may do them jointly)."""
         if len(dampings) == 1:  # a view, not a stacked copy (for big models k x P is gigabytes)

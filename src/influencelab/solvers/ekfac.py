@@ -242,8 +242,14 @@ class EKFAC(BlockGradSolver):
         return (1.0 / (lam + self.resolve_damping(damping))).to(self.dtype)
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        return self._precondition_into(v, damping, torch.empty_like(v))
+
+    def precondition_(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """In place, block by block (each block is read whole before it is overwritten): no ``[k, P]`` copy."""
+        return self._precondition_into(v, damping, v)
+
+    def _precondition_into(self, v: torch.Tensor, damping: Damping, out: torch.Tensor) -> torch.Tensor:
         assert self.layout is not None and self.state, "fit the solver first"
-        out = torch.empty_like(v)
         for i, b in enumerate(self.layout.blocks):
             qa, qs = self.state[f"{i}.QA"], self.state[f"{i}.QS"]
             V = self.layout.block(v, b).to(self.dtype)
