@@ -860,7 +860,7 @@ def _peak_gb(row: pd.Series) -> float:
     return max(row["peak_fit_mb"], row["peak_self_mb"], row["peak_pairwise_mb"]) / 1024
 
 
-def gpu_table(src: str = _GPU, name: str = "gpu") -> Table:
+def gpu_rows(src: str = _GPU) -> list[list[str | Cell]]:
     """One row per measured (run, model, strategy, precision) of a GPU bench.csv (ours measured)."""
     rows: list[list[str | Cell]] = []
     path = ROOT / src
@@ -882,10 +882,10 @@ def gpu_table(src: str = _GPU, name: str = "gpu") -> Table:
                          cell("{:s2} / {:s2}", R(_gpu("influencelab", _peak_gb)), R(_gpu("kronfluence", _peak_gb))),
                          cell("{:.4} / {:.4}", R(_gpu("kronfluence", "spearman_self")),
                               R(_gpu("kronfluence", "spearman_pairwise")))])
-    return Table(name, GPU_HEADER, rows, "6c: EK-FAC/K-FAC vs kronfluence on one GPU (benchmarks/gpu/run.py)")
+    return rows
 
 
-TABLES["gpu"] = gpu_table()
+table("gpu", GPU_HEADER, gpu_rows(), "6c: EK-FAC/K-FAC vs kronfluence on one GPU (benchmarks/gpu/run.py)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/: the shared peer runner
 from peers import StageTimes, kronfluence_run, timed_stage  # noqa: E402
 
 from influencelab import Attributor  # noqa: E402
-from influencelab.compose import solver_config  # noqa: E402
 from influencelab.data.base import LabeledData  # noqa: E402
 from influencelab.models import cnn, timm_model  # noqa: E402
 from influencelab.train import Trainer  # noqa: E402
@@ -149,9 +148,8 @@ class Budget:
 def ours(model: torch.nn.Module, train: LabeledData, queries: LabeledData, strategy: str, precision: str,
          batch: int, device: str) -> tuple[StageTimes, torch.Tensor, torch.Tensor]:
     """influencelab through its public API: fit, self-influence ``[n_train]``, pairwise ``[n_query, n_train]``."""
-    solver = solver_config(strategy, {"damping": DAMPING, "curvature": "empirical_fisher", "batch_size": batch,
-                                      "autocast": "bf16" if precision == "bf16" else None}, device=device)
-    attr = Attributor(model, solver=solver, score_batch_size=batch)
+    attr = Attributor(model, solver=strategy, damping=DAMPING, curvature="empirical_fisher", device=device,
+                      batch_size=batch, score_batch_size=batch, autocast="bf16" if precision == "bf16" else None)
     times = StageTimes()
     timed_stage(times, "fit", device, lambda: attr.fit(train))
     sv = timed_stage(times, "self", device, lambda: attr.self_influence())[0].float().cpu()

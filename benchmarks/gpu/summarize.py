@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     df = merge(a.fetched, a.dest)
     env = json.loads((a.dest / "env.json").read_text())
     print(f"{env['device']} (torch {env['torch']}), {len(df)} rows from {len(a.fetched)} run(s)\n")
-    print(tables.gpu_table(str(a.dest / "bench.csv")).markdown())
+    print(tables.Table("gpu", tables.GPU_HEADER, tables.gpu_rows(str(a.dest / "bench.csv"))).markdown())
     if a.dest.resolve() == DEST.resolve():
         tables.load.cache_clear()
         return tables.main([])

@@ -158,8 +158,9 @@ class Attributor:
         grads = query_gradients(self.solver, self.model, q, self.batch_size)
         d = self._dampings(dampings)
         self.solver.reset_diagnostics()
-        pre = precondition_queries(self.solver, grads, d, consume=True)  # (in place where the solver can)
-        del grads  # [n_query, P]: gigabytes for big models, not needed once preconditioned
+        # grads ([n_query, P], gigabytes for big models) are not needed afterwards: solved in place where possible
+        pre = precondition_queries(self.solver, grads, d, consume=True)
+        del grads
         self.diagnostics = self.solver.diagnostics()
         qkey = query_key if query_key is not None else self._key(data_digest, q)
         key = self.artifacts.score_key("pairwise", self.fit_key, d, data_key, [qkey, query_rank])
