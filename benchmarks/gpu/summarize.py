@@ -4,7 +4,7 @@
 
 Each FETCHED folder is one call's $OUT (bench.csv, env.json and, from run.sh, tests.log). Their bench.csv rows are
 concatenated with a ``run`` column (1, 2, ... in the order given; a later call that repeats a measurement keeps
-both rows), env.json of the first becomes DEST/env.json, the first tests.log DEST/tests.log. Prints the table with
+both rows), env.json of the first becomes DEST/env.json, the first tests.log and nvidia-smi.csv go to DEST too. Prints the table with
 the ratios; with the default DEST it also regenerates RESULTS.md's tables (``experiments/tables.py``), whose
 ``gpu`` table reads DEST/bench.csv.
 """
@@ -38,9 +38,10 @@ def merge(fetched: list[Path], dest: Path) -> pd.DataFrame:
     env = json.loads((fetched[0] / "env.json").read_text())
     env["runs"] = len(fetched)
     (dest / "env.json").write_text(json.dumps(env, indent=1) + "\n")
-    logs = [d / "tests.log" for d in fetched if (d / "tests.log").exists()]
-    if logs:
-        shutil.copyfile(logs[0], dest / "tests.log")
+    for name in ("tests.log", "nvidia-smi.csv"):  # from run.sh: the first call that wrote each
+        found = [d / name for d in fetched if (d / name).exists()]
+        if found:
+            shutil.copyfile(found[0], dest / name)
     return out
 
 
