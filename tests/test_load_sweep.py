@@ -74,11 +74,36 @@ def test_one_row_per_job_with_the_metrics_as_named(sweep):
         m = metrics(sweep, job)
         assert all(same(wide.loc[i, k], v) for k, v in m.items()), job
     assert "mislabel/self_influence@0.1/recall@10" in wide and wide["error"].notna().tolist() == [False, False, True]
-    # the report reads the same jobs (its table: one row per job)
-    from influencelab.report import collect
+    # missing=None: a metric the job did not log is None, not NaN (the failed job has none)
+    kept = influencelab.load_sweep(sweep, by_damping=False, missing=None)
+    assert kept.loc[2, "train/test_accuracy"] is None and kept.loc[0, "train/test_accuracy"] == m["train/test_accuracy"]
+    assert kept.loc[0, "error"] is None and list(kept.columns) == list(wide.columns)
 
-    _, rows = collect(sweep)
-    assert [r["job"] for r in rows] == ["0", "1", "2"] and "solver.damping=-1" in rows[2]["error"]
+
+def test_report_is_load_sweep_written_and_read_back(sweep, tmp_path):
+    """influencelab-report's table is load_sweep's one-row-per-job frame; its report.csv, read by load_sweep,
+    gives the frame of the directory again (both forms), and tells a metric logged as NaN from one not logged."""
+    import shutil
+
+    from influencelab.report import collect, report
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    m = metrics(copy, "1")
+    m["ihvp/rel_error"] = float("nan")  # as a diverged solver logs it
+    (copy / "1" / "metrics.json").write_text(json.dumps(m))
+    _, csv_path, _ = report(copy)
+    cells = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    assert cells["ihvp/rel_error"].tolist() == ["", "nan", ""]  # logged NaN vs never logged
+    assert cells["job"].tolist() == ["0", "1", "2"] and "solver.damping=-1" in cells.loc[2, "error"]
+
+    for by_damping in (False, True):
+        direct, back = (influencelab.load_sweep(p, by_damping=by_damping) for p in (copy, csv_path))
+        assert list(back.columns) == list(direct.columns)
+        pd.testing.assert_frame_equal(*(d.astype(object).where(d.notna(), None) for d in (back, direct)))
+    _, rows = collect(copy)  # what the plots read: each job's columns without those it does not have
+    assert [r["job"] for r in rows] == ["0", "1", "2"] and "train/test_accuracy" not in rows[2]
+    assert math.isnan(rows[1]["ihvp/rel_error"]) and "ihvp/rel_error" not in rows[0]
 
 
 def test_naming_rule_of_per_damping_metrics():
@@ -121,5 +146,5 @@ def test_not_a_sweep(tmp_path):
 
     with pytest.raises(InfluenceLabError, match="no runs"):
         influencelab.load_sweep(tmp_path)
-    with pytest.raises(InfluenceLabError, match="not a directory"):
+    with pytest.raises(InfluenceLabError, match="neither a directory of runs nor a report.csv"):
         influencelab.load_sweep(tmp_path / "missing")

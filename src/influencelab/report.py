@@ -1,36 +1,43 @@
 """``influencelab-report DIR``: turn a run or multirun directory into a table (markdown + CSV) and plots.
 
-Every job directory under DIR (one with ``metrics.json``) becomes a row: its Hydra overrides
-(``.hydra/overrides.yaml``) as columns, then every metric. Comparison plots are drawn when the metrics
-are there: IHVP error vs damping per solver, detection curves across runs, LDS per solver with intervals.
-The same jobs as a pandas DataFrame (one row per job and damping): :func:`influencelab.load_sweep`.
+Every job directory under DIR (one with ``metrics.json``) becomes a row of :func:`influencelab.load_sweep`'s
+one-row-per-job frame: its Hydra overrides and config-group choices, then every metric (``nan`` where the job
+logged NaN, empty where it logged nothing). ``load_sweep("DIR/report.csv")`` reads the table back. Comparison
+plots are drawn when the metrics are there: IHVP error vs damping per solver, detection curves across runs, LDS
+per solver with intervals.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .run import find_jobs, job_metrics
-from .run import job_overrides as overrides  # the job's command-line overrides, key -> value
+from .errors import InfluenceLabError
+from .run import load_sweep
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def table(root: Path) -> pd.DataFrame:
+    """One row per job under ``root`` (:func:`influencelab.load_sweep`, ``by_damping=False``): ``job``, the
+    overrides, the choices, the metrics as the runs name them, ``error``; ``None`` where a job has no such
+    column, a logged NaN as NaN."""
+    frame = load_sweep(root, by_damping=False, missing=None)
+    if frame["error"].isna().all():
+        frame = frame.drop(columns="error")
+    return frame
 
 
 def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Rows (one per job, the metrics as the runs name them) and the column order: ``job``, override keys,
-    metric keys (and ``error`` among them for a job that stopped on bad input). Plain values, not a DataFrame:
-    the table tells a metric a job logged as NaN (``nan``) from one it does not have (empty), and the command
-    needs no pandas; :func:`influencelab.load_sweep` reads the same directories into one."""
-    rows, okeys, mkeys = [], [], []
-    for job in find_jobs(root):
-        o, m = overrides(job), job_metrics(job)
-        okeys += [k for k in o if k not in okeys]
-        mkeys += [k for k in m if k not in mkeys]
-        rows.append({"job": str(job.relative_to(root)) or ".", **o, **m})
-    return ["job", *okeys, *sorted(mkeys)], rows
+    """The report's column order and its rows as plain dicts (what the stages' plots read): each job's
+    columns without those it does not have."""
+    frame = table(root)
+    return list(frame.columns), [{k: v for k, v in r.items() if v is not None}
+                                 for r in frame.to_dict("records")]
 
 
 def _fmt(v: Any) -> str:
@@ -39,9 +46,11 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+def markdown(frame: pd.DataFrame, fmt=_fmt) -> str:
+    """``frame`` as a markdown table, each cell through ``fmt``."""
+    head = "| " + " | ".join(map(str, frame.columns)) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return head + "".join("| " + " | ".join(fmt(v) for v in row) + " |\n"
+                          for row in frame.itertuples(index=False))
 
 
 def labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str | None = None) -> list[str]:
@@ -78,16 +87,12 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 def report(root: Path) -> tuple[Path, Path, list[Path]]:
     """Write ``report.md`` and ``report.csv`` (and figures) into ``root``."""
-    columns, rows = collect(root)
-    if not rows:
-        raise SystemExit(f"error: no runs (metrics.json) under {root}")
+    frame = table(root)
     md, csv_path = root / "report.md", root / "report.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    figs = plots(root, rows)
-    md.write_text(f"# Report: {root}\n\n{len(rows)} run(s).\n\n" + markdown(columns, rows)
+    # a logged NaN as "nan", a metric the job did not log as an empty cell
+    frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
+    figs = plots(root, collect(root)[1])
+    md.write_text(f"# Report: {root}\n\n{len(frame)} run(s).\n\n" + markdown(frame)
                   + "".join(f"\n![{p.stem}]({p.relative_to(root)})\n" for p in figs))
     return md, csv_path, figs
 
@@ -99,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
         raise SystemExit(2)
-    md, csv_path, figs = report(args.dir)
+    try:
+        md, csv_path, figs = report(args.dir)
+    except InfluenceLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(md.read_text() if md.stat().st_size < 20_000 else f"wrote {md}")
     print(f"wrote {md}, {csv_path}" + "".join(f", {p}" for p in figs))
 

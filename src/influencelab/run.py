@@ -218,10 +218,8 @@ def split_metric(name: str) -> tuple[str, float | str] | None:
 
 
 def _pandas():
-    try:
-        import pandas as pd
-    except ImportError as e:  # pandas is not a core dependency
-        raise ImportError("load_sweep needs pandas: pip install pandas") from e
+    import pandas as pd
+
     return pd
 
 
@@ -269,6 +267,7 @@ def split_dampings(frame: pd.DataFrame, first: Any = None) -> pd.DataFrame:
         out["damping"] = out["damping"].astype(object)
         out.loc[single, "damping"] = out.loc[single, "_row"].map(firsts)
     order = pd.to_numeric(out["damping"], errors="coerce")
+    out = out.copy()  # one block, not a column per insert above
     out = out.assign(_order=order).sort_values(["_row", "_order"], kind="stable", na_position="last")
     n_lead = next((i for i, c in enumerate(wide.columns) if "/" in str(c)), len(wide.columns))
     lead = [c for c in wide.columns[:n_lead] if c not in tagged and c != "error"]  # job, overrides, choices
@@ -277,8 +276,14 @@ def split_dampings(frame: pd.DataFrame, first: Any = None) -> pd.DataFrame:
     return out[[*lead, "damping", *metrics, *tail]].reset_index(drop=True).infer_objects()
 
 
-def load_sweep(sweep_dir: str | Path, by_damping: bool = True) -> pd.DataFrame:
-    """Every job of a Hydra multirun directory (or of any directory of runs, or one run) as a pandas DataFrame.
+#: what :func:`load_sweep` puts where a job did not log a metric, unless told otherwise
+MISSING = float("nan")
+
+
+def load_sweep(sweep_dir: str | Path, by_damping: bool = True, missing: Any = MISSING) -> pd.DataFrame:
+    """Every job of a Hydra multirun directory (or of any directory of runs, or one run) as a pandas DataFrame;
+    or the jobs of a ``report.csv`` that ``influencelab-report`` wrote (a sweep kept as one file: the same
+    columns, read back).
 
     Columns: ``job`` (its directory relative to ``sweep_dir``: ``"0"``, ``"1"``, ...), the job's overrides
     (``.hydra/overrides.yaml``, one column per key, values as written), its config-group choices (``dataset``,
@@ -291,11 +296,18 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True) -> pd.DataFrame:
     per damping, its metrics under their names without the ``@<damping>`` (its metrics without a damping
     repeated on each of its rows); a job without per-damping metrics has one row, at its ``solver.damping``
     (NaN where the job has none, e.g. failed before writing its config).
-    ``by_damping=False``: one row per job, the metrics as the runs name them."""
+
+    ``by_damping=False``: one row per job, the metrics as the runs name them. There, ``missing`` is what a cell
+    holds where the job did not log that metric (and where it has no such override or choice): NaN by default,
+    so that a metric logged as NaN (a diverged solver's error) and one never logged look alike; pass e.g.
+    ``missing=None`` to tell them apart (the frame is then of dtype ``object``, values as the runs wrote them;
+    ``influencelab-report`` writes it so: ``nan`` = logged as NaN, empty = not logged)."""
     pd = _pandas()
     root = Path(sweep_dir)
+    if root.is_file() and root.suffix == ".csv":
+        return _load_report(root, by_damping)
     if not root.is_dir():
-        raise InfluenceLabError(f"{root} is not a directory")
+        raise InfluenceLabError(f"{root} is neither a directory of runs nor a report.csv")
     jobs = find_jobs(root)
     if not jobs:
         raise InfluenceLabError(f"no runs under {root} (no job directory with metrics.json or error.txt)")
@@ -308,6 +320,20 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True) -> pd.DataFrame:
         mkeys += [k for k in m if k not in mkeys]
         records.append({"job": str(job.relative_to(root)), **c, **o, **m, "error": error})
         firsts.append(_job_first_damping(job))
-    ckeys = [k for k in ckeys if k not in okeys]
-    wide = pd.DataFrame.from_records(records, columns=["job", *okeys, *ckeys, *sorted(mkeys), "error"])
-    return split_dampings(wide, firsts) if by_damping else wide
+    columns = ["job", *okeys, *[k for k in ckeys if k not in okeys], *sorted(mkeys), "error"]
+    if by_damping or missing is MISSING:
+        wide = pd.DataFrame.from_records(records, columns=columns)
+        return split_dampings(wide, firsts) if by_damping else wide
+    return pd.DataFrame([[r.get(k, missing) for k in columns] for r in records], columns=columns, dtype=object)
+
+
+def _load_report(path: Path, by_damping: bool) -> pd.DataFrame:
+    """A ``report.csv`` as :func:`load_sweep` gives a directory (``job`` and overrides as text, empty cells
+    NaN). Its first damping per job, for the metrics logged without ``@``: the ``solver.damping`` column, where
+    the sweep overrode it."""
+    pd = _pandas()
+    lead = [c for c in pd.read_csv(path, nrows=0).columns if "/" not in c]  # job, overrides, choices, error
+    wide = pd.read_csv(path, dtype=dict.fromkeys(lead, str))
+    if not by_damping:
+        return wide
+    return split_dampings(wide, "solver.damping" if "solver.damping" in wide else None)
