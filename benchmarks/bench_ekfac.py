@@ -1,164 +1,210 @@
-"""EK-FAC, K-FAC and identity: influencelab vs kronfluence on the same trained CNN and data, in the same process.
+"""EK-FAC, K-FAC and identity: influencelab (its public ``Attributor``, the path the CLI's fit/self/pairwise stages
+run) vs kronfluence (its ``Analyzer`` with its CPU defaults) on the same trained CNN, data and queries, back to
+back in one process per setting.
 
-    python benchmarks/bench_ekfac.py [--n 20000] [--queries 100] [--batch 256] [--epochs 2] [--strategies ekfac]
+    python benchmarks/bench_ekfac.py [--n 20000,60000] [--strategies ekfac] [--denormals flush,keep]
+                                     [--peer-self-max 20000] [--compression]
 
-FashionMNIST from Debian's dataset-fashion-mnist (falls back to digits), 10% flipped labels. Both use the
-empirical Fisher and the same explicit damping, so their scores agree (Spearman printed). Prints a markdown
-table of wall time per stage, ours / kronfluence (targets: fit + self <= 0.5, pairwise <= 0.5), and peak
-memory; then the low-rank query compression (``score.query_rank``) against full rank, and, when CUDA is
-present, the same stages on the GPU. Writes benchmarks/results/ekfac.csv.
+FashionMNIST from Debian's dataset-fashion-mnist (falls back to digits), 10% flipped labels, the CNN trained 2
+epochs; both sides use the empirical Fisher, λ = 1e-3 and batch 256, and their scores are compared (Spearman).
+
+``--denormals``: x86 CPUs compute on subnormal floats (|x| < 1.2e-38) about 100x slower, and the per-example
+gradients of confidently classified points are subnormal: kronfluence's fp32 rotations of per-sample gradients
+slow down with how well the model fits (its self-influence grew 11x for 4x the data). ``flush`` sets PyTorch's
+flush-denormal mode (``torch.set_flush_denormal(True)``, before any thread starts: a thread pool started
+earlier keeps its own setting) for both sides; ``keep`` is PyTorch's default. Each (n, setting) runs in a
+process of its own. ``--peer-self-max``: above this n, kronfluence's self-influence is not run with subnormals
+kept (it would take hours); the row says so.
+
+Writes benchmarks/results/ekfac.csv (one row per implementation, n, strategy and setting, with the date, the
+PyTorch and kronfluence versions and the thread count; peak memory = peak RSS above each stage's start) and,
+with ``--compression``, benchmarks/results/ekfac_compression.csv (low-rank query compression vs full rank).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
+import datetime
+import importlib.metadata
 import os
-import resource
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from scipy.stats import spearmanr
-from torch.utils.data import TensorDataset
-
-from influencelab.data.digits import Digits
-from influencelab.data.fashion_mnist import FashionMNIST
-from influencelab.errors import DataNotFoundError
-from influencelab.models import cnn
-from influencelab.scores import compress
-from influencelab.solvers.ekfac import EKFAC, KFAC
-from influencelab.solvers.identity import Identity
-from influencelab.train import Trainer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import kronfluence_run  # noqa: E402
-
+HERE = Path(__file__).parent
 DAMPING = 1e-3
+BATCH = 256
+N_QUERIES = 100
+COLUMNS = ["date", "torch", "kronfluence", "threads", "denormals", "n", "strategy", "impl", "fit_s", "self_s",
+           "pairwise_s", "peak_fit_mb", "peak_self_mb", "peak_pairwise_mb", "spearman_self", "spearman_pairwise",
+           "note"]
 
 
-def load(n: int):
+def worker(args: argparse.Namespace) -> None:
+    """One (n, denormals) setting: every strategy, ours then kronfluence, rows appended to ``args.out``."""
+    import torch
+
+    if args.denormals == "flush":  # first, before any thread pool exists
+        assert torch.set_flush_denormal(True), "this CPU cannot flush denormals"
+    import pandas as pd
+    from scipy.stats import spearmanr
+    from torch.utils.data import TensorDataset
+
+    from influencelab import Attributor
+    from influencelab.data.digits import Digits
+    from influencelab.data.fashion_mnist import FashionMNIST
+    from influencelab.errors import DataNotFoundError
+    from influencelab.models import cnn
+    from influencelab.train import Trainer
+
+    sys.path.insert(0, str(HERE))
+    from peers import StageTimes, kronfluence_run, timed_stage
+
     try:
-        train, test = FashionMNIST(subset=n, label_noise=0.1, download=False).load()
-        return "fashion_mnist", train, test
+        train, test = FashionMNIST(subset=args.n, label_noise=0.1, download=False).load()
+        name = "fashion_mnist"
     except DataNotFoundError:
-        train, test = Digits(subset=min(n, 1437), label_noise=0.1).load()
-        return "digits", train, test
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-OURS = {"ekfac": EKFAC, "kfac": KFAC, "identity": Identity}
-
-
-def ours(model, train, queries, batch, strategy="ekfac", device="cpu"):
-    s = OURS[strategy](damping=DAMPING, curvature="empirical_fisher", batch_size=batch, device=device)
-    _, fit = timed(lambda: s.fit(model, train))
-
-    def self_scores():
-        return torch.cat([s.self_influence(model, x, y, [DAMPING])[0] for x, y, _ in train.batches(batch)])
-
-    sv, self_t = timed(self_scores)
-
-    def pairwise():
-        pre = s.prepare_queries(s.precondition(s.train_grads(model, queries.x, queries.targets), DAMPING))
-        return torch.cat([s.pairwise(model, pre, x, y) for x, y, _ in train.batches(batch)], dim=1)
-
-    pw, pair_t = timed(pairwise)
-    return {"fit": fit, "self": self_t, "pairwise": pair_t}, sv, pw
-
-
-def kronfluence(model, train, queries, batch, out_dir, strategy="ekfac", empirical=True, damping=DAMPING):
-    """kronfluence on the CPU (its defaults, fp32): ({fit, self, pairwise} seconds, self scores, pairwise scores)."""
-    times, sv, pw = kronfluence_run(model, TensorDataset(train.x, train.targets),
-                                    TensorDataset(queries.x, queries.targets), out_dir, strategy, damping,
-                                    empirical, batch)
-    return times.seconds, sv, pw
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--skip-peer", action="store_true")
-    ap.add_argument("--strategies", default="ekfac,kfac,identity")
-    args = ap.parse_args()
-    name, train, test = load(args.n)
-    queries = test.subset(torch.arange(args.queries))
+        train, test = Digits(subset=min(args.n, 1437), label_noise=0.1).load()
+        name = "digits"
+    queries = test.subset(torch.arange(N_QUERIES))
     torch.manual_seed(0)
     model = cnn(10, 1, train.x.shape[-1])
     Trainer(epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device="cpu").fit(model, train)
     model.eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {len(train)} training points, {args.queries} queries, CNN with {n_params:,} parameters, "
-          f"batch {args.batch}, {torch.get_num_threads()} threads", flush=True)
-    csv_rows = []
+    common = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "kronfluence": _version("kronfluence"), "threads": torch.get_num_threads(),
+              "denormals": args.denormals, "n": len(train)}
+    print(f"{name}: {len(train)} training points, {N_QUERIES} queries, CNN with "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, batch {BATCH}, {common['threads']} threads, "
+          f"denormals {args.denormals}", flush=True)
+
+    def row(strategy: str, impl: str, t: StageTimes, **extra) -> dict:
+        return {**common, "strategy": strategy, "impl": impl,
+                **{f"{k}_s": t.seconds.get(k) for k in ("fit", "self", "pairwise")},
+                **{f"peak_{k}_mb": t.peak_mb.get(k) for k in ("fit", "self", "pairwise")}, **extra}
+
+    rows = []
     for strategy in args.strategies.split(","):
-        print(f"\n### {strategy}\n", flush=True)
-        t_ours, s_ours, p_ours = ours(model, train, queries, args.batch, strategy)
-        mem_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rows = [("influencelab", t_ours)]
-        if not args.skip_peer:
-            with tempfile.TemporaryDirectory() as tmp:
-                t_k, s_k, p_k = kronfluence(model, train, queries, args.batch, tmp, strategy)
-            rows.append(("kronfluence 1.0.1", t_k))
-        print("| implementation | fit s | self s | fit + self s | pairwise s |\n|---|---|---|---|---|")
-        for impl, t in rows:
-            print(f"| {impl} | {t['fit']:.1f} | {t['self']:.1f} | {t['fit'] + t['self']:.1f} | {t['pairwise']:.1f} |")
-            csv_rows.append([strategy, impl, len(train), t["fit"], t["self"], t["pairwise"]])
-        if not args.skip_peer:
-            r_fs = (t_ours["fit"] + t_ours["self"]) / max(t_k["fit"] + t_k["self"], 1e-9)
-            r_pw = t_ours["pairwise"] / t_k["pairwise"]
-            print(f"| **ratio ours / kronfluence** | {t_ours['fit'] / max(t_k['fit'], 1e-9):.2f} | "
-                  f"{t_ours['self'] / t_k['self']:.2f} | **{r_fs:.2f}** (target <= 0.5) | **{r_pw:.2f}** "
-                  f"(target <= 0.5) |")
-            rho_s = spearmanr(s_ours.detach().numpy(), s_k.numpy()).statistic
-            rho_p = spearmanr(p_ours.detach().flatten().numpy(), p_k.flatten().numpy()).statistic
-            print(f"\nagreement: Spearman self {rho_s:.4f}, pairwise {rho_p:.4f}; peak RSS after ours "
-                  f"{mem_ours:.0f} MB")
-        if strategy == "ekfac":
-            compression(model, train, queries, args.batch, p_ours)
-    if torch.cuda.is_available():  # the GPU section (not in CI)
-        print("\n### GPU (ours, EK-FAC)\n\n| device | fit s | self s | pairwise s |\n|---|---|---|---|")
-        gpu_model = copy.deepcopy(model).cuda()
-        t_gpu, _, _ = ours(gpu_model, train, queries, args.batch, "ekfac", device="cuda")
-        print(f"| {torch.cuda.get_device_name()} | {t_gpu['fit']:.1f} | {t_gpu['self']:.1f} | {t_gpu['pairwise']:.1f} |")
-        csv_rows.append(["ekfac", "influencelab cuda", len(train), t_gpu["fit"], t_gpu["self"], t_gpu["pairwise"]])
-    out = Path(os.environ.get("INFLUENCELAB_BENCH_RESULTS", Path(__file__).parent / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "ekfac.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["strategy", "impl", "n", "fit_s", "self_s", "pairwise_s"])
-        w.writerows(csv_rows)
+        attr = Attributor(model, solver=strategy, damping=DAMPING, curvature="empirical_fisher", batch_size=BATCH,
+                          score_batch_size=BATCH)
+        t = StageTimes()
+        timed_stage(t, "fit", "cpu", lambda a=attr: a.fit(train))
+        sv = timed_stage(t, "self", "cpu", lambda a=attr: a.self_influence())[0]
+        pw = timed_stage(t, "pairwise", "cpu", lambda a=attr: a.pairwise(queries))[0]
+        rows.append(row(strategy, "influencelab", t))
+        _report(rows[-1])
+        if args.compression and strategy == "ekfac":
+            compression(attr, queries, pw, common)
+        if args.skip_peer:
+            continue
+        peer_self = args.denormals == "flush" or len(train) <= args.peer_self_max
+        with tempfile.TemporaryDirectory() as tmp:
+            tk, sk, pk = kronfluence_run(model, TensorDataset(train.x, train.targets),
+                                         TensorDataset(queries.x, queries.targets), tmp, strategy, DAMPING,
+                                         empirical=True, batch=BATCH, self_scores=peer_self)
+        rho = lambda a, b: float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)  # noqa: E731
+        rows.append(row(strategy, "kronfluence", tk, spearman_self=rho(sv, sk) if sk is not None else None,
+                        spearman_pairwise=rho(pw, pk),
+                        note="" if peer_self else "self-influence not run: n > --peer-self-max with subnormals"))
+        _report(rows[-1])
+    out = Path(args.out)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(out, mode="a", header=not out.exists(), index=False)
 
 
-def compression(model, train, queries, batch, full: torch.Tensor) -> None:
-    """Pairwise scores from rank-r compressed preconditioned queries vs full rank: time, memory, correlation."""
-    s = EKFAC(damping=DAMPING, curvature="empirical_fisher", batch_size=batch)
-    s.fit(model, train)
-    pre = s.precondition(s.train_grads(model, queries.x, queries.targets), DAMPING)
-    print("\n| query_rank | pairwise s | query matrix MB | Spearman vs full | Pearson vs full |\n|---|---|---|---|---|")
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _report(r: dict) -> None:
+    sec = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    print(f"  {r['strategy']:8s} {r['impl']:12s} fit {sec(r['fit_s'])} s, self {sec(r['self_s'])} s, pairwise "
+          f"{sec(r['pairwise_s'])} s (peak +{r['peak_pairwise_mb']:.0f} MB)", flush=True)
+
+
+def compression(attr, queries, full, common: dict) -> None:
+    """Pairwise scores from rank-r compressed preconditioned queries (``Attributor.pairwise(query_rank=r)``,
+    the CLI's ``score.query_rank``) vs full rank: time, the query matrix's size, agreement."""
+    import time
+
+    import pandas as pd
+    import torch
+    from scipy.stats import spearmanr
+
+    rows = []
+    n_params = attr.solver.layout.size
     for r in (None, 64, 32, 8):
-        basis, coef = compress(pre, r)
+        t0 = time.perf_counter()
+        got = attr.pairwise(queries, query_rank=r)[0]
+        t = time.perf_counter() - t0
+        k = min(r or N_QUERIES, N_QUERIES)
+        rows.append({**common, "query_rank": r or "full", "pairwise_s": t,
+                     "query_matrix_mb": k * n_params * 4 / 2**20,
+                     "spearman_vs_full": float(spearmanr(got.flatten().numpy(), full.flatten().numpy()).statistic),
+                     "pearson_vs_full": float(torch.corrcoef(torch.stack([got.flatten(), full.flatten()]))[0, 1])})
+        print(f"  query_rank {rows[-1]['query_rank']}: pairwise {t:.1f} s, Spearman vs full "
+              f"{rows[-1]['spearman_vs_full']:.4f}", flush=True)
+    out = Path(os.environ.get("INFLUENCELAB_BENCH_RESULTS", HERE / "results")) / "ekfac_compression.csv"
+    pd.DataFrame(rows).to_csv(out, index=False)
 
-        def run(basis=basis, coef=coef):
-            prepared = s.prepare_queries(basis)
-            out = torch.cat([s.pairwise(model, prepared, x, y) for x, y, _ in train.batches(batch)], dim=1)
-            return out if coef is None else coef @ out
 
-        got, t = timed(run)
-        rho = spearmanr(got.flatten().numpy(), full.flatten().numpy()).statistic
-        pr = torch.corrcoef(torch.stack([got.flatten(), full.flatten()]))[0, 1].item()
-        print(f"| {r or 'full'} | {t:.1f} | {basis.numel() * 4 / 2**20:.1f} | {rho:.4f} | {pr:.4f} |")
+def table(csv: Path) -> str:
+    """The ratios ours / kronfluence per (n, strategy, setting), as markdown."""
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    df["fit_self_s"] = df["fit_s"] + df["self_s"]
+    keys = ["n", "strategy", "denormals"]
+    ours = df[df["impl"] == "influencelab"].set_index(keys)
+    peer = df[df["impl"] == "kronfluence"].set_index(keys)
+    lines = ["| n | strategy | denormals | fit + self s: ours / kronfluence | ratio (≤ 0.5) | pairwise s: ours / "
+             "kronfluence | ratio (≤ 0.5) | Spearman self / pairwise |", "|---|---|---|---|---|---|---|---|"]
+    for k, o in ours.iterrows():
+        p = peer.loc[k] if k in peer.index else None
+        f = lambda v: "–" if v is None or pd.isna(v) else f"{v:.1f}"  # noqa: E731
+        g = lambda v: "–" if v is None or pd.isna(v) else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {f(o.fit_self_s)} / {f(None if p is None else p.fit_self_s)} | "
+                     f"{g(None if p is None else o.fit_self_s / p.fit_self_s)} | {f(o.pairwise_s)} / "
+                     f"{f(None if p is None else p.pairwise_s)} | "
+                     f"{g(None if p is None else o.pairwise_s / p.pairwise_s)} | "
+                     f"{g(None if p is None else p.spearman_self)} / {g(None if p is None else p.spearman_pairwise)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", default="20000", help="training-set sizes, comma-separated")
+    ap.add_argument("--strategies", default="ekfac,kfac,identity")
+    ap.add_argument("--denormals", default="flush,keep", help="flush, keep or both (see above)")
+    ap.add_argument("--peer-self-max", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--compression", action="store_true")
+    ap.add_argument("--out", default=None, help="CSV (default: benchmarks/results/ekfac.csv, replaced)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        args.n = int(args.n)
+        worker(args)
+        return
+    out = Path(args.out or Path(os.environ.get("INFLUENCELAB_BENCH_RESULTS", HERE / "results")) / "ekfac.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial.csv")
+    tmp.unlink(missing_ok=True)
+    for n in args.n.split(","):
+        for setting in args.denormals.split(","):
+            cmd = [sys.executable, __file__, "--worker", "--n", n, "--denormals", setting, "--strategies",
+                   args.strategies, "--peer-self-max", str(args.peer_self_max), "--epochs", str(args.epochs),
+                   "--out", str(tmp), *(["--skip-peer"] if args.skip_peer else []),
+                   *(["--compression"] if args.compression and setting == args.denormals.split(",")[0]
+                     and n == args.n.split(",")[0] else [])]
+            subprocess.run(cmd, check=True)
+    tmp.replace(out)  # a finished benchmark replaces the committed file; an interrupted one leaves it alone
+    print(f"\n{table(out)}\n\nwrote {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,8 @@ per-sample gradients, eigendecompositions and preconditioning in float32); ``"fp
 from __future__ import annotations
 
 import copy
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,24 +24,52 @@ from torch.utils.data import TensorDataset
 
 @dataclass
 class StageTimes:
-    """Wall seconds and peak CUDA memory (MB; 0 on CPU) of fit / self / pairwise."""
+    """Wall seconds and peak memory (MB) of fit / self / pairwise: peak CUDA memory allocated on a GPU; on the
+    CPU, the peak resident set size above the one at the stage's start (sampled every 5 ms)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """``with PeakRSS() as p: ...``; then ``p.mb``: the peak resident set size above the one at entry (Linux)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+        self.mb = self.peak - self.start
+
+
 def timed_stage(times: StageTimes, stage: str, device: str, fn) -> Any:
-    """Run ``fn()`` as ``stage``: synchronised wall time and peak CUDA memory go into ``times``."""
+    """Run ``fn()`` as ``stage``: synchronised wall time and peak memory go into ``times``."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times.seconds[stage] = time.perf_counter() - t0
-    times.peak_mb[stage] = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.seconds[stage] = time.perf_counter() - t0
+    times.peak_mb[stage] = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.mb
     return out
 
 
