@@ -23,7 +23,7 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 DAMPINGS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-CSV_COLUMNS = ["date", "torch", "note", "dataset", "solver", "measurement", "run", "n_train", "epochs", "dampings",
+CSV_COLUMNS = ["date", "torch", "threads", "note", "dataset", "solver", "measurement", "run", "n_train", "epochs", "dampings",
                "wall_s", "ratio_vs_one", "peak_rss_mb", "score_matrix_mb", "n_train_x_params_mb"]
 
 
@@ -69,7 +69,8 @@ def main() -> None:
     print("| run | wall s (incl. process start) | ratio vs one |\n|---|---|---|")
     for name, t, r in rows:
         print(f"| {name} | {t:.1f} | {r:.2f} |")
-    base = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "note": args.note,
+    base = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "note": args.note,
             "dataset": args.dataset, "solver": "ekfac"}
     csv_rows = [{**base, "measurement": "damping_sweep", "run": name, "n_train": args.n, "epochs": args.epochs,
                  "dampings": k, "wall_s": t, "ratio_vs_one": r}

@@ -2,14 +2,17 @@
 
     python benchmarks/bench_scaling.py [--sizes 2500,5000,10000,20000,60000]
 
-Prints a markdown table of seconds per stage and the per-point cost relative to the smallest size
-(target: linear growth, i.e. per-point ratios within 20% of 1), and writes benchmarks/results/scaling.csv.
+Each size is one CLI run (``stages=[train,fit,self,pairwise]``, the CNN trained 1 epoch, 100 queries, a fresh
+cache). Prints a markdown table of seconds per stage and the per-point cost relative to the smallest size
+(target: linear growth, i.e. per-point ratios within 10% of 1 for pairwise), and writes
+benchmarks/results/scaling.csv (with the date, PyTorch version and thread count).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
 import subprocess
@@ -37,11 +40,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="2500,5000,10000,20000,60000")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    import torch
+
+    torch_version, threads = torch.__version__, torch.get_num_threads()  # the CLI's own (same environment)
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             m = run(n, args.dataset, Path(tmp) / "cache", Path(tmp))
-        rows.append({"n_train": n, **{f"{s}_s": m.get(f"time/{s}_s", float("nan")) for s in STAGES},
+        rows.append({"date": datetime.date.today().isoformat(), "torch": torch_version, "threads": threads,
+                     "n_train": n, **{f"{s}_s": m.get(f"time/{s}_s", float("nan")) for s in STAGES},
                      "peak_rss_mb": m.get("mem/peak_rss_mb")})
         print(f"n={n}: " + ", ".join(f"{s} {rows[-1][f'{s}_s']:.1f}s" for s in STAGES), flush=True)
     base = rows[0]

@@ -73,16 +73,10 @@ def timed_stage(times: StageTimes, stage: str, device: str, fn) -> Any:
     return out
 
 
-def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDataset, out_dir: str,
-                    strategy: str = "ekfac", damping: float | None = 1e-3, empirical: bool = True,
-                    batch: int = 256, device: str = "cpu", precision: str = "fp32", self_scores: bool = True,
-                    pairwise: bool = True) -> tuple[StageTimes, torch.Tensor | None, torch.Tensor | None]:
-    """kronfluence's fit, self-influence ``[n_train]`` and pairwise scores ``[n_query, n_train]`` (on the CPU)."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+def classification_task():
+    """kronfluence's ``Task`` for classification: summed cross-entropy, labels sampled from the model for the
+    true Fisher."""
     from kronfluence.task import Task
-    from kronfluence.utils.common.factor_arguments import smart_low_precision_factor_arguments
-    from kronfluence.utils.common.score_arguments import smart_low_precision_score_arguments
 
     class Classification(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -96,6 +90,21 @@ def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDatas
         def compute_measurement(self, batch, model):
             return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
 
+    return Classification()
+
+
+def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDataset, out_dir: str,
+                    strategy: str = "ekfac", damping: float | None = 1e-3, empirical: bool = True,
+                    batch: int = 256, device: str = "cpu", precision: str = "fp32", self_scores: bool = True,
+                    pairwise: bool = True, repeats: int = 1) -> tuple[StageTimes, torch.Tensor | None,
+                                                                      torch.Tensor | None]:
+    """kronfluence's fit, self-influence ``[n_train]`` and pairwise scores ``[n_query, n_train]`` (on the CPU).
+    ``repeats``: pairwise scoring runs that many times (``pairwise``, then ``pairwise_2``, ... in the times)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.common.factor_arguments import smart_low_precision_factor_arguments
+    from kronfluence.utils.common.score_arguments import smart_low_precision_score_arguments
+
     if precision == "bf16":
         fargs = smart_low_precision_factor_arguments(strategy=strategy, dtype=torch.bfloat16)
         sargs = smart_low_precision_score_arguments(damping_factor=damping, dtype=torch.bfloat16)
@@ -104,7 +113,7 @@ def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDatas
     else:
         raise ValueError(f"precision={precision!r}: use fp32 or bf16")
     fargs.use_empirical_fisher = empirical
-    task = Classification()
+    task = classification_task()
     km = prepare_model(copy.deepcopy(model).to(device).eval(), task)
     an = Analyzer("bench", km, task, cpu=not device.startswith("cuda"), disable_tqdm=True, output_dir=out_dir,
                   log_level=40)
@@ -117,8 +126,10 @@ def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDatas
             "s", "f", train, per_device_train_batch_size=batch, score_args=sargs))
         sv = an.load_self_scores("s")["all_modules"].float().cpu()
     if pairwise:
-        timed_stage(times, "pairwise", device, lambda: an.compute_pairwise_scores(
-            "p", "f", queries, train, per_device_query_batch_size=len(queries), per_device_train_batch_size=batch,
-            score_args=sargs))
-        pw = an.load_pairwise_scores("p")["all_modules"].float().cpu()
+        for i in range(repeats):
+            name = "pairwise" if i == 0 else f"pairwise_{i + 1}"
+            timed_stage(times, name, device, lambda name=name: an.compute_pairwise_scores(
+                name, "f", queries, train, per_device_query_batch_size=len(queries),
+                per_device_train_batch_size=batch, score_args=sargs))
+        pw = an.load_pairwise_scores("pairwise")["all_modules"].float().cpu()
     return times, sv, pw

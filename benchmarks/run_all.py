@@ -25,7 +25,9 @@ def main() -> None:
     args = ap.parse_args()
     quick = args.quick
     jobs = [
-        ("EK-FAC vs kronfluence", ["bench_ekfac.py", *(["--n", "5000"] if quick else [])]),
+        ("EK-FAC vs kronfluence", ["bench_ekfac.py", *(["--n", "5000", "--denormals", "flush"] if quick else
+                                                      ["--n", "20000,60000", "--strategies", "ekfac",
+                                                       "--denormals", "flush,keep", "--compression"])]),
         ("LiSSA vs dattri", ["bench_lissa.py", *(["--n", "1000", "--depth", "50"] if quick else [])]),
         ("damping sweep and memory", ["bench_pipeline.py", *(["--n", "2000"] if quick else [])]),
         ("scaling in n_train", ["bench_scaling.py", *(["--sizes", "1000,2000,4000"] if quick else [])]),

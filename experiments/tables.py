@@ -813,6 +813,153 @@ table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the s
 
 
 
+# 6. EK-FAC vs kronfluence on the CPU: `python benchmarks/bench_ekfac.py --n 20000,60000 --strategies ekfac
+# --denormals flush,keep --compression` (one row per implementation, n, strategy and denormal setting)
+_EK = "benchmarks/results/ekfac.csv"
+
+
+def _ek(impl: str, col: str | Callable[[pd.DataFrame], Any]) -> Callable[[pd.DataFrame], Any]:
+    def get(df: pd.DataFrame) -> Any:
+        sel = df[df["impl"] == impl]
+        if len(sel) != 1:
+            return math.nan
+        row = sel.iloc[0]
+        return col(row) if callable(col) else row[col]
+    return get
+
+
+def _fit_self(row: pd.Series) -> float:
+    return row["fit_s"] + row["self_s"]
+
+
+def ekfac_rows(src: str = _EK) -> list[list[str | Cell]]:
+    rows: list[list[str | Cell]] = []
+    path = ROOT / src
+    if not path.exists():
+        return rows
+    df = pd.read_csv(path)
+    for _, r in df[df["impl"] == "influencelab"].iterrows():
+        w = dict(n=r["n"], strategy=r["strategy"], denormals=r["denormals"])
+
+        def R(key: Callable[[pd.DataFrame], Any], w: dict = w) -> Ref:
+            return ref(src, key, **w)
+
+        ratio = lambda col: lambda d: _ek("influencelab", col)(d) / _ek("kronfluence", col)(d)  # noqa: E731
+        rows.append([f"{int(r['n']):,}", {"flush": "flushed", "keep": "kept (PyTorch's default)"}[r["denormals"]],
+                     cell("{:s3} / {:s3}", R(_ek("influencelab", _fit_self)), R(_ek("kronfluence", _fit_self))),
+                     cell("**{:.2}**", R(ratio(_fit_self))),
+                     cell("{:s3} / {:s3}", R(_ek("influencelab", "pairwise_s")), R(_ek("kronfluence", "pairwise_s"))),
+                     cell("**{:.2}**", R(ratio("pairwise_s"))),
+                     cell("{:,0} / {:,0}", R(_ek("influencelab", "peak_pairwise_mb")),
+                          R(_ek("kronfluence", "peak_pairwise_mb"))),
+                     cell("{:.4} / {:.6}", R(_ek("kronfluence", "spearman_self")),
+                          R(_ek("kronfluence", "spearman_pairwise")))])
+    return rows
+
+
+table("ekfac_cpu", ["n_train", "subnormal floats", "fit + self s: ours / kronfluence", "ratio (target ≤ 0.5)",
+                    "pairwise s: ours / kronfluence", "ratio (target ≤ 0.5)",
+                    "pairwise peak RSS above start, MB: ours / kronfluence", "Spearman self / pairwise"],
+      ekfac_rows(), "6: EK-FAC vs kronfluence on 2 CPU cores, FashionMNIST CNN, 100 queries")
+
+_EKC = "benchmarks/results/ekfac_compression.csv"
+table("ekfac_compression", ["score.query_rank", "pairwise s", "query matrix MB", "Spearman vs full",
+                            "Pearson vs full"],
+      [[str(r), cell("{:s2}", ref(_EKC, "pairwise_s", query_rank=r)),
+        cell("{:.1}", ref(_EKC, "query_matrix_mb", query_rank=r)),
+        cell("{:.4}", ref(_EKC, "spearman_vs_full", query_rank=r)),
+        cell("{:.4}", ref(_EKC, "pearson_vs_full", query_rank=r))] for r in ("full", 64, 32, 8)],
+      "6: low-rank query compression vs full rank (bench_ekfac.py --compression)")
+
+
+# 6. Subnormal floats: `python benchmarks/bench_subnormal.py`
+_SN = "benchmarks/results/subnormal.csv"
+
+
+def subnormal_rows(src: str = _SN) -> list[list[str | Cell]]:
+    if not (ROOT / src).exists():
+        return []
+    mm = "matmul_2048x1568x1568"
+    return [[f"`[2048 × 1568] @ [1568 × 1568]`, {inputs} inputs",
+             *(cell("{:g2} s", ref(src, "seconds", measurement=mm, denormals=d, inputs=inputs))
+               for d in ("keep", "flush"))] for inputs in ("normal", "subnormal")]
+
+
+def _factor_count(impl: str, n: int, only: str | None = None) -> Callable[[pd.DataFrame], Any]:
+    def get(df: pd.DataFrame) -> Any:
+        sel = df[(df["measurement"] == "ekfac_factors") & (df["impl"] == impl) & (df["n_train"] == n)]
+        if only is not None:
+            sel = sel[sel["factor"] == only]
+        return sel["subnormal_entries"].sum() if len(sel) else math.nan
+    return get
+
+
+def subnormal_model_rows(src: str = _SN) -> list[list[str | Cell]]:
+    path = ROOT / src
+    if not path.exists():
+        return []
+    df = pd.read_csv(path)
+    grads = df[df["measurement"] == "trained_cnn_per_sample_gradients"]
+    def share(n: int) -> Callable[[pd.DataFrame], Any]:
+        return lambda d: d.loc[(d["measurement"] == "trained_cnn_per_sample_gradients") & (d["n_train"] == n),
+                               "share_points_subnormal"].squeeze()
+
+    return [[f"{n:,}", cell("{:%1}", ref(src, share(n))),
+             cell("{:,0}", ref(src, _factor_count("kronfluence", n))),
+             cell("{:,0}", ref(src, _factor_count("kronfluence", n, "activation_eigenvectors/7"))),
+             cell("{:,0}", ref(src, _factor_count("influencelab", n)))]
+            for n in grads["n_train"].astype(int)]
+
+
+table("subnormal", ["float32 product", "PyTorch's default", "flush-denormal"], subnormal_rows(),
+      "6: a float32 product on normal and subnormal inputs, per floating-point mode")
+table("subnormal_factors", ["CNN trained on (points)", "training points with a subnormal per-sample gradient entry",
+                            "subnormal entries in kronfluence's EK-FAC factors",
+                            "of which in its Linear(1568, 64) input eigenvectors",
+                            "subnormal entries in influencelab's EK-FAC factors"],
+      subnormal_model_rows(), "6: where the subnormal floats are: the fitted factors, not the gradients")
+
+
+# 6. Scaling in n_train through the CLI: `python benchmarks/bench_scaling.py`
+_SC = "benchmarks/results/scaling.csv"
+
+
+def _per_point(stage: str, n: int) -> Callable[[pd.DataFrame], float]:
+    """Seconds per training point of ``stage`` at ``n`` relative to the smallest size's."""
+    def get(df: pd.DataFrame) -> float:
+        base = df.loc[df["n_train"].idxmin()]
+        row = df[df["n_train"] == n].iloc[0]
+        return (row[f"{stage}_s"] / n) / (base[f"{stage}_s"] / base["n_train"])
+    return get
+
+
+def scaling_rows(src: str = _SC) -> list[list[str | Cell]]:
+    path = ROOT / src
+    if not path.exists():
+        return []
+    return [[f"{n:,}", *(cell("{:s3} ({:.2})", ref(src, f"{st}_s", n_train=n), ref(src, _per_point(st, n)))
+                         for st in ("fit", "self", "pairwise")),
+             cell("{:,0}", ref(src, "peak_rss_mb", n_train=n))]
+            for n in pd.read_csv(path)["n_train"].astype(int)]
+
+
+table("scaling", ["n_train", "fit s (per point vs smallest)", "self s", "pairwise s", "peak RSS MB (process)"],
+      scaling_rows(), "6: EK-FAC stage times through the CLI against n_train (bench_scaling.py)")
+
+
+# 6. Damping sweeps through the CLI: `python benchmarks/bench_pipeline.py --n 2000 --note "..."`
+_PL = "benchmarks/results/pipeline.csv"
+_PL_RUNS = [("one damping", "one damping (fit + self + pairwise)"),
+            ("5 dampings as a list (`'solver.damping=[1e-5,1e-4,1e-3,1e-2,1e-1]'`), one run",
+             "5 dampings as a list, one run"),
+            ("5 dampings as a multirun (`-m solver.damping=1e-5,...`)", "5 dampings as a multirun (cached factors)")]
+table("pipeline", ["run", "wall s", "ratio vs one"],
+      [[label, cell("{:.1}", ref(_PL, "wall_s", run=run)), cell("**{:.2}**" if i else "{:.2}",
+                                                                 ref(_PL, "ratio_vs_one", run=run))]
+       for i, (label, run) in enumerate(_PL_RUNS)],
+      "6: one damping vs five as a list vs five as a multirun (bench_pipeline.py)")
+
+
 # 6. EK-FAC on a conv-heavy net (ResNet-18), before/after issue #18: `python benchmarks/bench_resnet.py`
 _R18 = "benchmarks/results/resnet18_ekfac.csv"
 

@@ -205,3 +205,25 @@ def test_ihvp_stage_reports_the_references_residual_and_the_plot_marks_it(run_pi
     rows = [m, {**m, "ihvp/damping": 1e-2, "ihvp/ref_converged": True}]
     (path,) = report_figure(tmp_path, rows, tmp_path / "figs")
     assert path.stat().st_size > 5_000
+
+
+def test_ihvp_plot_axes_follow_the_sweep():
+    """A damping list is one point per damping; a depth sweep at one damping has the depth as its x axis; a
+    curvature sweep is one line per curvature."""
+    from influencelab.stages.ihvp import error_points
+
+    base = {"solver": "lissa", "ihvp/solver": "lissa", "ihvp/time_s": 1.0}
+    listed = [{**base, "job": "0", "solver.damping": "[0.001,0.1]", "ihvp/rel_error@0.001": 0.9,
+               "ihvp/rel_error@0.1": 0.2, "ihvp/ref_converged@0.001": False, "ihvp/ref_converged@0.1": True}]
+    axis, pts = error_points(listed)
+    assert axis == "damping λ" and [(p[1], p[2], p[4]) for p in pts] == [(0.001, 0.9, False), (0.1, 0.2, True)]
+    depth = [{**base, "job": str(i), "solver.depth": str(d), "ihvp/damping": 0.01, "ihvp/rel_error": e,
+              "ihvp/rel_error@0.01": e} for i, (d, e) in enumerate([(25, 1.0), (400, 0.9)])]
+    axis, pts = error_points(depth)
+    assert axis == "solver.depth" and [(p[0], p[1], p[2]) for p in pts] == [("lissa", 25.0, 1.0), ("lissa", 400.0, 0.9)]
+    curv = [{**base, "job": str(i), "solver.curvature": c, "solver.damping": str(d), "ihvp/damping": d,
+             "ihvp/rel_error": e} for i, (c, d, e) in enumerate([("fisher", 0.1, 0.3), ("hessian", 0.1, 0.4),
+                                                                 ("fisher", 1.0, 0.1)])]
+    axis, pts = error_points(curv)
+    assert axis == "damping λ" and {p[0] for p in pts} == {"lissa, solver.curvature=fisher",
+                                                           "lissa, solver.curvature=hessian"}

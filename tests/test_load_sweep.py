@@ -101,6 +101,11 @@ def test_report_is_load_sweep_written_and_read_back(sweep, tmp_path):
         direct, back = (influencelab.load_sweep(p, by_damping=by_damping) for p in (copy, csv_path))
         assert list(back.columns) == list(direct.columns)
         pd.testing.assert_frame_equal(*(d.astype(object).where(d.notna(), None) for d in (back, direct)))
+    # the damping list's long form beside it: a damping column, the metrics without their @λ
+    long = pd.read_csv(copy / "report_by_damping.csv", dtype={"job": str})
+    assert long["job"].tolist() == ["0", "0", "1", "2"] and long["damping"].tolist() == [0.001, 0.1, 0.01, -1.0]
+    assert long.loc[1, "mislabel/self_influence/recall@10"] == metrics(copy, "0")[
+        "mislabel/self_influence@0.1/recall@10"]
     _, rows = collect(copy)  # what the plots read: each job's columns without those it does not have
     assert [r["job"] for r in rows] == ["0", "1", "2"] and "train/test_accuracy" not in rows[2]
     assert math.isnan(rows[1]["ihvp/rel_error"]) and "ihvp/rel_error" not in rows[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InfluenceLabError
-from .run import load_sweep
+from .run import load_sweep, split_metric
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,11 +86,15 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 
 def report(root: Path) -> tuple[Path, Path, list[Path]]:
-    """Write ``report.md`` and ``report.csv`` (and figures) into ``root``."""
+    """Write ``report.md`` and ``report.csv`` (and figures) into ``root``; where jobs scored a damping list, also
+    ``report_by_damping.csv``: :func:`influencelab.load_sweep`'s long form, a ``damping`` column and one row per
+    job and damping (a pivot or a line chart against damping reads it directly)."""
     frame = table(root)
     md, csv_path = root / "report.md", root / "report.csv"
     # a logged NaN as "nan", a metric the job did not log as an empty cell
     frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
+    if any(split_metric(str(c)) for c in frame.columns):  # damping lists: also one row per job and damping
+        load_sweep(root).to_csv(root / "report_by_damping.csv", index=False)
     figs = plots(root, collect(root)[1])
     md.write_text(f"# Report: {root}\n\n{len(frame)} run(s).\n\n" + markdown(frame)
                   + "".join(f"\n![{p.stem}]({p.relative_to(root)})\n" for p in figs))

@@ -7,6 +7,7 @@ reference, e.g. ``exact``, counts as converged): an error against an unconverged
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,10 +176,7 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
 
     plt = pyplot()
     out: list[Path] = []
-    # IHVP relative error vs damping, one line per solver
-    pts = [(r.get("ihvp/solver", r.get("solver", "?")), r["ihvp/damping"], r["ihvp/rel_error"], r.get("ihvp/time_s"),
-            r.get("ihvp/ref_converged", True) not in (False, "False", "false", 0))
-           for r in rows if "ihvp/rel_error" in r and "ihvp/damping" in r]
+    axis_label, pts = error_points(rows)
     if pts:
         fig_dir.mkdir(exist_ok=True)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -193,7 +191,8 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
                                    facecolors=line.get_color() if valid else "none", zorder=3)
         if any(not p[4] for p in pts):
             a1.scatter([], [], edgecolors="gray", facecolors="none", label="hollow: reference unconverged")
-        a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error vs CG", title="error vs damping")
+        a1.set(xscale="log", yscale="log", xlabel=axis_label, ylabel="relative error vs CG",
+               title=f"error vs {axis_label.split()[0]}")
         a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
         a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         a1.legend()
@@ -202,3 +201,41 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
         fig.savefig(out[-1], dpi=120)
         plt.close(fig)
     return out
+
+
+def error_points(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float, float, Any, bool]]]:
+    """The x axis and the points ``(series, x, relative error, time, reference valid)`` of the error plot."""
+    import pandas as pd
+
+    from ..report import labels
+    from ..run import split_dampings
+
+    # one point per job and damping (a damping list's too: the rows' long form, as load_sweep's), one line per
+    # solver and per other swept key (curvature, modules); a sweep at one damping over another numeric key
+    # (solver.depth, ...) has that key as the x axis instead of the damping
+    long = split_dampings(pd.DataFrame(rows), first="solver.damping" if any("solver.damping" in r for r in rows)
+                          else None)
+    ok = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
+          for r in long.to_dict("records") if pd.notna(r.get("ihvp/rel_error"))]
+    for r in ok:  # the damping solved at: the row's own (a list's), else the resolved one ("auto")
+        r["_damping"] = _number(r.get("damping")) or _number(r.get("ihvp/damping"))
+    ok = [r for r in ok if r["_damping"] is not None]
+    axis, axis_label = "_damping", "damping λ"
+    swept = [k for k in dict.fromkeys(k for r in ok for k in r) if "/" not in k and not k.startswith("_")
+             and k not in ("job", "solver", "solver.damping", "damping") and len({str(r.get(k)) for r in ok}) > 1]
+    if len({r["_damping"] for r in ok}) == 1 and len(swept) == 1 and all(
+            _number(r.get(swept[0])) is not None for r in ok):
+        axis, axis_label = swept[0], swept[0]
+    series = labels(ok, exclude=(axis, "_damping", "damping", "solver", "solver.damping"), same="")
+    pts = [(", ".join(x for x in (r.get("ihvp/solver", r.get("solver", "?")), name) if x), _number(r[axis]),
+            r["ihvp/rel_error"], r.get("ihvp/time_s"),
+            r.get("ihvp/ref_converged", True) not in (False, "False", "false", 0))
+           for r, name in zip(ok, series, strict=True)]
+    return axis_label, pts
+
+
+def _number(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
