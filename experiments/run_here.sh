@@ -17,6 +17,8 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
   "$REPORT" "multirun/$name" > /dev/null
   mkdir -p "experiments/results/$name"
   cp "multirun/$name/report.md" "multirun/$name/report.csv" "experiments/results/$name/"
+  # damping lists: the sweep's long form too (one row per job and damping)
+  if [ -f "multirun/$name/report_by_damping.csv" ]; then cp "multirun/$name/report_by_damping.csv" "experiments/results/$name/"; fi
   if [ -d "multirun/$name/report_figures" ]; then  # report.md links report_figures/*.png
     mkdir -p "experiments/results/$name/report_figures"
     cp multirun/"$name"/report_figures/*.png "experiments/results/$name/report_figures/"

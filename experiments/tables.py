@@ -733,6 +733,15 @@ table("mnist5k_mislabel", ["ranking", "top 10% [95% CI]", "top 20% [95% CI]", "R
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 3: LiSSA depth at λ = 1e-2 (run ihvp_depth; jobs 0-3 = depth 25, 50, 100, 400)
+_ID = report("ihvp_depth")
+table("ihvp_depth", ["LiSSA depth", "25", "50", "100", "400"],
+      [["error vs CG", *(cell("{:.3}", _ID("ihvp/rel_error", job=j)) for j in range(4))],
+       ["cosine", *(cell("{:.2}", _ID("ihvp/cosine", job=j)) for j in range(4))],
+       ["time (s)", *(cell("{:s3}", _ID("ihvp/time_s", job=j)) for j in range(4))]],
+      "3: LiSSA error, cosine and time against depth at λ = 1e-2")
+
+
 # 3b: the spectrum of the EK-FAC-preconditioned damped system (experiments/precond_spectrum.py)
 
 _SPEC = "experiments/results/precond_spectrum/spectrum.csv"

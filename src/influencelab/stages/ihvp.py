@@ -194,7 +194,14 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
         a1.set(xscale="log", yscale="log", xlabel=axis_label, ylabel="relative error vs CG",
                title=f"error vs {axis_label.split()[0]}")
         a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
-        a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+        # minor labels overlap on short log ranges: none on x, short ones on y (errors often span < a decade)
+        for axis in (a1.xaxis, a2.xaxis):
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for axis in (a1.yaxis, a2.yaxis):
+            axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        if axis_label != "damping λ":  # a swept key (depth, ...): its values as the ticks
+            xs = sorted({p[1] for p in pts})
+            a1.set_xticks(xs, [f"{x:g}" for x in xs])
         a1.legend()
         fig.tight_layout()
         out.append(fig_dir / "ihvp_error.png")
