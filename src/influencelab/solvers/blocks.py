@@ -211,9 +211,10 @@ class BlockGradSolver(Solver):
         out = torch.zeros(k, len(x), dtype=self.dtype, device=self.device)
         with self._captured(model, x, y) as cap:
             for i, (b, Q) in enumerate(zip(self.layout.blocks, prepared.blocks, strict=True)):
-                a, s = cap.a[b.name], cap.s[b.name]
+                s = cap.s[b.name]  # [b, T, out]: T positions (a conv's patches are unfolded only where needed)
                 bias = b.bias is not None
-                if a.shape[1] == 1:  # [b, in] @ [in, k * out], then each example's [k, out] times its s: [b, k]
+                if s.shape[1] == 1:  # [b, in] @ [in, k * out], then each example's [k, out] times its s: [b, k]
+                    a = cap.a[b.name]
                     Qw, Qb = prepared.split(i, bias)
                     t = (a[:, 0] @ Qw.reshape(k * b.out_dim, -1).T).view(len(x), k, b.out_dim)
                     out += torch.bmm(t, s[:, 0, :, None])[..., 0].T
