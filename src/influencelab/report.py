@@ -36,8 +36,11 @@ def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """The report's column order and its rows as plain dicts (what the stages' plots read): each job's
     columns without those it does not have."""
     frame = table(root)
-    return list(frame.columns), [{k: v for k, v in r.items() if v is not None}
-                                 for r in frame.to_dict("records")]
+    return list(frame.columns), _rows(frame)
+
+
+def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if v is not None} for r in frame.to_dict("records")]
 
 
 def _fmt(v: Any) -> str:
@@ -95,7 +98,7 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
     frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
     if any(split_metric(str(c)) for c in frame.columns):  # damping lists: also one row per job and damping
         load_sweep(root).to_csv(root / "report_by_damping.csv", index=False)
-    figs = plots(root, collect(root)[1])
+    figs = plots(root, _rows(frame))  # the jobs read once, above
     md.write_text(f"# Report: {root}\n\n{len(frame)} run(s).\n\n" + markdown(frame)
                   + "".join(f"\n![{p.stem}]({p.relative_to(root)})\n" for p in figs))
     return md, csv_path, figs

@@ -225,7 +225,8 @@ def error_points(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float
     ok = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
           for r in long.to_dict("records") if pd.notna(r.get("ihvp/rel_error"))]
     for r in ok:  # the damping solved at: the row's own (a list's), else the resolved one ("auto")
-        r["_damping"] = _number(r.get("damping")) or _number(r.get("ihvp/damping"))
+        own = _number(r.get("damping"))
+        r["_damping"] = own if own is not None else _number(r.get("ihvp/damping"))
     ok = [r for r in ok if r["_damping"] is not None]
     axis, axis_label = "_damping", "damping λ"
     swept = [k for k in dict.fromkeys(k for r in ok for k in r) if "/" not in k and not k.startswith("_")
