@@ -217,12 +217,6 @@ def split_metric(name: str) -> tuple[str, float | str] | None:
     return m["head"] + (m["rest"] or ""), damping_value(m["damping"])
 
 
-def _pandas():
-    import pandas as pd
-
-    return pd
-
-
 def split_dampings(frame: pd.DataFrame, first: Any = None) -> pd.DataFrame:
     """``frame`` (one row per job, metric columns as the runs name them) with one row per job and damping for
     the jobs that have per-damping metrics (``prefix/name@<damping>``): those columns become ``prefix/name`` on
@@ -234,7 +228,7 @@ def split_dampings(frame: pd.DataFrame, first: Any = None) -> pd.DataFrame:
     ``frame``'s rows: a column name, a sequence or a scalar; the job's ``solver.damping`` or the first of its
     list) puts those values on that damping's row. Where it is unknown they are repeated on each row, below the
     values a damping has under its own name. A job without per-damping metrics gets ``damping`` = its ``first``."""
-    pd = _pandas()
+    import pandas as pd  # on use: `import influencelab` stays light
     wide = frame.reset_index(drop=True).rename_axis("_row")
     if isinstance(first, str) and first in wide.columns:
         first = wide[first]
@@ -302,7 +296,7 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True, missing: Any = MI
     so that a metric logged as NaN (a diverged solver's error) and one never logged look alike; pass e.g.
     ``missing=None`` to tell them apart (the frame is then of dtype ``object``, values as the runs wrote them;
     ``influencelab-report`` writes it so: ``nan`` = logged as NaN, empty = not logged)."""
-    pd = _pandas()
+    import pandas as pd  # on use: `import influencelab` stays light
     root = Path(sweep_dir)
     if root.is_file() and root.suffix == ".csv":
         return _load_report(root, by_damping)
@@ -331,7 +325,7 @@ def _load_report(path: Path, by_damping: bool) -> pd.DataFrame:
     """A ``report.csv`` as :func:`load_sweep` gives a directory (``job`` and overrides as text, empty cells
     NaN). Its first damping per job, for the metrics logged without ``@``: the ``solver.damping`` column, where
     the sweep overrode it."""
-    pd = _pandas()
+    import pandas as pd  # on use: `import influencelab` stays light
     lead = [c for c in pd.read_csv(path, nrows=0).columns if "/" not in c]  # job, overrides, choices, error
     wide = pd.read_csv(path, dtype=dict.fromkeys(lead, str))
     if not by_damping:
