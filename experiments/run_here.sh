@@ -19,6 +19,8 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
   cp "multirun/$name/report.md" "multirun/$name/report.csv" "experiments/results/$name/"
   # damping lists: the sweep's long form too (one row per job and damping)
   if [ -f "multirun/$name/report_by_damping.csv" ]; then cp "multirun/$name/report_by_damping.csv" "experiments/results/$name/"; fi
+  # LDS sweeps: every pair of jobs' difference with a paired bootstrap interval over queries
+  if [ -f "multirun/$name/lds_paired.csv" ]; then cp "multirun/$name/lds_paired.csv" "experiments/results/$name/"; fi
   if [ -d "multirun/$name/report_figures" ]; then  # report.md links report_figures/*.png
     mkdir -p "experiments/results/$name/report_figures"
     cp multirun/"$name"/report_figures/*.png "experiments/results/$name/report_figures/"
@@ -29,6 +31,8 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
     if [ -f "$d/loo.csv" ]; then cp "$d/loo.csv" "experiments/results/$name/job$(basename "$d")_loo.csv"; fi
     # and the ihvp stage's per-damping rows (fit and solve time apart, iterations to each error level)
     if [ -f "$d/ihvp.csv" ]; then cp "$d/ihvp.csv" "experiments/results/$name/job$(basename "$d")_ihvp.csv"; fi
+    # and the LDS stage's per-query values (what the paired intervals resample)
+    if [ -f "$d/lds.csv" ]; then cp "$d/lds.csv" "experiments/results/$name/job$(basename "$d")_lds.csv"; fi
   done
   echo "$name: $((SECONDS - t0)) s" | tee -a experiments/results/timings.txt
 }
@@ -73,7 +77,9 @@ run ihvp_resnet18 experiment=ihvp dataset.subset=256 trainer.batch_size=32 train
   ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1,0.1,1e-2,1e-3 \
   solver=ekfac,kfac,lissa
 # LDS on one retraining ground truth (computed once, cached)
-run lds experiment=lds solver=ekfac,kfac,identity
+# (every job also writes its per-query LDS, lds.csv; the report pairs them: lds_paired.csv, a paired bootstrap
+# interval of each difference over queries). lissa_ekfac: LiSSA preconditioned by the same EK-FAC fit (issue 14)
+run lds experiment=lds solver=ekfac,kfac,identity,lissa_ekfac 'solver.damping=[1e-3,auto]'
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-5,1e-4,1e-2,1e-1,auto
 # seeds per subset: the first 50 subsets with 1 vs 2 retraining seeds averaged (the 1-seed truths are cached)
 run lds_seeds experiment=lds solver=ekfac,identity lds.n_subsets=50 lds.seeds_per_subset=1,2

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from influencelab.evaluation import detection_curve, detection_metrics, recall_at
+from influencelab.evaluation import detection_curve, detection_metrics, paired_difference, recall_at
 from influencelab.stages.lds import lds_per_query, subset_masks, summarize
 
 
@@ -126,3 +126,20 @@ def test_vectorised_weighted_auc_matches_sklearn():
     w = rng.integers(0, 4, (5, 300)).astype(float)
     expected = [roc_auc_score(f, s, sample_weight=wi) for wi in w]
     np.testing.assert_allclose(weighted_roc_auc(w, f, starts), expected)
+
+
+def test_paired_difference_cancels_what_the_items_share():
+    """Two methods scored on the same 60 items whose values vary a lot from item to item (sd 0.2) but differ by a
+    small constant (0.03, noise sd 0.01): the paired interval is about the difference and excludes 0, while the two
+    methods' own intervals overlap; pairs with a NaN on either side are left out."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0.3, 0.2, 60)
+    a, b = shared + 0.03 + rng.normal(0, 0.01, 60), shared.copy()
+    b[:5] = np.nan
+    out = paired_difference(a, b, 2000, 0)
+    assert out["n"] == 55 and out["diff"] == pytest.approx(np.mean(a[5:] - b[5:]))
+    assert 0.02 < out["ci_low"] < out["diff"] < out["ci_high"] < 0.04
+    own_a, own_b = summarize(a[5:], 2000, 0), summarize(b[5:], 2000, 0)
+    assert own_a["ci_low"] < own_b["ci_high"]  # unpaired, the difference is not resolved
+    same = paired_difference(a, a, 100, 0)
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,6 +254,21 @@ def test_lds_preset_on_tiny_config(one_thread, run_pipeline, cache_dir):
             truth_s = m["time/lds_truth_s"]
     assert len(list((cache_dir / "retrain").glob("*.safetensors"))) == n_truth  # same ground truth, computed once
     assert m["time/lds_truth_s"] < truth_s
+    # lds.csv: the per-query values the mean is over (the queries' test indices, aligned between the runs)
+    per = {s: pd.read_csv(run_dir.parent / s / "lds.csv") for s in ("ekfac", "identity")}
+    loss = {s: f[f["measurement"] == "loss"].set_index("query")["lds"] for s, f in per.items()}
+    assert len(loss["ekfac"]) == 8 and list(loss["ekfac"].index) == list(loss["identity"].index)
+    assert loss["identity"].mean() == pytest.approx(m["lds/mean"], abs=1e-12)
+    # the report pairs them by query: the difference of the means, with an interval from resampling queries
+    from influencelab.report import report
+
+    report(run_dir.parent)
+    paired = pd.read_csv(run_dir.parent / "lds_paired.csv")
+    row = paired[paired["measurement"] == "loss"].iloc[0]
+    a, b = loss[row["job_a"]], loss[row["job_b"]]
+    assert row["n"] == 8 and row["diff"] == pytest.approx(a.mean() - b.mean(), abs=1e-12)
+    d = (a - b).to_numpy()
+    assert d.min() <= row["ci_low"] < row["diff"] < row["ci_high"] <= d.max()
 
 
 @pytest.mark.parametrize("retrain", ["scratch", "warm"])

@@ -1,4 +1,5 @@
-"""Evaluation metrics: mislabel detection (recall vs fraction inspected, AUC, AP) and rank statistics."""
+"""Evaluation metrics: mislabel detection (recall vs fraction inspected, AUC, AP), rank statistics, and paired
+bootstrap intervals of a difference between two methods on the same items."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
+from scipy.stats import binomtest, bootstrap
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -97,4 +98,26 @@ def detection_metrics(scores, flipped, prefix: str, n_boot: int = 1000, seed: in
     if 0 < n_flipped < len(f):
         lo, hi = roc_auc_bootstrap(s, f, n_boot, seed)
         out[f"{prefix}/roc_auc_ci_low"], out[f"{prefix}/roc_auc_ci_high"] = lo, hi
+    return out
+
+
+def paired_difference(a, b, n_boot: int = 1000, seed: int = 0, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """Mean of ``a - b`` over items measured by both (pairs with a NaN on either side are left out) and its
+    percentile-bootstrap interval, resampling items (queries), so what the two share (the query, its ground
+    truth) cancels. ``n``: the pairs used; ``mean_a``/``mean_b``: the means over those pairs."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    out = {"n": int(keep.sum()), "mean_a": float("nan"), "mean_b": float("nan"), "diff": float("nan"),
+           "ci_low": float("nan"), "ci_high": float("nan")}
+    if len(a) == 0:
+        return out
+    d = a - b
+    out.update(mean_a=float(a.mean()), mean_b=float(b.mean()), diff=float(d.mean()))
+    if len(d) == 1 or np.all(d == d[0]):  # no spread: the interval is the value
+        out.update(ci_low=out["diff"], ci_high=out["diff"])
+        return out
+    ci = bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=confidence, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    out.update(ci_low=float(ci.low), ci_high=float(ci.high))
     return out

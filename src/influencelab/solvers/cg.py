@@ -10,7 +10,7 @@ products' dtype (the precision a residual can be measured to: 1.2e-5 in float32,
 
 Preconditioned (``preconditioner: ekfac | kfac``): PCG with ``P^-1`` the fitted EK-FAC/K-FAC inverse at
 ``preconditioner_damping`` (:mod:`~influencelab.solvers.preconditioner`), the same damped system and the same
-stopping rule on the unpreconditioned residual ``||r|| <= tol ||v||``; when the true residual then misses ``tol``
+stopping rule on the unpreconditioned residual ``||r|| <= max(tol, 100 eps) ||v||``; when the true residual then misses ``tol``
 (the recursive one drifts), CG restarts from the true residual (at most three times). The iterations needed fall
 as ``P^-1 (G + λI)`` is better conditioned or more clustered than ``G + λI``; not, in general, for a low-rank ``G``
 that plain CG resolves in about rank-many iterations (``experiments/precond_spectrum.py``)."""
@@ -78,8 +78,11 @@ class CG(Solver):
         x = torch.zeros_like(b)
         r = b.clone()
         bn = b.norm(dim=1)
-        target = self.tol * bn  # on the (unpreconditioned) residual norm
+        # stop on the (unpreconditioned) residual norm at tol, but not below what the products' dtype can measure
+        # (100 eps: 1.2e-5 in float32): below it the recursive residual is rounding noise, and iterating on never
+        # lowers the true residual (it ran PCG to max_iter at tol=1e-6 in float32)
         tol = max(self.tol, 100 * torch.finfo(b.dtype).eps)
+        target = tol * bn
         iterations, restarts, measure_s = 0, 0, 0.0
         while True:
             z = M(r)

@@ -72,29 +72,38 @@ def lds_stage(ctx: Context) -> None:
         return
     scores = ctx.pairwise.double()  # [n_damping, n_query, n_train]
     metrics: dict = {"time/lds_truth_s": truth_s}
+    rows: list[list] = []  # per query: what a paired comparison of two runs needs (lds.csv)
+    query_ids = test.indices[qpos].tolist()
     for di, d in enumerate(ctx.solver.dampings):
         pred = scores[di] @ masks.double().T  # [n_query, n_subsets]: predicted helpfulness
         suffix = "" if di == 0 else f"@{d}"
         for meas, sign in (("loss", -1.0), ("margin", 1.0)):
-            per_query = lds_per_query(pred, sign * truth[meas].T)
+            per_query = lds_per_query(pred, sign * truth[meas].T, dropna=False)
             stats = summarize(per_query, c.bootstrap, ctx.cfg.seed)
             name = "lds" if meas == "loss" else "lds_margin"
             metrics.update({f"{name}/{k}{suffix}": v for k, v in stats.items()})
+            rows += [[d, meas, q, v] for q, v in zip(query_ids, per_query.tolist(), strict=True)]
     ctx.tracker.log(metrics)
+    ctx.tracker.table("lds", ["damping", "measurement", "query", "lds"], rows)
     ctx.tracker.save_tensors("scores/lds_truth.safetensors", {"masks": masks, **truth,
                                                              "query_indices": test.indices[qpos]})
 
 
-def lds_per_query(pred: torch.Tensor, actual: torch.Tensor) -> np.ndarray:
-    """Spearman correlation per row of ``pred`` vs ``actual`` (``[n_query, n_subsets]``); NaN rows dropped."""
-    with warnings.catch_warnings():  # a constant row has no rank correlation: dropped below
+def lds_per_query(pred: torch.Tensor, actual: torch.Tensor, dropna: bool = True) -> np.ndarray:
+    """Spearman correlation per row of ``pred`` vs ``actual`` (``[n_query, n_subsets]``); a constant row has
+    none: dropped, or NaN in its place with ``dropna=False`` (rows stay aligned with the queries)."""
+    with warnings.catch_warnings():  # a constant row has no rank correlation
         warnings.simplefilter("ignore")
-        out = [spearmanr(p, a).statistic for p, a in zip(pred.numpy(), actual.numpy(), strict=True)]
-    return np.asarray([v for v in out if np.isfinite(v)], dtype=np.float64)
+        out = np.asarray([spearmanr(p, a).statistic for p, a in zip(pred.numpy(), actual.numpy(), strict=True)],
+                         dtype=np.float64)
+    return out[np.isfinite(out)] if dropna else out
 
 
 def summarize(values: np.ndarray, n_bootstrap: int, seed: int) -> dict[str, float]:
-    """Mean, std and a 95% percentile-bootstrap interval of the mean (resampling queries)."""
+    """Mean, std and a 95% percentile-bootstrap interval of the mean (resampling queries); NaNs (queries
+    without a rank correlation) are left out."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
     if len(values) == 0:
         return {"mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
     rng = np.random.default_rng(seed)
@@ -104,11 +113,49 @@ def summarize(values: np.ndarray, n_bootstrap: int, seed: int) -> dict[str, floa
             "n": len(values)}
 
 
+def paired_lds(root: Path, rows: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0):
+    """Every pair of (job, damping) of a sweep whose jobs wrote ``lds.csv``, per measurement: the mean
+    difference in LDS over the queries both scored, with a paired bootstrap interval over queries
+    (:func:`~influencelab.evaluation.paired_difference`). Pairs share the queries by their test index; a pair
+    of jobs with the same ground truth (same model and subsets, other solver or damping) isolates the method,
+    one with another ground truth (``lds.seeds_per_subset``) the truth. ``None`` without two such entries."""
+    import pandas as pd
+
+    from ..evaluation import paired_difference
+    from ..report import labels
+
+    parts, names = [], labels(rows)
+    for r, name in zip(rows, names, strict=True):
+        path = root / str(r["job"]) / "lds.csv"
+        if path.exists():
+            parts.append(pd.read_csv(path).assign(job=str(r["job"]), label=name))
+    if not parts:
+        return None
+    per = pd.concat(parts, ignore_index=True)
+    multi = per.groupby("job")["damping"].nunique()
+    per["label"] = [f"{lab}, λ={d}" if multi[j] > 1 else lab
+                    for lab, j, d in zip(per["label"], per["job"], per["damping"], strict=True)]
+    out = []
+    for meas, frame in per.groupby("measurement", sort=False):
+        wide = frame.pivot(index="query", columns=["job", "damping", "label"], values="lds")
+        keys = list(dict.fromkeys(zip(frame["job"], frame["damping"], frame["label"], strict=True)))
+        for i, ka in enumerate(keys):
+            for kb in keys[i + 1:]:
+                stats = paired_difference(wide[ka].to_numpy(), wide[kb].to_numpy(), n_boot, seed)
+                out.append({"measurement": meas, "job_a": ka[0], "damping_a": ka[1], "a": ka[2],
+                            "job_b": kb[0], "damping_b": kb[1], "b": kb[2], **stats})
+    return pd.DataFrame(out) if out else None
+
+
 @report_plot("lds")
 def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list[Path]:
-    """LDS per job with its bootstrap interval (``influencelab-report``)."""
+    """LDS per job with its bootstrap interval (``influencelab-report``); beside it, ``lds_paired.csv``: every
+    pair's difference with a paired interval (:func:`paired_lds`)."""
     from ..report import labels, pyplot
 
+    paired = paired_lds(root, rows)
+    if paired is not None:
+        paired.to_csv(root / "lds_paired.csv", index=False)
     plt = pyplot()
     out: list[Path] = []
     # LDS per solver with intervals
