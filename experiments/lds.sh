@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Linear Datamodeling Score (RESULTS.md section 4); kronfluence's LDS: experiments/lds_peer.py.
+# Linear Datamodeling Score (RESULTS.md section 4), then kronfluence's LDS on the same ground truth.
 # The commands live in run_here.sh (the one source of truth for what produced RESULTS.md); this runs its sweeps
-# lds lds_damping lds_seeds lds_ensemble  (resumable: finished sweeps are skipped; extra arguments are sweep names to restrict to).
+# lds lds_damping lds_seeds lds_ensemble  (resumable: finished sweeps are skipped; extra arguments are sweep names to
+# restrict to), then experiments/lds_peer.py on the lds sweep's EK-FAC job (-> experiments/results/lds_peer/).
 set -euo pipefail
 cd "$(dirname "$0")"
-exec bash run_here.sh ${*:-lds lds_damping lds_seeds lds_ensemble}
+bash run_here.sh ${*:-lds lds_damping lds_seeds lds_ensemble}
+if [ -e ../multirun/lds/0/lds.csv ]; then "${PY:-../.venv/bin/python}" lds_peer.py ../multirun/lds/0; fi

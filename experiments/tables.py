@@ -436,34 +436,39 @@ table("mislabel_modules", ["tracked layers", "draw", "λ = 1e-3", "λ = 0.1", "*
 ], "1c: self-influence of the last layer(s)")
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1d (full memorisation): two draws, jobs 0/1 = all layers seed 0/1, jobs 2/3 = last layer seed 0/1
+# 1d (full memorisation): two draws, jobs 0/1 = all layers seed 0/1, jobs 2/3 = last layer seed 0/1; the fresh
+# draw (seed 2, after the choice): mislabel_memorize_fresh jobs 0/1 = all layers / last layer
 
-_F = report("mislabel_memorize_full")
+_F, _FR = report("mislabel_memorize_full"), report("mislabel_memorize_fresh")
+_DRAWS = ((_F, 0, 2), (_F, 1, 3), (_FR, 0, 1))  # per draw: its file, the all-layers job, the last-layer job
 
 
-def three(job: int, prefix: str, bold: bool = False) -> Cell:
+def three(R: Callable[..., Ref], job: int, prefix: str, bold: bool = False) -> Cell:
     t = "{:p1} / {:p1} / {:.3}"
-    return cell(f"**{t}**" if bold else t, *(_F(f"{prefix}/{m}", job=job) for m in ("recall@10", "recall@20",
-                                                                                     "roc_auc")))
+    return cell(f"**{t}**" if bold else t, *(R(f"{prefix}/{m}", job=job) for m in ("recall@10", "recall@20",
+                                                                                    "roc_auc")))
 
 
-def full_row(label: str, jobs: tuple[int, int], prefix: str, bold: bool = False) -> list[str | Cell]:
-    return [label, three(jobs[0], prefix, bold), three(jobs[1], prefix, bold)]
+def full_row(label: str, layer: int, prefix: str, bold: bool = False) -> list[str | Cell]:
+    """``layer`` 1: the all-layers jobs, 2: the last-layer jobs."""
+    return [label, *(three(d[0], d[layer], prefix, bold) for d in _DRAWS)]
 
 
 _GN = "{:p1} / {:p1} / {:.3} · {:p1} / {:p1} / {:.3}"
-table("mislabel_memorize_full", ["ranking (top 10% / top 20% / ROC AUC)", "seed 0", "seed 1"], [
-    full_row("self-influence, all layers, λ = 1", (0, 1), si(1)),
-    full_row("self-influence, all layers, λ = 1e-3 (preset default)", (0, 1), si(1e-3)),
-    full_row("self-influence, all layers, λ = 1e-5", (0, 1), si(1e-5)),
-    full_row("self-influence, all layers, λ = 1e-8", (0, 1), si(1e-8)),
-    full_row("self-influence, last layer, λ = 1e-3", (2, 3), si(1e-3)),
-    full_row("**self-influence, last layer, λ = 1e-7**", (2, 3), si(1e-7), bold=True),
+table("mislabel_memorize_full", ["ranking (top 10% / top 20% / ROC AUC)", "seed 0", "seed 1",
+                                 "seed 2 (fresh draw, after the choice)"], [
+    full_row("self-influence, all layers, λ = 1", 1, si(1)),
+    full_row("self-influence, all layers, λ = 1e-3 (preset default)", 1, si(1e-3)),
+    full_row("self-influence, all layers, λ = 1e-5", 1, si(1e-5)),
+    full_row("**self-influence, all layers, λ = 1e-8**", 1, si(1e-8), bold=True),
+    full_row("self-influence, last layer, λ = 1e-3", 2, si(1e-3)),
+    full_row("self-influence, last layer, λ = 1", 2, si(1)),
+    full_row("self-influence, last layer, λ = 1e-7 (the choice made on seeds 0 and 1)", 2, si(1e-7)),
     ["gradient norm, all layers / last layer",
-     *(cell(_GN, *(_F(f"mislabel/identity/{m}", job=j) for j in (a, b) for m in ("recall@10", "recall@20", "roc_auc")))
-       for a, b in ((0, 2), (1, 3)))],
-    full_row("loss", (0, 1), "mislabel/loss"),
-    full_row("random", (0, 1), "mislabel/random"),
+     *(cell(_GN, *(R(f"mislabel/identity/{m}", job=j) for j in (a, b) for m in ("recall@10", "recall@20", "roc_auc")))
+       for R, a, b in _DRAWS)],
+    full_row("loss", 1, "mislabel/loss"),
+    full_row("random", 1, "mislabel/random"),
 ], "1d: full memorisation")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -525,9 +530,13 @@ table("loo", ["retraining", "λ", "Pearson within / pooled", "Spearman within / 
 ], "2: leave-one-out against the prediction")
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4: LDS. lds/report.csv jobs 0/1/2 = EK-FAC / K-FAC / identity at λ = 1e-3 (the 100-subset ground truth)
+# 4: LDS. lds/report.csv jobs 0/1/2/3 = EK-FAC / K-FAC / identity / LiSSA + EK-FAC, each at λ = [1e-3, auto] (the
+# 100-subset ground truth); lds/lds_paired.csv: every pair's difference, paired over queries; lds_peer/lds_peer.json:
+# kronfluence on the same model, queries and ground truth (row 0: influencelab's job 0, row 1: kronfluence EK-FAC)
 
 _LDS = report("lds")
+_LDS_PAIRED = report("lds", "lds_paired.csv")
+_PEER = report("lds_peer", "lds_peer.json")
 
 
 def lds_ci(R: Callable[..., Ref], job: int, metric: str = "lds", bold: bool = False) -> Cell:
@@ -535,56 +544,70 @@ def lds_ci(R: Callable[..., Ref], job: int, metric: str = "lds", bold: bool = Fa
                 R(f"{metric}/ci_low", job=job), R(f"{metric}/ci_high", job=job))
 
 
-def lds_row(label: str, job: int, bold: bool = False) -> list[str | Cell]:
+def paired_cell(R: Callable[..., Ref], a: int, b: int, damping: str = "0.001", measurement: str = "loss") -> Cell:
+    """Job ``a``'s LDS minus job ``b``'s (both at ``damping``), paired over queries, with its 95% interval."""
+    where = {"measurement": measurement, "job_a": a, "damping_a": damping, "job_b": b, "damping_b": damping}
+    return cell("{:.3} [{:.3}, {:.3}]", *(R(k, **where) for k in ("diff", "ci_low", "ci_high")))
+
+
+def lds_row(label: str, job: int, bold: bool = False, time: str = "{:.1} + {:.1}") -> list[str | Cell]:
     return [label, cell("**{:.3} ± {:.3}**" if bold else "{:.3} ± {:.3}", _LDS("lds/mean", job=job),
                         _LDS("lds/std", job=job)),
             cell("[{:.3}, {:.3}]", _LDS("lds/ci_low", job=job), _LDS("lds/ci_high", job=job)),
+            paired_cell(_LDS_PAIRED, 0, job) if job else "–",
+            cell("{:.3} [{:.3}, {:.3}]", _LDS("lds/mean@auto", job=job), _LDS("lds/ci_low@auto", job=job),
+                 _LDS("lds/ci_high@auto", job=job)),
             cell("{:.3}", _LDS("lds_margin/mean", job=job)),
-            cell("{:.1} + {:.1}", _LDS("time/fit_s", job=job), _LDS("time/pairwise_s", job=job))]
+            cell(time, _LDS("fit/compute_s", job=job), _LDS("time/pairwise_s", job=job))]
 
 
-table("lds", ["method", "LDS (loss) mean ± std", "95% CI", "LDS (margin)", "fit + pairwise s"], [
+table("lds", ["method", "LDS (loss), λ = 1e-3: mean ± std", "95% CI", "EK-FAC minus this, paired [95% CI]",
+              "LDS (loss), λ = auto [95% CI]", "LDS (margin), λ = 1e-3", "fit + pairwise s"], [
     lds_row("influencelab EK-FAC", 0, bold=True),
     lds_row("influencelab K-FAC", 1),
-    lds_row("influencelab identity (gradient dot product)", 2),
+    lds_row("influencelab identity (gradient dot product; λ has no effect)", 2),
+    lds_row("influencelab LiSSA + EK-FAC, depth 200: **unconverged**", 3,
+            time="{:.1} (EK-FAC) + {:,0} (shared cores)"),
+    ["kronfluence EK-FAC (`experiments/lds_peer.py`), its defaults, true Fisher",
+     cell("{:.3} ± {:.3}", _PEER("lds/mean", row=1), _PEER("lds/std", row=1)),
+     cell("[{:.3}, {:.3}]", _PEER("lds/ci_low", row=1), _PEER("lds/ci_high", row=1)),
+     cell("{:.3} [{:.3}, {:.3}]", _PEER("paired/lds/diff", row=1), _PEER("paired/lds/ci_low", row=1),
+          _PEER("paired/lds/ci_high", row=1)),
+     "–", cell("{:.3}", _PEER("lds_margin/mean", row=1)), "–"],
 ], "4: LDS per solver")
 
 _LD = report("lds_damping")  # jobs 0-4: λ = 1e-5, 1e-4, 1e-2, 0.1, auto
 _LD_COLS: list[tuple[Callable[..., Ref], int]] = [(_LD, 0), (_LD, 1), (_LDS, 0), (_LD, 2), (_LD, 3), (_LD, 4), (_LDS, 2)]
 table("lds_damping", ["EK-FAC λ", "1e-5", "1e-4", "1e-3", "1e-2", "0.1",
-                      "auto (0.1 × mean corrected eigenvalue per layer: the rule until 2026-12-02; `auto` is now "
-                      "0.1 × the mean over all layers, one rule for every solver)", "identity (λ → ∞)"], [
-    ["LDS (loss)", *(cell("**{:.3}**" if i in (1, 2) else "{:.3}", R("lds/mean", job=j))
-                     for i, (R, j) in enumerate(_LD_COLS))],
+                      "auto (0.1 × the mean eigenvalue)", "identity (λ → ∞)"], [
+    ["LDS (loss)", *(cell("{:.3}", R("lds/mean", job=j)) for R, j in _LD_COLS)],
     ["95% CI", *(cell("[{:.3}, {:.3}]", R("lds/ci_low", job=j), R("lds/ci_high", job=j)) for R, j in _LD_COLS)],
     ["LDS (margin)", *(cell("{:.3}", R("lds_margin/mean", job=j)) for R, j in _LD_COLS)],
 ], "4: LDS across damping")
 
 _LSEEDS = report("lds_seeds")  # jobs: EK-FAC 1 / 2 seeds, identity 1 / 2 seeds
+_LSEEDS_PAIRED = report("lds_seeds", "lds_paired.csv")
 table("lds_seeds", ["seeds per subset (50 subsets)", "EK-FAC λ = 1e-3 LDS (loss) [95% CI]",
                     "identity LDS (loss) [95% CI]"], [
     ["1", lds_ci(_LSEEDS, 0), lds_ci(_LSEEDS, 2)],
-    ["2", lds_ci(_LSEEDS, 1, bold=True), lds_ci(_LSEEDS, 3)],
+    ["2", lds_ci(_LSEEDS, 1), lds_ci(_LSEEDS, 3)],
+    ["1 minus 2, paired over queries [95% CI]", paired_cell(_LSEEDS_PAIRED, 0, 1),
+     paired_cell(_LSEEDS_PAIRED, 2, 3, damping="0.0")],
 ], "4: LDS with 1 or 2 retraining seeds per subset")
 
-_ENS = report("lds_ensemble")  # jobs 0-2: EK-FAC k = 2, 4, 8; 3-5: identity k = 2, 4, 8
-
-
-def _fit_pairwise(df: pd.DataFrame) -> float:
-    (fit, pairwise), = df[["time/fit_s", "time/pairwise_s"]].to_numpy()
-    return float(fit + pairwise)
-
+_ENS = report("lds_ensemble")  # jobs 0-3: EK-FAC k = 1, 2, 4, 8; 4-7: identity k = 1, 2, 4, 8
+_ENS_PAIRED = report("lds_ensemble", "lds_paired.csv")
 
 table("lds_ensemble", ["k models", "1 (the run's model)", "2", "4", "8"], [
-    ["EK-FAC λ = 1e-3 LDS (loss) [95% CI]", lds_ci(_LDS, 0), lds_ci(_ENS, 0), lds_ci(_ENS, 1),
-     lds_ci(_ENS, 2, bold=True)],
-    ["EK-FAC LDS (margin)", *(cell("{:.3}", R("lds_margin/mean", job=j)) for R, j in ((_LDS, 0), (_ENS, 0), (_ENS, 1),
-                                                                                     (_ENS, 2)))],
-    ["identity LDS (loss)", *(cell("{:.3}", R("lds/mean", job=j)) for R, j in ((_LDS, 2), (_ENS, 3), (_ENS, 4),
-                                                                             (_ENS, 5)))],
-    ["EK-FAC fit + pairwise s", cell("{:,0}", _LDS(_fit_pairwise, job=0)),
-     cell("{:,0} (incl. training 1 model)", _ENS(_fit_pairwise, job=0)), cell("{:,0}", _ENS(_fit_pairwise, job=1)),
-     cell("{:,0}", _ENS(_fit_pairwise, job=2))],
+    ["EK-FAC λ = 1e-3 LDS (loss) [95% CI]", *(lds_ci(_ENS, j) for j in range(4))],
+    ["EK-FAC: k models minus 1, paired over queries [95% CI]", "–",
+     *(cell("{:.3} [{:.3}, {:.3}]", *(ref(_ENS_PAIRED("diff").src, lambda df, k=k: -df[k].iloc[0], measurement="loss",
+                                          job_a=0, damping_a="0.001", job_b=j, damping_b="0.001")
+                                      for k in ("diff", "ci_high", "ci_low"))) for j in (1, 2, 3))],
+    ["EK-FAC LDS (margin)", *(cell("{:.3}", _ENS("lds_margin/mean", job=j)) for j in range(4))],
+    ["identity LDS (loss)", *(cell("{:.3}", _ENS("lds/mean", job=j)) for j in range(4, 8))],
+    ["EK-FAC pairwise s (the members not yet cached trained and fitted first)",
+     *(cell("{:,0}", _ENS("time/pairwise_s", job=j)) for j in range(4))],
 ], "4: LDS of score ensembles")
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,7 +248,9 @@ def split_dampings(frame: pd.DataFrame, first: Any = None) -> pd.DataFrame:
     known = [r for r in split_rows if firsts[r] is not None]
     if plain and known:  # the first damping's bare-named values, on its row (added where it has no other)
         at_first = wide.loc[known, plain].assign(damping=firsts[known]).set_index("damping", append=True)
-        per = per.combine_first(at_first)
+        with warnings.catch_warnings():  # dampings "auto" and floats in one index: pandas cannot sort it (harmless)
+            warnings.filterwarnings("ignore", "The values in the array are unorderable", RuntimeWarning)
+            per = per.combine_first(at_first)
     rest = wide.drop(columns=list(tagged)).astype(dict.fromkeys(plain, object))
     rest.loc[known, plain] = None  # placed on the first damping's row above: not repeated on the others
     per = per.reset_index()  # columns _row, damping, the per-damping metrics; the job's other columns below
