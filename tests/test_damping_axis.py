@@ -32,3 +32,19 @@ def test_mislabel_damping_list_is_a_long_table_and_a_report_axis(tmp_path):
 
     _, _, figs = report(job.parent)
     assert "mislabel_vs_damping.png" in [p.name for p in figs]
+
+
+def test_damping_plot_of_a_sweep_with_a_job_without_damping(tmp_path):
+    """A sweep of EK-FAC (λ = 1e-3, 1) beside identity (no damping: its row's λ is nan) draws the EK-FAC line and
+    leaves identity off the λ axis (it once crashed the report: ``run mislabel_standard``)."""
+    from influencelab.stages.mislabel import report_figure
+
+    cols = ["damping", "lambda", "recall@10", "recall@20", "roc_auc"]
+    for job, lines in (("0", [[0.001, 0.001, 0.7, 0.9, 0.97], [1.0, 1.0, 0.8, 0.95, 0.98]]),
+                       ("1", [[0.0, "nan", 0.72, 0.97, 0.975]])):
+        (tmp_path / job).mkdir()
+        with open(tmp_path / job / "mislabel_by_damping.csv", "w", newline="") as f:
+            csv.writer(f).writerows([cols, *lines])
+    rows = [{"job": "0", "solver": "ekfac"}, {"job": "1", "solver": "identity"}]
+    figs = report_figure(tmp_path, rows, tmp_path / "figs")
+    assert [p.name for p in figs] == ["mislabel_vs_damping.png"] and figs[0].stat().st_size > 0

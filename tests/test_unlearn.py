@@ -222,3 +222,22 @@ def test_report_plots_a_removal_size_sweep(tmp_path):
     with open(csv_path) as f:
         assert sorted(float(row["unlearn/n_points"]) for row in csv.DictReader(f)) == [2, 5]
     assert [p.name for p in figs] == ["unlearn.png"] and figs[0].stat().st_size > 10_000
+
+
+def test_report_redraws_a_committed_report_csv_and_bars_one_set_size(tmp_path):
+    """``influencelab-report DIR/report.csv`` redraws report.md and the figure from the file alone, leaving it as it
+    is; a detect-then-fix sweep (one configured size, a different |R| per mode) is drawn as bars, a size sweep not."""
+    from influencelab.report import main
+    from influencelab.stages.unlearn import one_set_size
+
+    cols = ["job", "unlearn.mode", "unlearn/n_points"] + [f"unlearn/{m}/test_accuracy" for m in
+                                                          ("original", "edited", "finetuned", "retrained")] + \
+        [f"unlearn/{m}/kl_to_retrained" for m in ("original", "edited")]
+    text = ",".join(cols) + "\n0,repair,117,0.944,0.364,0.972,0.942,0.5,10.2\n1,remove,144,0.944,0.372,0.961,0.967,0.4,9.8\n"
+    (tmp_path / "report.csv").write_text(text)
+    main([str(tmp_path / "report.csv")])
+    assert (tmp_path / "report.csv").read_text() == text
+    assert (tmp_path / "report_figures" / "unlearn.png").stat().st_size > 10_000
+    assert "unlearn.mode" in (tmp_path / "report.md").read_text()
+    assert one_set_size([{"unlearn/n_points": 117}, {"unlearn/n_points": 144}])
+    assert not one_set_size([{"unlearn.size": "2", "unlearn/n_points": 2}, {"unlearn.size": "5", "unlearn/n_points": 5}])

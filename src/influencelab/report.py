@@ -27,7 +27,9 @@ def table(root: Path) -> pd.DataFrame:
     overrides, the choices, the metrics as the runs name them, ``error``; ``None`` where a job has no such
     column, a logged NaN as NaN."""
     frame = load_sweep(root, by_damping=False, missing=None)
-    if frame["error"].isna().all():
+    if Path(root).is_file():  # a report.csv: its empty cells are what the jobs did not log (as in a directory)
+        frame = frame.astype(object).where(frame.notna(), None)
+    if "error" in frame and frame["error"].isna().all():
         frame = frame.drop(columns="error")
     return frame
 
@@ -91,13 +93,23 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
 def report(root: Path) -> tuple[Path, Path, list[Path]]:
     """Write ``report.md`` and ``report.csv`` (and figures) into ``root``; where jobs scored a damping list, also
     ``report_by_damping.csv``: :func:`influencelab.load_sweep`'s long form, a ``damping`` column and one row per
-    job and damping (a pivot or a line chart against damping reads it directly)."""
+    job and damping (a pivot or a line chart against damping reads it directly).
+
+    ``root`` may also be a ``report.csv`` (a sweep kept as one file, e.g. under experiments/results/): then
+    ``report.md`` and the figures are redrawn beside it from that file alone (the file itself is left as it is;
+    figures that need the job directories' own tables are skipped)."""
+    from_file = root.is_file()
     frame = table(root)
-    md, csv_path = root / "report.md", root / "report.csv"
-    # a logged NaN as "nan", a metric the job did not log as an empty cell
-    frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
-    if any(split_metric(str(c)) for c in frame.columns):  # damping lists: also one row per job and damping
-        load_sweep(root).to_csv(root / "report_by_damping.csv", index=False)
+    if from_file:
+        csv_path = root
+        root = root.parent
+    else:
+        csv_path = root / "report.csv"
+        # a logged NaN as "nan", a metric the job did not log as an empty cell
+        frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
+        if any(split_metric(str(c)) for c in frame.columns):  # damping lists: also one row per job and damping
+            load_sweep(root).to_csv(root / "report_by_damping.csv", index=False)
+    md = root / "report.md"
     figs = plots(root, _rows(frame))  # the jobs read once, above
     md.write_text(f"# Report: {root}\n\n{len(frame)} run(s).\n\n" + markdown(frame)
                   + "".join(f"\n![{p.stem}]({p.relative_to(root)})\n" for p in figs))
@@ -106,10 +118,10 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="influencelab-report", description=__doc__.splitlines()[0])
-    parser.add_argument("dir", type=Path, help="a run or multirun directory")
+    parser.add_argument("dir", type=Path, help="a run or multirun directory, or a report.csv written by this command")
     args = parser.parse_args(argv)
-    if not args.dir.is_dir():
-        print(f"error: {args.dir} is not a directory", file=sys.stderr)
+    if not (args.dir.is_dir() or (args.dir.is_file() and args.dir.suffix == ".csv")):
+        print(f"error: {args.dir} is neither a directory nor a report.csv", file=sys.stderr)
         raise SystemExit(2)
     try:
         md, csv_path, figs = report(args.dir)

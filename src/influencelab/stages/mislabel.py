@@ -113,7 +113,9 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     for r, p in tables:
         if p.exists():
             with open(p) as f:
-                series.append((r, [d for d in csv.DictReader(f) if d["lambda"] not in ("", "nan")]))
+                data = [d for d in csv.DictReader(f) if d["lambda"] not in ("", "nan")]
+            if data:  # a job without a damping (identity: λ is nan) has no point on this axis
+                series.append((r, data))
     if sum(len(d) for _, d in series) > 1:
         fig_dir.mkdir(exist_ok=True)
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))

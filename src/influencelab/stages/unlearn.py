@@ -280,8 +280,8 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     out: list[Path] = []
     # unlearning: test accuracy and KL to the retrained model against the size of the edited set
     unl = [r for r in rows if "unlearn/n_points" in r and "unlearn/edited/test_accuracy" in r]
-    if unl and len({r["unlearn/n_points"] for r in unl}) == 1 and len(unl) > 1:
-        return [_bars(plt, unl, labels(unl, same="all"), fig_dir)]  # one set size: nothing to draw a line along
+    if one_set_size(unl):  # nothing to draw a line along
+        return [_bars(plt, unl, labels(unl, same="all"), fig_dir)]
     if unl:
         fig_dir.mkdir(exist_ok=True)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.3})
@@ -323,6 +323,12 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     return out
 
 
+def one_set_size(rows: list[dict[str, Any]]) -> bool:
+    """Several jobs of one configured set size (``unlearn.size`` not swept), e.g. detect-then-fix over repair
+    modes, where the number of points edited is what each mode changed: drawn as bars, not along |R|."""
+    return len(rows) > 1 and len({str(r.get("unlearn.size")) for r in rows}) == 1
+
+
 def _bars(plt, rows: list[dict[str, Any]], names: list[str], fig_dir: Path) -> Path:
     """Jobs that edited sets of one size (e.g. a detect-then-fix sweep over repair modes): test accuracy of the
     original, edited, fine-tuned and retrained models and the edited/original KL to the retrained one, as bars."""
@@ -330,7 +336,7 @@ def _bars(plt, rows: list[dict[str, Any]], names: list[str], fig_dir: Path) -> P
 
     fig_dir.mkdir(exist_ok=True)
     x = np.arange(len(rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 3.8), gridspec_kw={"wspace": 0.3})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 3.8), gridspec_kw={"wspace": 0.45})
     models = ("original", "edited", "finetuned", "retrained")
     w = 0.8 / len(models)
     for i, m in enumerate(models):
@@ -338,7 +344,12 @@ def _bars(plt, rows: list[dict[str, Any]], names: list[str], fig_dir: Path) -> P
     for i, m in enumerate(("original", "edited")):
         a2.bar(x + (i - 0.5) * 0.4, [r.get(f"unlearn/{m}/kl_to_retrained", float("nan")) for r in rows], 0.4,
                label=m)
-    a1.set(ylabel="test accuracy", title=f"{rows[0]['unlearn/n_points']:g} points edited: one Newton step vs retraining")
+    sizes = [r["unlearn/n_points"] for r in rows]
+    if len(set(sizes)) == 1:
+        title = f"{sizes[0]:g} points edited: one Newton step vs retraining"
+    else:  # each job edited its own number of points: in its label
+        title, names = "one Newton step vs retraining", [f"{nm}\n|R| = {n:g}" for nm, n in zip(names, sizes, strict=True)]
+    a1.set(ylabel="test accuracy", title=title)
     a2.set(yscale="log", ylabel="KL(retrained || model), test", title="distance to the retrained model")
     lo = min(r.get(f"unlearn/{m}/test_accuracy", 1.0) for r in rows for m in models)
     a1.set_ylim(max(0.0, lo - 0.05), 1.0)
