@@ -756,6 +756,48 @@ table("mnist5k_mislabel", ["ranking", "top 10% [95% CI]", "top 20% [95% CI]", "R
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 3: IHVP error against the CG reference across damping (run ihvp_cnn, run ihvp_resnet18): one job per solver and
+# damping; the reference's own relative residual says whether the error is against a valid reference
+
+
+def _ihvp_ref(name: str, solver: str, lam: str, key: str) -> Ref:
+    return report(name)(key, solver=solver, **{"solver.damping": lam})
+
+
+def _against_valid(key: str) -> Callable[[pd.DataFrame], Any]:
+    """``key`` of the selected job, or NaN (printed –) where its reference did not converge to 0.1 (no reference)."""
+    def get(df: pd.DataFrame) -> Any:
+        (row,) = df.to_dict("records")
+        return row[key] if row["ihvp/ref_rel_residual"] <= 0.1 else math.nan
+    return get
+
+
+def _ref_state(df: pd.DataFrame) -> str:
+    (row,) = df.to_dict("records")
+    r = row["ihvp/ref_rel_residual"]
+    return f"converged ({fmt(r, 'e2')})" if str(row["ihvp/ref_converged"]) == "True" else \
+        f"approximate ({fmt(r, 'e2')})" if r <= 0.1 else f"**none** ({fmt(r, 'e2')})"
+
+
+def ihvp_rows(name: str, dampings: Sequence[str], solvers: Sequence[str]) -> list[list[str | Cell]]:
+    rows: list[list[str | Cell]] = []
+    for lam in dampings:
+        rows.append([f"{float(lam):g}", cell("{}", _ihvp_ref(name, solvers[0], lam, _ref_state)),
+                     *(cell("{:.3} / {:.3}", _ihvp_ref(name, s, lam, _against_valid("ihvp/rel_error")),
+                            _ihvp_ref(name, s, lam, _against_valid("ihvp/cosine"))) for s in solvers)])
+    rows.append([f"time (s): fit + solve, at λ = {float(dampings[0]):g}", "",
+                 *(cell("{:s3}", _ihvp_ref(name, s, dampings[0], "ihvp/time_s")) for s in solvers)])
+    return rows
+
+
+_IHVP_HEAD = ["λ", "CG reference (relative residual)", "EK-FAC error / cosine", "K-FAC error / cosine",
+              "LiSSA (depth 200) error / cosine"]
+table("ihvp_cnn", _IHVP_HEAD, ihvp_rows("ihvp_cnn", ["0.001", "0.01", "0.1", "1.0", "10.0"], ["ekfac", "kfac", "lissa"]),
+      "3: IHVP error vs the CG reference across damping, CNN")
+table("ihvp_resnet18", _IHVP_HEAD, ihvp_rows("ihvp_resnet18", ["10.0", "1.0", "0.1", "0.01", "0.001"],
+                                             ["ekfac", "kfac", "lissa"]),
+      "3: IHVP error vs the CG reference across damping, reduced ResNet-18")
+
 # 3: LiSSA depth at λ = 1e-2 (run ihvp_depth; jobs 0-3 = depth 25, 50, 100, 400)
 _ID = report("ihvp_depth")
 table("ihvp_depth", ["LiSSA depth", "25", "50", "100", "400"],
