@@ -881,7 +881,7 @@ def up_row(label: str, job: int) -> list[str | Cell]:
 
 
 table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the step", "removed-set loss",
-                          "CG iterations", "relative residual", "step time (s, shared cores)"],
+                          "CG iterations", "relative residual", "step time (s)"],
       [up_row(lab, j) for j, lab in enumerate(["CG", "CG + EK-FAC", "CG + K-FAC"] * 2)],
       "3b/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")
 
