@@ -887,6 +887,33 @@ table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the s
 
 
 
+# 6: LiSSA against dattri (python benchmarks/bench_lissa.py; rows: influencelab shared / per query, dattri's modes)
+_LI = "benchmarks/results/lissa.csv"
+
+
+def _li(key: str, impl: str, mode: str, batches: str) -> Ref:
+    return ref(_LI, key, implementation=impl, mode=mode, batch_convention=batches)
+
+
+table("lissa_dattri", ["implementation", "autodiff", "batches", "query IHVPs s (recursion alone)",
+                       "ours / fastest dattri (recursion alone)"], [
+    ["influencelab", "fwd-over-rev", "one stream shared by the 10 queries",
+     cell("{:.2} ({:.2})", _li("seconds", "influencelab", "fwd-over-rev", "shared"),
+          _li("solve_seconds", "influencelab", "fwd-over-rev", "shared")),
+     cell("**{:.2}** ({:.2})", _li("ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "shared"),
+          _li("solve_ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "shared"))],
+    ["influencelab", "fwd-over-rev", "per query (10 calls)",
+     cell("{:.2} ({:.2})", _li("seconds", "influencelab", "fwd-over-rev", "per-query"),
+          _li("solve_seconds", "influencelab", "fwd-over-rev", "per-query")),
+     cell("**{:.2}** ({:.2})", _li("ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "per-query"),
+          _li("solve_ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "per-query"))],
+    ["dattri 0.3.0", "rev-rev", "per query", cell("{:.2}", _li("seconds", "dattri 0.3.0", "rev-rev", "per-query")),
+     cell("{:.2} (the fastest mode here)", _li("ratio_vs_dattri_fastest", "dattri 0.3.0", "rev-rev", "per-query"))],
+    ["dattri 0.3.0", "rev-fwd", "per query", cell("{:.2}", _li("seconds", "dattri 0.3.0", "rev-fwd", "per-query")),
+     cell("{:.2}", _li("ratio_vs_dattri_fastest", "dattri 0.3.0", "rev-fwd", "per-query"))],
+], "6: LiSSA against dattri, both batch conventions")
+
+
 # 6. EK-FAC vs kronfluence on the CPU: `python benchmarks/bench_ekfac.py --n 20000,60000 --strategies ekfac
 # --denormals flush,keep --compression` (one row per implementation, n, strategy and denormal setting)
 _EK = "benchmarks/results/ekfac.csv"
