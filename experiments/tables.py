@@ -544,10 +544,14 @@ def lds_ci(R: Callable[..., Ref], job: int, metric: str = "lds", bold: bool = Fa
                 R(f"{metric}/ci_low", job=job), R(f"{metric}/ci_high", job=job))
 
 
-def paired_cell(R: Callable[..., Ref], a: int, b: int, damping: str = "0.001", measurement: str = "loss") -> Cell:
-    """Job ``a``'s LDS minus job ``b``'s (both at ``damping``), paired over queries, with its 95% interval."""
+def paired_cell(R: Callable[..., Ref], a: int, b: int, damping: str = "0.001", measurement: str = "loss",
+                reverse: bool = False) -> Cell:
+    """Job ``a``'s LDS minus job ``b``'s (both at ``damping``; ``a`` before ``b`` in lds_paired.csv), paired over
+    queries, with its 95% interval; ``reverse``: ``b`` minus ``a`` instead."""
     where = {"measurement": measurement, "job_a": a, "damping_a": damping, "job_b": b, "damping_b": damping}
-    return cell("{:.3} [{:.3}, {:.3}]", *(R(k, **where) for k in ("diff", "ci_low", "ci_high")))
+    keys = ("diff", "ci_high", "ci_low") if reverse else ("diff", "ci_low", "ci_high")
+    return cell("{:.3} [{:.3}, {:.3}]", *(R((lambda df, k=k: -df[k].iloc[0]) if reverse else k, **where)
+                                          for k in keys))
 
 
 def lds_row(label: str, job: int, bold: bool = False, time: str = "{:.1} + {:.1}") -> list[str | Cell]:
@@ -601,9 +605,7 @@ _ENS_PAIRED = report("lds_ensemble", "lds_paired.csv")
 table("lds_ensemble", ["k models", "1 (the run's model)", "2", "4", "8"], [
     ["EK-FAC λ = 1e-3 LDS (loss) [95% CI]", *(lds_ci(_ENS, j) for j in range(4))],
     ["EK-FAC: k models minus 1, paired over queries [95% CI]", "–",
-     *(cell("{:.3} [{:.3}, {:.3}]", *(ref(_ENS_PAIRED("diff").src, lambda df, k=k: -df[k].iloc[0], measurement="loss",
-                                          job_a=0, damping_a="0.001", job_b=j, damping_b="0.001")
-                                      for k in ("diff", "ci_high", "ci_low"))) for j in (1, 2, 3))],
+     *(paired_cell(_ENS_PAIRED, 0, j, reverse=True) for j in (1, 2, 3))],
     ["EK-FAC LDS (margin)", *(cell("{:.3}", _ENS("lds_margin/mean", job=j)) for j in range(4))],
     ["identity LDS (loss)", *(cell("{:.3}", _ENS("lds/mean", job=j)) for j in range(4, 8))],
     ["EK-FAC pairwise s (the members not yet cached trained and fitted first)",

@@ -158,9 +158,8 @@ class Context:
         t0 = time.perf_counter()
         attr = self.attributor_for(self.model, self.model_key)
         # time/fit_s: this run's wall time (loading, when cached); fit/compute_s: what computing the fit took
-        info = attr.fit_info
-        self.tracker.log({"time/fit_s": time.perf_counter() - t0, "fit/cached": bool(info and info.cached),
-                          "fit/compute_s": info.seconds if info else 0.0})
+        self.tracker.log({"time/fit_s": time.perf_counter() - t0, "fit/cached": attr.fit_info.cached,
+                          "fit/compute_s": attr.fit_seconds})
         return attr
 
     @property

@@ -78,10 +78,10 @@ class CG(Solver):
         x = torch.zeros_like(b)
         r = b.clone()
         bn = b.norm(dim=1)
-        # stop on the (unpreconditioned) residual norm at tol, but not below what the products' dtype can measure
-        # (100 eps: 1.2e-5 in float32): below it the recursive residual is rounding noise, and iterating on never
-        # lowers the true residual (it ran PCG to max_iter at tol=1e-6 in float32)
-        tol = max(self.tol, 100 * torch.finfo(b.dtype).eps)
+        # stop on the (unpreconditioned) residual norm at tol, but not below what the products' dtype can measure:
+        # below it the recursive residual is rounding noise, and iterating on never lowers the true residual (it
+        # ran PCG to max_iter at tol=1e-6 in float32)
+        tol = self._effective_tol(b.dtype)
         target = tol * bn
         iterations, restarts, measure_s = 0, 0, 0.0
         while True:
@@ -125,6 +125,11 @@ class CG(Solver):
                         conv.rel_residual_max)
         return x.to(v.dtype)
 
+    def _effective_tol(self, dtype: torch.dtype) -> float:
+        """``max(tol, 100 eps)``: the smallest relative residual the products' dtype can measure (1.2e-5 in
+        float32, 2.2e-14 in float64); CG stops there and calls it converged."""
+        return max(self.tol, 100 * torch.finfo(dtype).eps)
+
     def _convergence_of(self, x: torch.Tensor, b: torch.Tensor, lam: float, iterations: int) -> Convergence:
         """The true relative residuals ``||(G + λI) x - b|| / ||b||`` (one more product over the data)."""
         assert self._curv is not None and self._data is not None
@@ -132,7 +137,7 @@ class CG(Solver):
         r = b - (self._curv.mean_product(x, self._data, self.batch_size) + lam * x)
         bn = b.norm(dim=1)
         rel = torch.where(bn > 0, r.norm(dim=1) / bn.clamp_min(1e-300), r.norm(dim=1))
-        tol = max(self.tol, 100 * torch.finfo(b.dtype).eps)
+        tol = self._effective_tol(b.dtype)
         n = len(self._data)
         on = f"all {n} training points" if n == self._n_train else \
             f"the {n} of {self._n_train} training points CG solves with (max_examples)"
