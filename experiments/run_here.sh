@@ -73,16 +73,33 @@ run ihvp_precond_cg experiment=ihvp_cnn dataset.subset=500 solver=cg solver.prec
   solver.tol=1e-4 solver.max_iter=150 solver.damping=1e-3
 run ihvp_precond_lissa experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.preconditioner=null,ekfac,kfac \
   solver.damping=1e-3
+# All six solvers across λ = 1e-5 … 10 on one figure (issue 14): damping first, so each CG reference is computed
+# once (those for 1e-3 … 10 are ihvp_cnn's, cached); CG and PCG at their defaults (tol at the float32 floor, 300
+# iterations), their products from the cached per-example Jacobians (solver.jacobian_cache_gb)
+run ihvp_solvers experiment=ihvp_cnn dataset.subset=500 solver.damping=1e-5,1e-4,1e-3,1e-2,1e-1,1,10 \
+  solver=ekfac,kfac,lissa,lissa_ekfac,cg,cg_ekfac
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers
 run ihvp_resnet18 experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=4 \
   ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1,0.1,1e-2,1e-3 \
   solver=ekfac,kfac,lissa
+# the preconditioned solvers (issue 14) on the same ResNet-18 where its reference converged (λ = 10, 1); CG and
+# PCG capped at the reference's 100 iterations (a sweep of its own: LiSSA has no max_iter)
+run ihvp_resnet18_pcg experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=4 \
+  ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1 \
+  solver=cg,cg_ekfac solver.max_iter=100
+run ihvp_resnet18_lissa_ekfac experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 \
+  query.n=4 ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1 \
+  solver=lissa_ekfac
 # LDS on one retraining ground truth (computed once, cached)
 # (every job also writes its per-query LDS, lds.csv; the report pairs them: lds_paired.csv, a paired bootstrap
 # interval of each difference over queries). lissa_ekfac: LiSSA preconditioned by the same EK-FAC fit (issue 14)
 run lds experiment=lds solver=ekfac,kfac,identity,lissa_ekfac 'solver.damping=[1e-3,auto]'
+# EK-FAC-preconditioned CG (issue 14), its products from the per-example Jacobians of a 1,000-point sample of the
+# training set (all 5,000 would need 21 GB), at most 100 iterations; paired with run lds's EK-FAC by
+# experiments/lds_pair.py (a sweep cannot hold both: max_examples/max_iter are not EK-FAC keys)
+run lds_pcg experiment=lds solver=cg_ekfac solver.max_examples=1000 solver.max_iter=100 'solver.damping=[1e-3,auto]'
 run lds_damping experiment=lds solver=ekfac solver.damping=1e-5,1e-4,1e-2,1e-1,auto
 # seeds per subset: the first 50 subsets with 1 vs 2 retraining seeds averaged (the 1-seed truths are cached)
 run lds_seeds experiment=lds solver=ekfac,identity lds.n_subsets=50 lds.seeds_per_subset=1,2

@@ -781,14 +781,16 @@ def _ref_state(df: pd.DataFrame) -> str:
         f"approximate ({fmt(r, 'e2')})" if r <= 0.1 else f"**none** ({fmt(r, 'e2')})"
 
 
-def ihvp_rows(name: str, dampings: Sequence[str], solvers: Sequence[str]) -> list[list[str | Cell]]:
+def ihvp_rows(name: str, dampings: Sequence[str], solvers: Sequence[str], time_at: str | None = None
+              ) -> list[list[str | Cell]]:
     rows: list[list[str | Cell]] = []
+    time_at = time_at or dampings[0]
     for lam in dampings:
         rows.append([f"{float(lam):g}", cell("{}", _ihvp_ref(name, solvers[0], lam, _ref_state)),
                      *(cell("{:.3} / {:.3}", _ihvp_ref(name, s, lam, _against_valid("ihvp/rel_error")),
                             _ihvp_ref(name, s, lam, _against_valid("ihvp/cosine"))) for s in solvers)])
-    rows.append([f"time (s): fit + solve, at λ = {float(dampings[0]):g}", "",
-                 *(cell("{:s3}", _ihvp_ref(name, s, dampings[0], "ihvp/time_s")) for s in solvers)])
+    rows.append([f"time (s): fit + solve, at λ = {float(time_at):g}", "",
+                 *(cell("{:s3}", _ihvp_ref(name, s, time_at, "ihvp/time_s")) for s in solvers)])
     return rows
 
 
@@ -799,6 +801,27 @@ table("ihvp_cnn", _IHVP_HEAD, ihvp_rows("ihvp_cnn", ["0.001", "0.01", "0.1", "1.
 table("ihvp_resnet18", _IHVP_HEAD, ihvp_rows("ihvp_resnet18", ["10.0", "1.0", "0.1", "0.01", "0.001"],
                                              ["ekfac", "kfac", "lissa"]),
       "3: IHVP error vs the CG reference across damping, reduced ResNet-18")
+
+# 3b: all six solvers across λ = 1e-5 … 10 on the CNN (run ihvp_solvers; one job per solver and damping)
+_SIX = ["ekfac", "kfac", "lissa", "lissa_ekfac", "cg", "cg_ekfac"]
+_SIX_NAMES = ["EK-FAC", "K-FAC", "LiSSA (depth 200)", "LiSSA + EK-FAC (depth 200)", "CG", "CG + EK-FAC"]
+_SIX_DAMPINGS = ["1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0"]
+table("ihvp_solvers", ["λ", "CG reference (relative residual)", *(f"{n} error / cosine" for n in _SIX_NAMES)],
+      ihvp_rows("ihvp_solvers", _SIX_DAMPINGS, _SIX, time_at="0.001"), "3b: six solvers' IHVP error vs the CG reference, CNN")
+
+
+def iters_cell(name: str, solver: str, lam: str) -> Cell:
+    def R(key: str, valid: bool = True) -> Ref:
+        return _ihvp_ref(name, solver, lam, _against_valid(key) if valid else key)
+
+    return cell("{:d} / {:d} ({:s3} s); {:e2}", R("ihvp/iters_to_0.1"), R("ihvp/iters_to_0.01"),
+                R("ihvp/time_s_to_0.1"), R("ihvp/rel_residual", valid=False))
+
+
+table("ihvp_solvers_iters", ["λ", *(f"{n}: iterations to error 0.1 / 0.01 (time to 0.1); final residual"
+                                   for n in _SIX_NAMES[2:])],
+      [[f"{float(lam):g}", *(iters_cell("ihvp_solvers", s, lam) for s in _SIX[2:])] for lam in _SIX_DAMPINGS],
+      "3b: iterations and time to an error of 0.1 / 0.01, and the final relative residual, iterative solvers")
 
 # 3: LiSSA depth at λ = 1e-2 (run ihvp_depth; jobs 0-3 = depth 25, 50, 100, 400)
 _ID = report("ihvp_depth")

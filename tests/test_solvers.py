@@ -137,6 +137,26 @@ def test_cg_converges_to_exact(setup, kind, curvature):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ggn_products_from_cached_jacobians_equal_the_dense_ggn(setup, kind):
+    """CG's fast path (per-example output Jacobians kept in memory, two matrix products per call) and the
+    jvp/vjp path both give the dense GGN's products; the cache is used only when it fits its budget."""
+    from influencelab.solvers.curvature import Curvature
+
+    model, ref, train, x, y, gq = setup[kind]
+    layout = ParamLayout(model, "all")
+    V = from_param_order(layout, model, torch.randn(5, len(ref.theta), dtype=torch.float64,
+                                                    generator=torch.Generator().manual_seed(0)))
+    expected = to_param_order(layout, model, V) @ ref.ggn(x)  # G symmetric: (G V^T)^T
+    n_c_p = len(train) * 10 * layout.size * 8  # bytes of all Jacobians in float64
+    for budget, cached in ((0, False), (n_c_p - 1, False), (n_c_p, True)):
+        curv = Curvature(model, layout, "fisher", jacobian_cache_bytes=budget)
+        got = curv.mean_product(V, train, 7)
+        assert (curv._jacobians is not None and curv._jacobians[1] is not None) == cached
+        torch.testing.assert_close(to_param_order(layout, model, got), expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(curv.mean_product(V, train, 7), got, rtol=1e-12, atol=1e-14)  # (a second call)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_lissa_with_enough_depth_is_within_2_percent(setup, kind):
     model, ref, train, x, y, gq = setup[kind]
     lam = 0.2

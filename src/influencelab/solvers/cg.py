@@ -1,6 +1,9 @@
 """CG: conjugate gradient on ``(G + λI) x = v`` with exact curvature-vector products over the training set
 (or a seeded sample of ``max_examples``): the reference for models too large for ``exact``. All query vectors
-are solved together (one vmapped product per iteration), each column with its own step sizes.
+are solved together (one vmapped product per iteration), each column with its own step sizes. With the ``fisher``
+curvature, the per-example output Jacobians of the data are formed once and kept when they fit in
+``jacobian_cache_gb`` (``n C P`` numbers), and every product is then two matrix products
+(:class:`~influencelab.solvers.curvature.Curvature`).
 
 Every call records its convergence per damping (:meth:`Solver.diagnostics`): the iterations run and the true
 relative residual ``||(G + λI) x - v|| / ||v||`` of each column, recomputed once at the end with the same
@@ -39,13 +42,16 @@ class CG(Solver):
     iteration_key = "max_iter"
 
     def __init__(self, *args: Any, tol: float = 1e-8, max_iter: int = 500, max_examples: int | None = None,
-                 preconditioner: Any = None, preconditioner_damping: Any = "same", **kwargs: Any):
+                 preconditioner: Any = None, preconditioner_damping: Any = "same", jacobian_cache_gb: float = 4.0,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._set_preconditioner(preconditioner, preconditioner_damping)
         check(tol > 0, "solver.tol", tol, "must be > 0")
         check(max_iter >= 1, "solver.max_iter", max_iter, "must be >= 1")
         check(max_examples is None or max_examples >= 1, "solver.max_examples", max_examples, "must be >= 1 or null")
+        check(jacobian_cache_gb >= 0, "solver.jacobian_cache_gb", jacobian_cache_gb, "must be >= 0 (0: no cache)")
         self.tol, self.max_iter, self.max_examples = tol, max_iter, max_examples
+        self._jacobian_cache_gb = jacobian_cache_gb  # (not in fit_config: it changes the speed, not the result)
         self._curv: Curvature | None = None
         self._data: LabeledData | None = None
         self._n_train = 0
@@ -60,7 +66,9 @@ class CG(Solver):
         if self.max_examples is not None and self.max_examples < len(data):
             g = torch.Generator().manual_seed(self.seed)
             data = data.subset(torch.randperm(len(data), generator=g)[: self.max_examples].sort().values)
-        self._curv, self._data = Curvature(model, layout, self.curvature, self.task), data
+        self._curv = Curvature(model, layout, self.curvature, self.task,
+                               jacobian_cache_bytes=self._jacobian_cache_gb * 2**30)
+        self._data = data
 
     def mean_eigenvalue(self) -> float:
         assert self._curv is not None and self._data is not None and self.layout is not None, "fit the solver first"
