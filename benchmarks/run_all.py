@@ -3,7 +3,7 @@
     python benchmarks/run_all.py            # full sizes (tens of minutes on 2 CPU cores)
     python benchmarks/run_all.py --quick    # reduced sizes, a few minutes (CSVs in benchmarks/results/quick/)
 
-Every benchmark writes its CSV under benchmarks/results/ (ekfac, lissa, pipeline, scaling, resnet18_ekfac .csv;
+Every benchmark writes its CSV under benchmarks/results/ (ekfac, lissa, pipeline, scaling, cg_products, resnet18_ekfac .csv;
 resnet18_ekfac keeps its ``before`` row and refreshes ``after``); the reduced sizes go to
 benchmarks/results/quick/, which is tracked like the full-size results, never over them.
 """
@@ -31,6 +31,7 @@ def main() -> None:
         ("LiSSA vs dattri", ["bench_lissa.py", *(["--n", "1000", "--depth", "50"] if quick else [])]),
         ("damping sweep and memory", ["bench_pipeline.py", *(["--n", "2000"] if quick else [])]),
         ("scaling in n_train", ["bench_scaling.py", *(["--sizes", "1000,2000,4000"] if quick else [])]),
+        ("CG's GGN products: jvp/vjp vs cached Jacobians", ["bench_cg_products.py", *(["--n", "100"] if quick else [])]),
         ("EK-FAC on ResNet-18 (CLI)", ["bench_resnet.py", *(["--n", "500", "--epochs", "1"] if quick else [])]),
     ]
     # reduced sizes write their CSVs beside, never over, the full-size results (benchmarks/results/*.csv), into

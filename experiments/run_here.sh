@@ -88,7 +88,7 @@ run ihvp_resnet18 experiment=ihvp dataset.subset=256 trainer.batch_size=32 train
 # PCG capped at the reference's 100 iterations (a sweep of its own: LiSSA has no max_iter)
 run ihvp_resnet18_pcg experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=4 \
   ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1 \
-  solver=cg,cg_ekfac solver.max_iter=100
+  solver=cg,cg_ekfac ++solver.max_iter=100
 run ihvp_resnet18_lissa_ekfac experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 \
   query.n=4 ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1 \
   solver=lissa_ekfac

@@ -554,15 +554,24 @@ def paired_cell(R: Callable[..., Ref], a: int, b: int, damping: str = "0.001", m
                                           for k in keys))
 
 
-def lds_row(label: str, job: int, bold: bool = False, time: str = "{:.1} + {:.1}") -> list[str | Cell]:
-    return [label, cell("**{:.3} ± {:.3}**" if bold else "{:.3} ± {:.3}", _LDS("lds/mean", job=job),
-                        _LDS("lds/std", job=job)),
-            cell("[{:.3}, {:.3}]", _LDS("lds/ci_low", job=job), _LDS("lds/ci_high", job=job)),
-            paired_cell(_LDS_PAIRED, 0, job) if job else "–",
-            cell("{:.3} [{:.3}, {:.3}]", _LDS("lds/mean@auto", job=job), _LDS("lds/ci_low@auto", job=job),
-                 _LDS("lds/ci_high@auto", job=job)),
-            cell("{:.3}", _LDS("lds_margin/mean", job=job)),
-            cell(time, _LDS("fit/compute_s", job=job), _LDS("time/pairwise_s", job=job))]
+def lds_row(label: str, job: int, bold: bool = False, time: str = "{:.1} + {:.1}", R: Callable[..., Ref] = _LDS,
+            paired: Cell | str | None = None) -> list[str | Cell]:
+    """A ``run lds`` job (or, with ``R`` and ``paired``, a job of another sweep on the same ground truth)."""
+    if paired is None:
+        paired = paired_cell(_LDS_PAIRED, 0, job) if job else "–"
+    return [label, cell("**{:.3} ± {:.3}**" if bold else "{:.3} ± {:.3}", R("lds/mean", job=job),
+                        R("lds/std", job=job)),
+            cell("[{:.3}, {:.3}]", R("lds/ci_low", job=job), R("lds/ci_high", job=job)), paired,
+            cell("{:.3} [{:.3}, {:.3}]", R("lds/mean@auto", job=job), R("lds/ci_low@auto", job=job),
+                 R("lds/ci_high@auto", job=job)),
+            cell("{:.3}", R("lds_margin/mean", job=job)),
+            cell(time, R("fit/compute_s", job=job), R("time/pairwise_s", job=job))]
+
+
+# run lds_pcg (PCG, one job), paired with run lds's EK-FAC by experiments/lds_pair.py
+_LDS_PCG_PAIRED = "experiments/results/lds_pcg/paired_vs_ekfac.csv"
+_PCG_VS_EKFAC = cell("{:.3} [{:.3}, {:.3}]", *(ref(_LDS_PCG_PAIRED, k, measurement="loss", damping="0.001")
+                                               for k in ("diff", "ci_low", "ci_high")))
 
 
 table("lds", ["method", "LDS (loss), λ = 1e-3: mean ± std", "95% CI", "EK-FAC minus this, paired [95% CI]",
@@ -572,6 +581,8 @@ table("lds", ["method", "LDS (loss), λ = 1e-3: mean ± std", "95% CI", "EK-FAC 
     lds_row("influencelab identity (gradient dot product; λ has no effect)", 2),
     lds_row("influencelab LiSSA + EK-FAC, depth 200: **unconverged**", 3,
             time="{:.1} (EK-FAC) + {:,0} (shared cores)"),
+    lds_row("influencelab CG + EK-FAC (PCG), G on 1,000 of the 5,000 points, 100 iterations: **unconverged**", 0,
+            R=report("lds_pcg"), paired=_PCG_VS_EKFAC, time="{:.1} (EK-FAC) + {:,0}"),
     ["kronfluence EK-FAC (`experiments/lds_peer.py`), its defaults, true Fisher",
      cell("{:.3} ± {:.3}", _PEER("lds/mean", row=1), _PEER("lds/std", row=1)),
      cell("[{:.3}, {:.3}]", _PEER("lds/ci_low", row=1), _PEER("lds/ci_high", row=1)),

@@ -71,3 +71,22 @@ def test_check_mode_detects_a_changed_number(tmp_path: Path) -> None:
 def test_marker_without_spec_is_reported() -> None:
     text = TEXT + "\n<!-- table:no_such_table -->\n| a |\n|---|\n<!-- /table -->\n"
     assert any("no_such_table" in p for p in tables.problems(text))
+
+
+def test_lds_pair_across_sweeps_equals_the_reports_own_pairing() -> None:
+    """experiments/lds_pair.py (two sweeps' jobs on one ground truth) gives, for two jobs of one sweep, exactly the
+    rows influencelab-report wrote to that sweep's lds_paired.csv (EK-FAC minus K-FAC in run lds)."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("lds_pair", ROOT / "experiments" / "lds_pair.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = ROOT / "experiments" / "results" / "lds"
+    read = {"damping": str}
+    got = mod.pair(pd.read_csv(res / "job0_lds.csv", dtype=read), pd.read_csv(res / "job1_lds.csv", dtype=read))
+    report = pd.read_csv(res / "lds_paired.csv", dtype={"damping_a": str, "damping_b": str})
+    report = report[(report.job_a == 0) & (report.job_b == 1) & (report.damping_a == report.damping_b)]
+    assert len(got) == len(report) == 4  # loss and margin, at 1e-3 and auto
+    merged = got.merge(report, left_on=["measurement", "damping"], right_on=["measurement", "damping_a"])
+    for col in ("n", "diff", "ci_low", "ci_high"):
+        assert merged[f"{col}_x"].tolist() == pytest.approx(merged[f"{col}_y"].tolist(), rel=1e-12)

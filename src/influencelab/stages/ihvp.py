@@ -179,7 +179,7 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     axis_label, pts = error_points(rows)
     if pts:
         fig_dir.mkdir(exist_ok=True)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.5), layout="constrained")
         for solver in sorted({p[0] for p in pts}):
             sel = sorted((p for p in pts if p[0] == solver), key=lambda p: p[1])
             (line,) = a1.plot([p[1] for p in sel], [p[2] for p in sel], label=solver)
@@ -197,13 +197,15 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
         # minor labels overlap on short log ranges: none on x, short ones on y (errors often span < a decade)
         for axis in (a1.xaxis, a2.xaxis):
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        for axis in (a1.yaxis, a2.yaxis):
-            axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        errors = [p[2] for p in pts if p[2] > 0]
+        if errors and max(errors) < 10 * min(errors):  # (over more than a decade they would overlap)
+            for axis in (a1.yaxis, a2.yaxis):
+                axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
         if axis_label != "damping λ":  # a swept key (depth, ...): its values as the ticks
             xs = sorted({p[1] for p in pts})
             a1.set_xticks(xs, [f"{x:g}" for x in xs])
-        a1.legend()
-        fig.tight_layout()
+        fig.legend(*a1.get_legend_handles_labels(), loc="outside right center")
+        fig.get_layout_engine().set(w_pad=0.05)
         out.append(fig_dir / "ihvp_error.png")
         fig.savefig(out[-1], dpi=120)
         plt.close(fig)
