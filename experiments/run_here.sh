@@ -91,7 +91,7 @@ run ihvp_resnet18_pcg experiment=ihvp dataset.subset=256 trainer.batch_size=32 t
   solver=cg,cg_ekfac ++solver.max_iter=100
 run ihvp_resnet18_lissa_ekfac experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 \
   query.n=4 ihvp.reference_args.max_examples=256 +ihvp.reference_args.max_iter=100 solver.damping=10,1 \
-  solver=lissa_ekfac
+  solver=ekfac,lissa_ekfac
 # LDS on one retraining ground truth (computed once, cached)
 # (every job also writes its per-query LDS, lds.csv; the report pairs them: lds_paired.csv, a paired bootstrap
 # interval of each difference over queries). lissa_ekfac: LiSSA preconditioned by the same EK-FAC fit (issue 14)

@@ -834,6 +834,31 @@ table("ihvp_solvers_iters", ["λ", *(f"{n}: iterations to error 0.1 / 0.01 (time
       [[f"{float(lam):g}", *(iters_cell("ihvp_solvers", s, lam) for s in _SIX[2:])] for lam in _SIX_DAMPINGS],
       "3b: iterations and time to an error of 0.1 / 0.01, and the final relative residual, iterative solvers")
 
+
+
+def resnet_precond_row(lam: str) -> list[str | Cell]:
+    """Reduced ResNet-18 at one damping: ihvp_resnet18's EK-FAC and LiSSA beside the preconditioned solvers of
+    ihvp_resnet18_lissa_ekfac and ihvp_resnet18_pcg (same cached model and CG reference)."""
+    def err(name: str, solver: str) -> Ref:
+        return _ihvp_ref(name, solver, lam, _against_valid("ihvp/rel_error"))
+
+    def its(name: str, solver: str) -> Cell:
+        return iters_cell(name, solver, lam)
+
+    return [f"{float(lam):g}", cell("{}", _ihvp_ref("ihvp_resnet18", "ekfac", lam, _ref_state)),
+            cell("{:.3}", err("ihvp_resnet18", "ekfac")),
+            cell("{:.3}", err("ihvp_resnet18", "lissa")), cell("{:.3}", err("ihvp_resnet18_lissa_ekfac", "lissa_ekfac")),
+            its("ihvp_resnet18", "lissa"), its("ihvp_resnet18_lissa_ekfac", "lissa_ekfac"),
+            its("ihvp_resnet18_pcg", "cg"), its("ihvp_resnet18_pcg", "cg_ekfac")]
+
+
+table("ihvp_resnet18_precond", ["λ", "CG reference (relative residual)", "EK-FAC error", "LiSSA error",
+                                "LiSSA + EK-FAC error",
+                                *(f"{n}: iterations to error 0.1 / 0.01 (time to 0.1); final residual"
+                                  for n in ("LiSSA", "LiSSA + EK-FAC", "CG (≤ 100)", "CG + EK-FAC (≤ 100)"))],
+      [resnet_precond_row(lam) for lam in ("10.0", "1.0")],
+      "3b: the preconditioned solvers on the reduced ResNet-18, where its reference converged")
+
 # 3: LiSSA depth at λ = 1e-2 (run ihvp_depth; jobs 0-3 = depth 25, 50, 100, 400)
 _ID = report("ihvp_depth")
 table("ihvp_depth", ["LiSSA depth", "25", "50", "100", "400"],

@@ -154,6 +154,8 @@ def test_ggn_products_from_cached_jacobians_equal_the_dense_ggn(setup, kind):
         assert (curv._jacobians is not None and curv._jacobians[1] is not None) == cached
         torch.testing.assert_close(to_param_order(layout, model, got), expected, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(curv.mean_product(V, train, 7), got, rtol=1e-12, atol=1e-14)  # (a second call)
+    with pytest.raises(ConfigError, match="solver.jacobian_cache_gb"):
+        CG(jacobian_cache_gb=-1)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
