@@ -839,11 +839,13 @@ table("ihvp_solvers_iters", ["λ", *(f"{n}: iterations to error 0.1 / 0.01 (time
 def resnet_precond_row(lam: str) -> list[str | Cell]:
     """Reduced ResNet-18 at one damping: ihvp_resnet18's EK-FAC and LiSSA beside the preconditioned solvers of
     ihvp_resnet18_lissa_ekfac and ihvp_resnet18_pcg (same cached model and CG reference)."""
+    short = f"{float(lam):g}"  # the two-damping sweeps' column loads as integers ("10"), ihvp_resnet18's as floats
+
     def err(name: str, solver: str) -> Ref:
-        return _ihvp_ref(name, solver, lam, _against_valid("ihvp/rel_error"))
+        return _ihvp_ref(name, solver, lam if name == "ihvp_resnet18" else short, _against_valid("ihvp/rel_error"))
 
     def its(name: str, solver: str) -> Cell:
-        return iters_cell(name, solver, lam)
+        return iters_cell(name, solver, lam if name == "ihvp_resnet18" else short)
 
     return [f"{float(lam):g}", cell("{}", _ihvp_ref("ihvp_resnet18", "ekfac", lam, _ref_state)),
             cell("{:.3}", err("ihvp_resnet18", "ekfac")),
@@ -1112,6 +1114,30 @@ def scaling_rows(src: str = _SC) -> list[list[str | Cell]]:
 table("scaling", ["n_train", "fit s (per point vs smallest)", "self s", "pairwise s", "peak RSS MB (process)"],
       scaling_rows(), "6: EK-FAC stage times through the CLI against n_train (bench_scaling.py)")
 
+
+# 6. CG's GGN products, jvp/vjp vs cached Jacobians: `python benchmarks/bench_cg_products.py`
+_CGP = "benchmarks/results/cg_products.csv"
+
+
+def _pays_off(df: pd.DataFrame) -> str:
+    """After how many products forming the Jacobians has paid for itself ("never" where they are not faster)."""
+    x = float(df["break_even_products"].iloc[0])
+    return "never" if math.isinf(x) else fmt(x, ".1")
+
+
+def cg_products_rows(src: str = _CGP) -> list[list[str | Cell]]:
+    path = ROOT / src
+    if not path.exists():
+        return []
+    return [[str(k), cell("{:s3}", ref(src, "jvp_s", k=k)), cell("{:s3}", ref(src, "jacobian_form_s", k=k)),
+             cell("{:s3}", ref(src, "jacobian_s", k=k)), cell("**{:.2}×**", ref(src, "speedup", k=k)),
+             cell("{}", ref(src, _pays_off, k=k)), cell("{:e2}", ref(src, "rel_diff", k=k))]
+            for k in pd.read_csv(path)["k"].astype(int)]
+
+
+table("cg_products", ["vectors per product (k)", "jvp/vjp s per product", "Jacobians: form once (s)",
+                      "then s per product", "speed-up", "pays off after (products)", "relative difference"],
+      cg_products_rows(), "6: CG's exact GGN products on the section 3 CNN, 500 points (bench_cg_products.py)")
 
 # 6. Damping sweeps through the CLI: `python benchmarks/bench_pipeline.py --n 2000 --note "..."`
 _PL = "benchmarks/results/pipeline.csv"

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from influencelab.api import Attributor
-from influencelab.errors import ConfigError
+from influencelab.errors import ConfigError, SolverDivergedError
 from influencelab.solvers.cg import CG
 from influencelab.solvers.ekfac import EKFAC, KFAC
 from influencelab.solvers.exact import Exact
@@ -124,6 +124,20 @@ def test_preconditioned_lissa_joint_dampings_equal_separate_runs(setup):
     for i, lam in enumerate((0.2, 1.0)):
         torch.testing.assert_close(both[i], li.precondition(v, lam), rtol=1e-9, atol=1e-12)
 
+
+
+def test_preconditioned_lissa_divergence_is_reported_with_a_larger_scale_suggested(setup):
+    """A fixed scale far below the top eigenvalue of P^-1 (G + λI) makes the preconditioned recursion grow; it
+    stops with the solver named and a larger scale suggested, as plain LiSSA does. With scale=auto (from the
+    power iteration) the same solve converges."""
+    model, ref, train, x, y, gq = setup["mlp"]
+    pre = _fitted(EKFAC, model, train, "fisher", 1e-3)
+    li = _fitted(LiSSA, model, train, "fisher", 1e-3, depth=200, batch_size=16, scale=1e-3, preconditioner=pre)
+    v = from_param_order(li.layout, model, gq)
+    with pytest.raises(SolverDivergedError, match=r"preconditioned by ekfac.*larger solver.scale"):
+        li.precondition(v, 1e-3)
+    ok = _fitted(LiSSA, model, train, "fisher", 1e-3, depth=20, batch_size=16, preconditioner=pre)
+    assert torch.isfinite(ok.precondition(v, 1e-3)).all()
 
 def test_preconditioner_is_fitted_once_and_reused_from_an_ekfac_run(setup, tmp_path):
     """Through the API with a cache: the preconditioner's fit key is a ``solver=ekfac`` run's of the same model,

@@ -90,3 +90,22 @@ def test_lds_pair_across_sweeps_equals_the_reports_own_pairing() -> None:
     merged = got.merge(report, left_on=["measurement", "damping"], right_on=["measurement", "damping_a"])
     for col in ("n", "diff", "ci_low", "ci_high"):
         assert merged[f"{col}_x"].tolist() == pytest.approx(merged[f"{col}_y"].tolist(), rel=1e-12)
+
+
+def test_ihvp_figure_combines_sweeps_keeping_the_first_of_a_repeated_solver(tmp_path: Path) -> None:
+    """experiments/ihvp_figure.py on the reduced ResNet-18's three committed sweeps: EK-FAC, repeated as a check in
+    run ihvp_resnet18_lissa_ekfac, is taken once (from ihvp_resnet18), every other job is a point, and the sweeps'
+    other keys (CG's max_iter) do not split a solver into two series."""
+    spec = importlib.util.spec_from_file_location("ihvp_figure", ROOT / "experiments" / "ihvp_figure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sweeps = [ROOT / "experiments" / "results" / n
+              for n in ("ihvp_resnet18", "ihvp_resnet18_pcg", "ihvp_resnet18_lissa_ekfac")]
+    rows = mod.combined_rows(sweeps)
+    got = sorted((r["solver"], float(r["solver.damping"])) for r in rows)
+    assert len(got) == len(set(got)) == 15 + 4 + 2
+    assert ("lissa_ekfac", 10.0) in got and ("cg_ekfac", 1.0) in got
+    from influencelab.stages.ihvp import error_points
+    _, pts = error_points(rows)
+    assert sorted({p[0] for p in pts}) == ["cg", "cg+ekfac", "ekfac", "kfac", "lissa", "lissa+ekfac"]
+    assert len(pts) == 21
