@@ -27,16 +27,9 @@ def combined_rows(sweeps: list[Path]) -> list[dict]:
             "ihvp/ref_converged")
     parts = [pd.read_csv(d / "report.csv") for d in sweeps]
     rows = pd.concat([f[[c for c in f.columns if c.split("@")[0] in keep]] for f in parts], ignore_index=True)
-    rows["_key"] = rows["solver.damping"].map(str).map(lambda v: f"{float(v):g}" if _is_number(v) else v)
-    return rows.drop_duplicates(subset=["solver", "_key"], keep="first").drop(columns="_key").to_dict("records")
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-    except ValueError:
-        return False
-    return True
+    number = pd.to_numeric(rows["solver.damping"], errors="coerce")  # 10 and 10.0 alike; "auto", lists as text
+    key = number.astype(object).where(number.notna(), rows["solver.damping"].astype(str))
+    return rows[~pd.DataFrame({"solver": rows["solver"], "damping": key}).duplicated()].to_dict("records")
 
 
 def main() -> None:

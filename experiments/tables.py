@@ -101,7 +101,7 @@ class Ref:
             if k == "row":
                 df = df.iloc[[v]]
             else:
-                df = df[df[k].astype(str) == str(v)]
+                df = df[_matches(df[k], v)]
         return df
 
     def value(self) -> Any:
@@ -113,6 +113,17 @@ class Ref:
         if len(df) != 1:
             raise LookupError(f"{self.src}: {dict(self.where)} selects {len(df)} rows, not 1")
         return df[self.key].iloc[0]
+
+
+def _matches(column: pd.Series, v: Any) -> pd.Series:
+    """Rows whose ``column`` equals ``v``: as text, or as numbers where the column loaded as numbers (a damping
+    ``"10.0"`` matches a column read as integers, ``10``, as well as one read as floats)."""
+    text = column.astype(str) == str(v)
+    if pd.api.types.is_numeric_dtype(column) and not isinstance(v, bool):
+        number = pd.to_numeric(pd.Series([v]), errors="coerce").iloc[0]
+        if pd.notna(number):
+            return text | (column == number)
+    return text
 
 
 def ref(src: str, key: str | Callable[[pd.DataFrame], Any], **where: Any) -> Ref:
@@ -835,17 +846,14 @@ table("ihvp_solvers_iters", ["λ", *(f"{n}: iterations to error 0.1 / 0.01 (time
       "3b: iterations and time to an error of 0.1 / 0.01, and the final relative residual, iterative solvers")
 
 
-
 def resnet_precond_row(lam: str) -> list[str | Cell]:
     """Reduced ResNet-18 at one damping: ihvp_resnet18's EK-FAC and LiSSA beside the preconditioned solvers of
-    ihvp_resnet18_lissa_ekfac and ihvp_resnet18_pcg (same cached model and CG reference)."""
-    short = f"{float(lam):g}"  # the two-damping sweeps' column loads as integers ("10"), ihvp_resnet18's as floats
-
+    ihvp_resnet18_lissa_ekfac and ihvp_resnet18_pcg (same model and CG reference)."""
     def err(name: str, solver: str) -> Ref:
-        return _ihvp_ref(name, solver, lam if name == "ihvp_resnet18" else short, _against_valid("ihvp/rel_error"))
+        return _ihvp_ref(name, solver, lam, _against_valid("ihvp/rel_error"))
 
     def its(name: str, solver: str) -> Cell:
-        return iters_cell(name, solver, lam if name == "ihvp_resnet18" else short)
+        return iters_cell(name, solver, lam)
 
     return [f"{float(lam):g}", cell("{}", _ihvp_ref("ihvp_resnet18", "ekfac", lam, _ref_state)),
             cell("{:.3}", err("ihvp_resnet18", "ekfac")),
@@ -1126,13 +1134,10 @@ def _pays_off(df: pd.DataFrame) -> str:
 
 
 def cg_products_rows(src: str = _CGP) -> list[list[str | Cell]]:
-    path = ROOT / src
-    if not path.exists():
-        return []
     return [[str(k), cell("{:s3}", ref(src, "jvp_s", k=k)), cell("{:s3}", ref(src, "jacobian_form_s", k=k)),
              cell("{:s3}", ref(src, "jacobian_s", k=k)), cell("**{:.2}×**", ref(src, "speedup", k=k)),
              cell("{}", ref(src, _pays_off, k=k)), cell("{:e2}", ref(src, "rel_diff", k=k))]
-            for k in pd.read_csv(path)["k"].astype(int)]
+            for k in load(src)["k"].astype(int)]
 
 
 table("cg_products", ["vectors per product (k)", "jvp/vjp s per product", "Jacobians: form once (s)",
