@@ -119,6 +119,14 @@ run unlearn_precond experiment=unlearn unlearn.selection=flipped unlearn.size=10
   solver.preconditioner=null,ekfac,kfac solver.damping=1e-2
 run unlearn_fmnist experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
   unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000
+# 5a/5b with three training seeds each (trainer.seed: init and batch order; the data and its flips fixed), so the
+# intervals of section 5 include training-seed variance (issue 27)
+run unlearn_remove_seeds experiment=unlearn unlearn.mode=remove unlearn.selection=random,self_influence,flipped \
+  unlearn.size=1,10,100 trainer.seed=0,1,2
+run unlearn_repair_seeds experiment=unlearn unlearn.mode=repair unlearn.repair_to=oracle \
+  unlearn.selection=self_influence,flipped unlearn.size=1,10,100 trainer.seed=0,1,2
+run unlearn_fmnist_seeds experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
+  unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000 trainer.seed=0,1,2
 # detect-then-fix with only what a user has: repair to the model's prediction (default unlearn.repair_to) or to a
 # held-out model's (crossval), or remove; the oracle (true labels of the flipped points) as an upper bound
 run clean_pipeline experiment=clean_pipeline unlearn.mode=repair,remove

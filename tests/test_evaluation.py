@@ -143,3 +143,28 @@ def test_paired_difference_cancels_what_the_items_share():
     assert own_a["ci_low"] < own_b["ci_high"]  # unpaired, the difference is not resolved
     same = paired_difference(a, a, 100, 0)
     assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
+def test_paired_recall_difference_counts_discordant_flipped_points():
+    """A minus B at 10% equals the difference of their recalls; the McNemar p-value is the binomial test of the
+    flipped points found by one ranking only; a ranking against itself differs by exactly 0 with p = 1."""
+    from scipy.stats import binomtest
+
+    from influencelab.evaluation import paired_recall_difference
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n, 100, replace=False)] = True
+    a = rng.normal(size=n) + 2.5 * flipped  # A separates flipped points better than B
+    b = rng.normal(size=n) + 1.0 * flipped
+    out = paired_recall_difference(a, b, flipped, 0.1, "x")
+    assert out["x"] == pytest.approx(recall_at(a, flipped, 0.1) - recall_at(b, flipped, 0.1), abs=1e-12)
+    top_a, top_b = np.argsort(-a)[:100], np.argsort(-b)[:100]
+    fa, fb = np.isin(np.arange(n), top_a) & flipped, np.isin(np.arange(n), top_b) & flipped
+    only_a, only_b = int((fa & ~fb).sum()), int((fb & ~fa).sum())
+    assert out["x_p"] == pytest.approx(binomtest(only_a, only_a + only_b).pvalue)
+    assert out["x_ci_low"] < out["x"] < out["x_ci_high"]
+    assert out["x_ci_low"] > 0 and out["x_p"] < 1e-3  # a real gap is resolved
+    same = paired_recall_difference(a, a, flipped, 0.1, "y")
+    assert same["y"] == 0 and same["y_ci_low"] == 0 and same["y_ci_high"] == 0 and same["y_p"] == 1.0

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import plots
 from ..errors import ConfigError
-from ..evaluation import detection_curve, detection_metrics
+from ..evaluation import detection_curve, detection_metrics, paired_recall_difference
 from ..pipeline import Context
 from ..train import per_example_loss
 from .registry import report_plot, stage
@@ -39,9 +39,14 @@ def mislabel_stage(ctx: Context) -> None:
     metrics: dict[str, float] = {}
     for name, scores in rankings.items():
         metrics.update(detection_metrics(scores, flipped.numpy(), f"mislabel/{name}"))
+    # every ranking against the loss baseline, paired over the flipped points (McNemar-style)
+    for name, scores in rankings.items():
+        if name != "loss":
+            metrics.update(versus_loss(scores, rankings["loss"], flipped.numpy(), f"mislabel/{name}"))
     by_damping = {}  # a damping list: every value from one pass
     for di, d in enumerate(ctx.solver.dampings):
         by_damping[d] = detection_metrics(ctx.self_influence[di].numpy(), flipped.numpy(), "m")
+        by_damping[d].update(versus_loss(ctx.self_influence[di].numpy(), rankings["loss"], flipped.numpy(), "m"))
         if di > 0:
             metrics.update({f"mislabel/self_influence@{d}/{k[2:]}": v for k, v in by_damping[d].items()})
     ctx.tracker.log(metrics)
@@ -59,6 +64,16 @@ def mislabel_stage(ctx: Context) -> None:
     ctx.tracker.table("mislabel_curve", ["fraction", *cols],
                       [[round(float(g), 4)] + [round(float(c[i]), 5) for c in cols.values()]
                        for i, g in enumerate(grid)], line_x="fraction")
+
+
+def versus_loss(scores, loss, flipped, prefix: str) -> dict[str, float]:
+    """``{prefix}/minus_loss_topK`` (K = 10, 20; no ``@``, which marks a damping): recall at K% of this ranking
+    minus the loss baseline's, with its paired 95% interval and McNemar p-value
+    (:func:`~influencelab.evaluation.paired_recall_difference`)."""
+    out: dict[str, float] = {}
+    for k in (10, 20):
+        out.update(paired_recall_difference(scores, loss, flipped, k / 100, f"{prefix}/minus_loss_top{k}"))
+    return out
 
 
 def damping_table(ctx: Context, by_damping: dict) -> None:
