@@ -1,0 +1,48 @@
+"""Section 2 of RESULTS.md: most helpful and harmful training images, and the leave-one-out check (runs loo,
+loo_warm). Correlations come from report.csv; sign agreement, slope and the median ratio from each job's
+(query, predicted, actual) pairs, job<N>_loo.csv (copied by run_here.sh from multirun/<name>/<N>/loo.csv)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from tables_engine import Cell, Job, Section, Sweep, cell, job
+
+SECTION = Section("2. Most helpful and most harmful training images; leave-one-out")
+
+
+def _sign(df: pd.DataFrame) -> float:
+    """Share of the pairs whose predicted and actual change have the same sign (an actual change of exactly 0,
+    as for the query whose loss is ~5e-7, agrees with nothing)."""
+    sign = lambda s: s.gt(0).astype(int) - s.lt(0).astype(int)  # noqa: E731
+    return float((sign(df["predicted"]) == sign(df["actual"])).mean())
+
+
+def _slope(df: pd.DataFrame) -> float:
+    """Least-squares slope of actual on predicted, pooled over the queries."""
+    p, a = df["predicted"], df["actual"]
+    return float(((p - p.mean()) * (a - a.mean())).sum() / ((p - p.mean()) ** 2).sum())
+
+
+def _ratio(df: pd.DataFrame) -> float:
+    return float((df["predicted"].abs() / df["actual"].abs()).median())
+
+
+def loo_row(label: str, damping: str, name: str, which: Job, bold: tuple[str, ...] = ()) -> list[str | Cell]:
+    S = Sweep(name)
+
+    def b(m: str) -> str:
+        return "**{:.2}**" if m in bold else "{:.2}"
+    return [label, damping,
+            cell(b("pearson_within") + " / {:.2}", S("loo/pearson_within", which), S("loo/pearson", which)),
+            cell(b("spearman_within") + " / {:.2}", S("loo/spearman_within", which), S("loo/spearman", which)),
+            *(cell(f, S.job_ref(which, "loo.csv", key)) for f, key in (("{:%0}", _sign), ("{:g2}", _slope),
+                                                                       ("{:s2}", _ratio)))]
+
+
+SECTION.table("loo", ["retraining", "λ", "Pearson within / pooled", "Spearman within / pooled", "sign agreement",
+                      "slope actual ~ predicted", "median \\|pred\\| / \\|actual\\|"], [
+    loo_row("scratch", "1e-3", "loo", job()),
+    loo_row("warm", "1e-3", "loo_warm", job("solver.damping=1e-3"), bold=("pearson_within",)),
+    loo_row("warm", "1e-2", "loo_warm", job("solver.damping=1e-2")),
+    loo_row("warm", "0.1", "loo_warm", job("solver.damping=0.1"), bold=("spearman_within",)),
+], "2: leave-one-out against the prediction")

@@ -1,0 +1,235 @@
+"""Section 6 of RESULTS.md: benchmarks (benchmarks/bench_*.py, their CSVs in benchmarks/results/). Tables whose
+rows are the measurements a CSV holds build them when rendered; a missing CSV gives an empty table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+from tables_engine import Cell, Ref, Section, cell, exists, fmt, load, ref
+
+SECTION = Section("6. Benchmarks")
+
+# LiSSA against dattri (python benchmarks/bench_lissa.py; rows: influencelab shared / per query, dattri's modes)
+_LI = "benchmarks/results/lissa.csv"
+
+
+def _li(key: str, impl: str, mode: str, batches: str) -> Ref:
+    return ref(_LI, key, implementation=impl, mode=mode, batch_convention=batches)
+
+
+SECTION.table("lissa_dattri", ["implementation", "autodiff", "batches", "query IHVPs s (recursion alone)",
+                               "ours / fastest dattri (recursion alone)"], [
+    ["influencelab", "fwd-over-rev", "one stream shared by the 10 queries",
+     cell("{:.2} ({:.2})", _li("seconds", "influencelab", "fwd-over-rev", "shared"),
+          _li("solve_seconds", "influencelab", "fwd-over-rev", "shared")),
+     cell("**{:.2}** ({:.2})", _li("ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "shared"),
+          _li("solve_ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "shared"))],
+    ["influencelab", "fwd-over-rev", "per query (10 calls)",
+     cell("{:.2} ({:.2})", _li("seconds", "influencelab", "fwd-over-rev", "per-query"),
+          _li("solve_seconds", "influencelab", "fwd-over-rev", "per-query")),
+     cell("**{:.2}** ({:.2})", _li("ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "per-query"),
+          _li("solve_ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev", "per-query"))],
+    ["dattri 0.3.0", "rev-rev", "per query", cell("{:.2}", _li("seconds", "dattri 0.3.0", "rev-rev", "per-query")),
+     cell("{:.2} (the fastest mode here)", _li("ratio_vs_dattri_fastest", "dattri 0.3.0", "rev-rev", "per-query"))],
+    ["dattri 0.3.0", "rev-fwd", "per query", cell("{:.2}", _li("seconds", "dattri 0.3.0", "rev-fwd", "per-query")),
+     cell("{:.2}", _li("ratio_vs_dattri_fastest", "dattri 0.3.0", "rev-fwd", "per-query"))],
+], "6: LiSSA against dattri, both batch conventions")
+
+
+# EK-FAC vs kronfluence on the CPU: `python benchmarks/bench_ekfac.py --n 20000,60000 --strategies ekfac
+# --denormals flush,keep --compression` (one row per implementation, n, strategy and denormal setting)
+_EK = "benchmarks/results/ekfac.csv"
+
+
+def impl_value(impl: str, col: str | Callable[[pd.Series], Any]) -> Callable[[pd.DataFrame], Any]:
+    """A value of the selected measurement's ``impl`` row (NaN when it failed or was skipped)."""
+    def get(df: pd.DataFrame) -> Any:
+        ok = df[(df["impl"] == impl) & df["fit_s"].notna()]
+        if len(ok) != 1:
+            return math.nan
+        row = ok.iloc[0]
+        return col(row) if callable(col) else row[col]
+    return get
+
+
+def peer_ratio(col: str | Callable[[pd.Series], Any]) -> Callable[[pd.DataFrame], Any]:
+    """Ours over kronfluence's ``col`` of the selected measurement."""
+    return lambda df: impl_value("influencelab", col)(df) / impl_value("kronfluence", col)(df)
+
+
+def _fit_self(row: pd.Series) -> float:
+    return row["fit_s"] + row["self_s"]
+
+
+def ekfac_rows(src: str = _EK) -> list[list[str | Cell]]:
+    rows: list[list[str | Cell]] = []
+    if not exists(src):
+        return rows
+    df = load(src)
+    for _, r in df[df["impl"] == "influencelab"].iterrows():
+        w = dict(n=r["n"], strategy=r["strategy"], denormals=r["denormals"])
+
+        def R(key: Callable[[pd.DataFrame], Any], w: dict = w) -> Ref:
+            return ref(src, key, **w)
+
+        rows.append([f"{int(r['n']):,}", {"flush": "flushed", "keep": "kept (PyTorch's default)"}[r["denormals"]],
+                     cell("{:s3} / {:s3}", R(impl_value("influencelab", _fit_self)),
+                          R(impl_value("kronfluence", _fit_self))),
+                     cell("**{:.2}**", R(peer_ratio(_fit_self))),
+                     cell("{:s3} / {:s3}", R(impl_value("influencelab", "pairwise_s")),
+                          R(impl_value("kronfluence", "pairwise_s"))),
+                     cell("**{:.2}**", R(peer_ratio("pairwise_s"))),
+                     cell("{:,0} / {:,0}", R(impl_value("influencelab", "peak_pairwise_mb")),
+                          R(impl_value("kronfluence", "peak_pairwise_mb"))),
+                     cell("{:.4} / {:.6}", R(impl_value("kronfluence", "spearman_self")),
+                          R(impl_value("kronfluence", "spearman_pairwise")))])
+    return rows
+
+
+SECTION.table("ekfac_cpu", ["n_train", "subnormal floats", "fit + self s: ours / kronfluence", "ratio (target ≤ 0.5)",
+                            "pairwise s: ours / kronfluence", "ratio (target ≤ 0.5)",
+                            "pairwise peak RSS above start, MB: ours / kronfluence", "Spearman self / pairwise"],
+              ekfac_rows, "6: EK-FAC vs kronfluence on 2 CPU cores, FashionMNIST CNN, 100 queries")
+
+_EKC = "benchmarks/results/ekfac_compression.csv"
+SECTION.table("ekfac_compression", ["score.query_rank", "pairwise s", "query matrix MB", "Spearman vs full",
+                                    "Pearson vs full"],
+              [[str(r), cell("{:s2}", ref(_EKC, "pairwise_s", query_rank=r)),
+                cell("{:.1}", ref(_EKC, "query_matrix_mb", query_rank=r)),
+                cell("{:.4}", ref(_EKC, "spearman_vs_full", query_rank=r)),
+                cell("{:.4}", ref(_EKC, "pearson_vs_full", query_rank=r))] for r in ("full", 64, 32, 8)],
+              "6: low-rank query compression vs full rank (bench_ekfac.py --compression)")
+
+
+# Subnormal floats: `python benchmarks/bench_subnormal.py`
+_SN = "benchmarks/results/subnormal.csv"
+
+
+def subnormal_rows(src: str = _SN) -> list[list[str | Cell]]:
+    if not exists(src):
+        return []
+    mm = "matmul_2048x1568x1568"
+    return [[f"`[2048 × 1568] @ [1568 × 1568]`, {inputs} inputs",
+             *(cell("{:g2} s", ref(src, "seconds", measurement=mm, denormals=d, inputs=inputs))
+               for d in ("keep", "flush"))] for inputs in ("normal", "subnormal")]
+
+
+def _factor_count(impl: str, n: int, only: str | None = None) -> Callable[[pd.DataFrame], Any]:
+    def get(df: pd.DataFrame) -> Any:
+        sel = df[(df["measurement"] == "ekfac_factors") & (df["impl"] == impl) & (df["n_train"] == n)]
+        if only is not None:
+            sel = sel[sel["factor"] == only]
+        return sel["subnormal_entries"].sum() if len(sel) else math.nan
+    return get
+
+
+def subnormal_model_rows(src: str = _SN) -> list[list[str | Cell]]:
+    if not exists(src):
+        return []
+    df = load(src)
+    grads = df[df["measurement"] == "trained_cnn_per_sample_gradients"]
+
+    def share(n: int) -> Callable[[pd.DataFrame], Any]:
+        return lambda d: d.loc[(d["measurement"] == "trained_cnn_per_sample_gradients") & (d["n_train"] == n),
+                               "share_points_subnormal"].squeeze()
+
+    return [[f"{n:,}", cell("{:%1}", ref(src, share(n))),
+             cell("{:,0}", ref(src, _factor_count("kronfluence", n))),
+             cell("{:,0}", ref(src, _factor_count("kronfluence", n, "activation_eigenvectors/7"))),
+             cell("{:,0}", ref(src, _factor_count("influencelab", n)))]
+            for n in grads["n_train"].astype(int)]
+
+
+SECTION.table("subnormal", ["float32 product", "PyTorch's default", "flush-denormal"], subnormal_rows,
+              "6: a float32 product on normal and subnormal inputs, per floating-point mode")
+SECTION.table("subnormal_factors", ["CNN trained on (points)",
+                                    "training points with a subnormal per-sample gradient entry",
+                                    "subnormal entries in kronfluence's EK-FAC factors",
+                                    "of which in its Linear(1568, 64) input eigenvectors",
+                                    "subnormal entries in influencelab's EK-FAC factors"],
+              subnormal_model_rows, "6: where the subnormal floats are: the fitted factors, not the gradients")
+
+
+# Scaling in n_train through the CLI: `python benchmarks/bench_scaling.py`
+_SC = "benchmarks/results/scaling.csv"
+
+
+def _per_point(stage: str, n: int) -> Callable[[pd.DataFrame], float]:
+    """Seconds per training point of ``stage`` at ``n`` relative to the smallest size's."""
+    def get(df: pd.DataFrame) -> float:
+        base = df.loc[df["n_train"].idxmin()]
+        row = df[df["n_train"] == n].iloc[0]
+        return (row[f"{stage}_s"] / n) / (base[f"{stage}_s"] / base["n_train"])
+    return get
+
+
+def scaling_rows(src: str = _SC) -> list[list[str | Cell]]:
+    if not exists(src):
+        return []
+    return [[f"{n:,}", *(cell("{:s3} ({:.2})", ref(src, f"{st}_s", n_train=n), ref(src, _per_point(st, n)))
+                         for st in ("fit", "self", "pairwise")),
+             cell("{:,0}", ref(src, "peak_rss_mb", n_train=n))]
+            for n in load(src)["n_train"].astype(int)]
+
+
+SECTION.table("scaling", ["n_train", "fit s (per point vs smallest)", "self s", "pairwise s",
+                          "peak RSS MB (process)"],
+              scaling_rows, "6: EK-FAC stage times through the CLI against n_train (bench_scaling.py)")
+
+
+# CG's GGN products, jvp/vjp vs cached Jacobians: `python benchmarks/bench_cg_products.py`
+_CGP = "benchmarks/results/cg_products.csv"
+
+
+def _pays_off(df: pd.DataFrame) -> str:
+    """After how many products forming the Jacobians has paid for itself ("never" where they are not faster)."""
+    x = float(df["break_even_products"].iloc[0])
+    return "never" if math.isinf(x) else fmt(x, ".1")
+
+
+def cg_products_rows(src: str = _CGP) -> list[list[str | Cell]]:
+    return [[str(k), cell("{:s3}", ref(src, "jvp_s", k=k)), cell("{:s3}", ref(src, "jacobian_form_s", k=k)),
+             cell("{:s3}", ref(src, "jacobian_s", k=k)), cell("**{:.2}×**", ref(src, "speedup", k=k)),
+             cell("{}", ref(src, _pays_off, k=k)), cell("{:e2}", ref(src, "rel_diff", k=k))]
+            for k in load(src)["k"].astype(int)]
+
+
+SECTION.table("cg_products", ["vectors per product (k)", "jvp/vjp s per product", "Jacobians: form once (s)",
+                              "then s per product", "speed-up", "pays off after (products)", "relative difference"],
+              cg_products_rows, "6: CG's exact GGN products on the section 3 CNN, 500 points (bench_cg_products.py)")
+
+# Damping sweeps through the CLI: `python benchmarks/bench_pipeline.py --n 2000 --note "..."`
+_PL = "benchmarks/results/pipeline.csv"
+_PL_RUNS = [("one damping", "one damping (fit + self + pairwise)"),
+            ("5 dampings as a list (`'solver.damping=[1e-5,1e-4,1e-3,1e-2,1e-1]'`), one run",
+             "5 dampings as a list, one run"),
+            ("5 dampings as a multirun (`-m solver.damping=1e-5,...`)", "5 dampings as a multirun (cached factors)")]
+SECTION.table("pipeline", ["run", "wall s", "ratio vs one"],
+              [[label, cell("{:.1}", ref(_PL, "wall_s", run=run)),
+                cell("**{:.2}**" if i else "{:.2}", ref(_PL, "ratio_vs_one", run=run))]
+               for i, (label, run) in enumerate(_PL_RUNS)],
+              "6: one damping vs five as a list vs five as a multirun (bench_pipeline.py)")
+
+
+# EK-FAC on a conv-heavy net (ResNet-18), before/after issue #18: `python benchmarks/bench_resnet.py`
+_R18 = "benchmarks/results/resnet18_ekfac.csv"
+
+
+def r18_row(label: str, run: str) -> list[str | Cell]:
+    def R(key: str) -> Ref:
+        return ref(_R18, key, run=run)
+
+    return [label, cell("{:s2}", R("train_s_per_epoch")), cell("{:s3}", R("fit_s")), cell("{:s3}", R("self_s")),
+            cell("**{:.1}**", R("fit_plus_self_epochs")), cell("{:,0}", R("peak_rss_mb")),
+            cell("{:s2} / {:s2} / {:s3}", R("covariances_s"), R("eigh_s"), R("correction_s")),
+            cell("{:.4}", R("spearman_vs_baseline"))]
+
+
+SECTION.table("resnet18_ekfac", ["ekfac.py", "train s / epoch", "fit s", "self s",
+                                 "fit + self in epochs (target ≤ 10)", "peak RSS MB (target ≤ 4,000)",
+                                 "covariances / eigh / correction s", "Spearman vs before"],
+              [r18_row("before (2c92a3e)", "before"), r18_row("after", "after")],
+              "6: EK-FAC fit + self on ResNet-18, FashionMNIST 2,000 points, before/after #18")

@@ -1,0 +1,107 @@
+"""Section 4 of RESULTS.md: the Linear Datamodeling Score (runs lds, lds_damping, lds_seeds, lds_ensemble, lds_pcg;
+experiments/lds_peer.py). lds/report.csv: one job per solver, each at λ = [1e-3, auto] (the 100-subset ground
+truth); lds/lds_paired.csv: every pair's difference, paired over queries; lds_peer/lds_peer.json: kronfluence on
+the same model, queries and ground truth (its kronfluence ``ekfac`` entry)."""
+
+from __future__ import annotations
+
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, job, paired, ref
+
+SECTION = Section("4. Linear Datamodeling Score")
+
+EKFAC, KFAC, IDENTITY = job(solver="ekfac"), job(solver="kfac"), job(solver="identity")
+_LDS = Sweep("lds")
+_PEER = "experiments/results/lds_peer/lds_peer.json"
+
+
+def lds_ci(S: Sweep, which: Job, metric: str = "lds", bold: bool = False) -> Cell:
+    return cell(("**{:.3}**" if bold else "{:.3}") + " [{:.3}, {:.3}]", S(f"{metric}/mean", which),
+                S(f"{metric}/ci_low", which), S(f"{metric}/ci_high", which))
+
+
+def lds_row(label: str, which: Job, bold: bool = False, time: str = "{:.1} + {:.1}", S: Sweep = _LDS,
+            vs_ekfac: Cell | str | None = None) -> list[str | Cell]:
+    """A ``run lds`` job (or, with ``S`` and ``vs_ekfac``, a job of another sweep on the same ground truth)."""
+    if vs_ekfac is None:
+        vs_ekfac = "–" if which == EKFAC else paired(_LDS, EKFAC, which)
+    return [label, cell("**{:.3} ± {:.3}**" if bold else "{:.3} ± {:.3}", S("lds/mean", which),
+                        S("lds/std", which)),
+            cell("[{:.3}, {:.3}]", S("lds/ci_low", which), S("lds/ci_high", which)), vs_ekfac,
+            cell("{:.3} [{:.3}, {:.3}]", S("lds/mean@auto", which), S("lds/ci_low@auto", which),
+                 S("lds/ci_high@auto", which)),
+            cell("{:.3}", S("lds_margin/mean", which)),
+            cell(time, S("fit/compute_s", which), S("time/pairwise_s", which))]
+
+
+# run lds_pcg (PCG, one job), paired with run lds's EK-FAC by experiments/lds_pair.py
+_LDS_PCG_PAIRED = Sweep("lds_pcg").file("paired_vs_ekfac.csv")
+_PCG_VS_EKFAC = cell("{:.3} [{:.3}, {:.3}]", *(ref(_LDS_PCG_PAIRED, k, measurement="loss", damping="0.001")
+                                               for k in ("diff", "ci_low", "ci_high")))
+
+
+def _peer(key: str) -> Ref:
+    return ref(_PEER, key, library="kronfluence", strategy="ekfac")
+
+
+SECTION.table("lds", ["method", "LDS (loss), λ = 1e-3: mean ± std", "95% CI", "EK-FAC minus this, paired [95% CI]",
+                      "LDS (loss), λ = auto [95% CI]", "LDS (margin), λ = 1e-3", "fit + pairwise s"], [
+    lds_row("influencelab EK-FAC", EKFAC, bold=True),
+    lds_row("influencelab K-FAC", KFAC),
+    lds_row("influencelab identity (gradient dot product; λ has no effect)", IDENTITY),
+    lds_row("influencelab LiSSA + EK-FAC, depth 200: **unconverged**", job(solver="lissa_ekfac"),
+            time="{:.1} (EK-FAC) + {:,0} (shared cores)"),
+    lds_row("influencelab CG + EK-FAC (PCG), G on 1,000 of the 5,000 points, 100 iterations: **unconverged**", job(),
+            S=Sweep("lds_pcg"), vs_ekfac=_PCG_VS_EKFAC, time="{:.1} (EK-FAC) + {:,0}"),
+    ["kronfluence EK-FAC (`experiments/lds_peer.py`), its defaults, true Fisher",
+     cell("{:.3} ± {:.3}", _peer("lds/mean"), _peer("lds/std")),
+     cell("[{:.3}, {:.3}]", _peer("lds/ci_low"), _peer("lds/ci_high")),
+     cell("{:.3} [{:.3}, {:.3}]", _peer("paired/lds/diff"), _peer("paired/lds/ci_low"), _peer("paired/lds/ci_high")),
+     "–", cell("{:.3}", _peer("lds_margin/mean")), "–"],
+], "4: LDS per solver")
+
+# lds_damping: one job per solver.damping (the other columns: run lds's EK-FAC at 1e-3 and its identity)
+_LD = Sweep("lds_damping")
+_LD_COLS: list[tuple[Sweep, Job]] = [
+    *((_LD, job(f"solver.damping={d}")) for d in ("1e-5", "1e-4")), (_LDS, EKFAC),
+    *((_LD, job(f"solver.damping={d}")) for d in ("1e-2", "0.1", "auto")), (_LDS, IDENTITY)]
+SECTION.table("lds_damping", ["EK-FAC λ", "1e-5", "1e-4", "1e-3", "1e-2", "0.1",
+                              "auto (0.1 × the mean eigenvalue)", "identity (λ → ∞)"], [
+    ["LDS (loss)", *(cell("{:.3}", S("lds/mean", j)) for S, j in _LD_COLS)],
+    ["95% CI", *(cell("[{:.3}, {:.3}]", S("lds/ci_low", j), S("lds/ci_high", j)) for S, j in _LD_COLS)],
+    ["LDS (margin)", *(cell("{:.3}", S("lds_margin/mean", j)) for S, j in _LD_COLS)],
+], "4: LDS across damping")
+
+# lds_seeds: one job per solver and lds.seeds_per_subset
+_LSEEDS = Sweep("lds_seeds")
+
+
+def _seeds(j: Job, k: int) -> Job:
+    return j & job(f"lds.seeds_per_subset={k}")
+
+
+SECTION.table("lds_seeds", ["seeds per subset (50 subsets)", "EK-FAC λ = 1e-3 LDS (loss) [95% CI]",
+                            "identity LDS (loss) [95% CI]"], [
+    ["1", lds_ci(_LSEEDS, _seeds(EKFAC, 1)), lds_ci(_LSEEDS, _seeds(IDENTITY, 1))],
+    ["2", lds_ci(_LSEEDS, _seeds(EKFAC, 2)), lds_ci(_LSEEDS, _seeds(IDENTITY, 2))],
+    ["1 minus 2, paired over queries [95% CI]", paired(_LSEEDS, _seeds(EKFAC, 1), _seeds(EKFAC, 2)),
+     paired(_LSEEDS, _seeds(IDENTITY, 1), _seeds(IDENTITY, 2), damping="0.0")],
+], "4: LDS with 1 or 2 retraining seeds per subset")
+
+# lds_ensemble: one job per solver and score.ensemble (k)
+_ENS = Sweep("lds_ensemble")
+_KS = (1, 2, 4, 8)
+
+
+def _k(j: Job, k: int) -> Job:
+    return j & job(f"score.ensemble={k}")
+
+
+SECTION.table("lds_ensemble", ["k models", "1 (the run's model)", "2", "4", "8"], [
+    ["EK-FAC λ = 1e-3 LDS (loss) [95% CI]", *(lds_ci(_ENS, _k(EKFAC, k)) for k in _KS)],
+    ["EK-FAC: k models minus 1, paired over queries [95% CI]", "–",
+     *(paired(_ENS, _k(EKFAC, k), _k(EKFAC, 1)) for k in _KS[1:])],
+    ["EK-FAC LDS (margin)", *(cell("{:.3}", _ENS("lds_margin/mean", _k(EKFAC, k))) for k in _KS)],
+    ["identity LDS (loss)", *(cell("{:.3}", _ENS("lds/mean", _k(IDENTITY, k))) for k in _KS)],
+    ["EK-FAC pairwise s (the members not yet cached trained and fitted first)",
+     *(cell("{:,0}", _ENS("time/pairwise_s", _k(EKFAC, k))) for k in _KS)],
+], "4: LDS of score ensembles")

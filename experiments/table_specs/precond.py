@@ -1,0 +1,131 @@
+"""Section 3b of RESULTS.md: EK-FAC-preconditioned CG and LiSSA (experiments/precond_spectrum.py; runs
+ihvp_solvers, ihvp_precond, ihvp_precond_cg, ihvp_precond_lissa, unlearn_precond, ihvp_resnet18_pcg,
+ihvp_resnet18_lissa_ekfac)."""
+
+from __future__ import annotations
+
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, job, ref
+
+from table_specs.ihvp import against_valid, ihvp_ref, ihvp_rows, iters_cell, ref_state
+
+SECTION = Section("3b. EK-FAC-preconditioned CG and LiSSA")
+
+# the spectrum of the EK-FAC-preconditioned damped system (experiments/precond_spectrum.py)
+_SPEC = "experiments/results/precond_spectrum/spectrum.csv"
+
+
+def _spec(key: str, model: str, n: int, lam: float, lam_p: float, pre: str = "ekfac", samples: int = 1) -> Ref:
+    return ref(_SPEC, key, model=model, n_train=n, curvature="fisher", preconditioner=pre, fisher_samples=samples,
+               damping=float(lam), precond_damping=float(lam_p))
+
+
+def spec_row(model: str, n: int, lam: float) -> list[str | Cell]:
+    same, big = (model, n, lam, lam), (model, n, lam, 10 * lam)
+    return [f"{model}, n = {n}", f"{lam:g}", cell("{:e2}", _spec("cond_A", *same)),
+            cell("{:e2} / {:e2}", _spec("cond_PA", *same), _spec("cond_PA", *big)),
+            cell("{:e2}", _spec("cond_PA", *same, pre="kfac")),
+            cell("{:d} / {:d} / {:d}", _spec("cg_iters_plain", *same), _spec("cg_iters_pcg", *same),
+                 _spec("cg_iters_pcg", *big)),
+            cell("{:d} / {:d}", _spec("cg_iters_pcg", *same, samples=16), _spec("cg_iters_pcg", *same, pre="kfac"))]
+
+
+SECTION.table("precond_spectrum", ["model", "λ", "cond(G + λI)", "cond(P⁻¹(G + λI)), EK-FAC, λ_P = λ / 10λ",
+                                   "… K-FAC, λ_P = λ", "CG iterations to 1e-6: plain / EK-FAC λ_P = λ / 10λ",
+                                   "… EK-FAC 16 label samples / K-FAC"],
+              [spec_row(m, n, lam) for m, n in (("mlp", 48), ("cnn", 48), ("mlp", 600), ("cnn", 600))
+               for lam in (1e-3, 1e-2, 0.1, 1.0)],
+              "3b: condition numbers and CG iterations, plain vs EK-FAC/K-FAC-preconditioned, small float64 models")
+
+# all six solvers across λ = 1e-5 … 10 on the CNN (run ihvp_solvers; one job per solver and damping)
+_SIX = ["ekfac", "kfac", "lissa", "lissa_ekfac", "cg", "cg_ekfac"]
+_SIX_NAMES = ["EK-FAC", "K-FAC", "LiSSA (depth 200)", "LiSSA + EK-FAC (depth 200)", "CG", "CG + EK-FAC"]
+_SIX_DAMPINGS = ["1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0"]
+SECTION.table("ihvp_solvers", ["λ", "CG reference (relative residual)", *(f"{n} error / cosine" for n in _SIX_NAMES)],
+              ihvp_rows("ihvp_solvers", _SIX_DAMPINGS, _SIX, time_at="0.001"),
+              "3b: six solvers' IHVP error vs the CG reference, CNN")
+
+SECTION.table("ihvp_solvers_iters", ["λ", *(f"{n}: iterations to error 0.1 / 0.01 (time to 0.1); final residual"
+                                           for n in _SIX_NAMES[2:])],
+              [[f"{float(lam):g}", *(iters_cell("ihvp_solvers", s, lam) for s in _SIX[2:])] for lam in _SIX_DAMPINGS],
+              "3b: iterations and time to an error of 0.1 / 0.01, and the final relative residual, iterative solvers")
+
+
+def resnet_precond_row(lam: str) -> list[str | Cell]:
+    """Reduced ResNet-18 at one damping: ihvp_resnet18's EK-FAC and LiSSA beside the preconditioned solvers of
+    ihvp_resnet18_lissa_ekfac and ihvp_resnet18_pcg (same model and CG reference)."""
+    def err(name: str, solver: str) -> Ref:
+        return ihvp_ref(name, solver, lam, against_valid("ihvp/rel_error"))
+
+    def its(name: str, solver: str) -> Cell:
+        return iters_cell(name, solver, lam)
+
+    return [f"{float(lam):g}", cell("{}", ihvp_ref("ihvp_resnet18", "ekfac", lam, ref_state)),
+            cell("{:.3}", err("ihvp_resnet18", "ekfac")),
+            cell("{:.3}", err("ihvp_resnet18", "lissa")), cell("{:.3}", err("ihvp_resnet18_lissa_ekfac", "lissa_ekfac")),
+            its("ihvp_resnet18", "lissa"), its("ihvp_resnet18_lissa_ekfac", "lissa_ekfac"),
+            its("ihvp_resnet18_pcg", "cg"), its("ihvp_resnet18_pcg", "cg_ekfac")]
+
+
+SECTION.table("ihvp_resnet18_precond", ["λ", "CG reference (relative residual)", "EK-FAC error", "LiSSA error",
+                                        "LiSSA + EK-FAC error",
+                                        *(f"{n}: iterations to error 0.1 / 0.01 (time to 0.1); final residual"
+                                          for n in ("LiSSA", "LiSSA + EK-FAC", "CG (≤ 100)", "CG + EK-FAC (≤ 100)"))],
+              [resnet_precond_row(lam) for lam in ("10.0", "1.0")],
+              "3b: the preconditioned solvers on the reduced ResNet-18, where its reference converged")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sec. 3 setting at λ = 1e-3: plain and preconditioned CG/LiSSA beside EK-FAC/K-FAC (same model and reference),
+# each from its job's ihvp table job<N>_ihvp.csv (one row: its damping)
+
+
+def pre_row(label: str, name: str, which: Job, iterative: bool = True) -> list[str | Cell]:
+    def R(key: str) -> Ref:
+        return Sweep(name).job_ref(which, "ihvp.csv", key)
+
+    row: list[str | Cell] = [label, cell("{:.3} / {:.3}", R("rel_error"), R("cosine"))]
+    if iterative:
+        row += [cell("{:d} ({:e2})", R("iterations"), R("rel_residual")),
+                cell("{:d} / {:d}", R("iters_to_0.1"), R("iters_to_0.01")),
+                cell("{:s3} / {:s3}", R("time_s_to_0.1"), R("time_s_to_0.01"))]
+    else:
+        row += ["direct", "–", "–"]
+    return row + [cell("{:s3}", R("fit_s")), cell("{:s3}", R("time_s"))]
+
+
+def _pre(p: str) -> Job:
+    return job(f"solver.preconditioner={p}")
+
+
+SECTION.table("ihvp_precond", ["solver (λ = 1e-3)", "error vs CG / cosine", "iterations (relative residual)",
+                               "iterations to error 0.1 / 0.01", "time to error 0.1 / 0.01 (s, fit included)",
+                               "fit (s)", "fit + solve (s)"], [
+    pre_row("EK-FAC", "ihvp_precond", job(solver="ekfac"), iterative=False),
+    pre_row("K-FAC", "ihvp_precond", job(solver="kfac"), iterative=False),
+    pre_row("CG (tol 1e-4, ≤ 150 iterations)", "ihvp_precond_cg", _pre("null")),
+    pre_row("CG + EK-FAC", "ihvp_precond_cg", _pre("ekfac")),
+    pre_row("CG + K-FAC", "ihvp_precond_cg", _pre("kfac")),
+    pre_row("LiSSA (depth 200, batch 32)", "ihvp_precond_lissa", _pre("null")),
+    pre_row("LiSSA + EK-FAC", "ihvp_precond_lissa", _pre("ekfac")),
+    pre_row("LiSSA + K-FAC", "ihvp_precond_lissa", _pre("kfac")),
+], "3b: the Sec. 3 CNN at λ = 1e-3, plain vs preconditioned iterative solvers")
+
+
+# the one-step removal of 5d with preconditioned CG (one job per unlearn.size and solver.preconditioner)
+_UP = Sweep("unlearn_precond")
+
+
+def up_row(label: str, which: Job) -> list[str | Cell]:
+    return [label, cell("{:d}", _UP("unlearn/n_points", which)),
+            cell("{:.3}", _UP("unlearn/edited/test_accuracy", which)),
+            cell("{:.3}", _UP("unlearn/edited/set_loss", which)),
+            cell("{:d}", _UP("solver/iterations@0.01", which)),
+            cell("{:e2}", _UP("solver/rel_residual_max@0.01", which)),
+            cell("{:s3}", _UP("time/unlearn_edit_s", which))]
+
+
+SECTION.table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc after the step", "removed-set loss",
+                                  "CG iterations", "relative residual", "step time (s)"],
+              [up_row(label, job(f"unlearn.size={size}") & _pre(p)) for size in (10, 100)
+               for label, p in (("CG", "null"), ("CG + EK-FAC", "ekfac"), ("CG + K-FAC", "kfac"))],
+              "3b/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")

@@ -1,0 +1,144 @@
+"""Section 5 of RESULTS.md: unlearning by one Newton step against fine-tuning and retraining (runs unlearn_remove,
+unlearn_repair, unlearn_fmnist, unlearn_solvers, clean_pipeline*)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+from tables_engine import Cell, Job, Section, Sweep, cell, job, ph, ref1
+
+SECTION = Section("5. Unlearning by one Newton step")
+
+_MODELS4 = ("original", "edited", "finetuned", "retrained")
+
+
+def u(S: Sweep, which: Job, metric: str, models: Sequence[str], fmts: str, edit_bold: bool = True) -> Cell:
+    """``metric`` of ``models`` joined by " / ", the edited model's in bold."""
+    parts = [ph(fmts, m == "edited" and edit_bold) for m in models]
+    return cell(" / ".join(parts), *(S(f"unlearn/{m}/{metric}", which) for m in models))
+
+
+def n_set(S: Sweep, which: Job, template: str = "{:d} ({:d})") -> Cell:
+    return cell(template, S("unlearn/n_points", which), S("unlearn/n_flipped_in_set", which))
+
+
+def unlearn_row(S: Sweep, which: Job, set_metric: str, set_fmt: str,
+                n_template: str = "{:d} ({:d})") -> list[Cell]:
+    return [n_set(S, which, n_template), u(S, which, "test_accuracy", _MODELS4, ".3"),
+            u(S, which, set_metric, ("original", "edited", "retrained"), set_fmt),
+            u(S, which, "agreement", ("edited", "original"), ".3"),
+            u(S, which, "kl_to_retrained", ("edited", "original"), ".2")]
+
+
+def sel(selection: str, size: int) -> Job:
+    """The job removing (or repairing) ``size`` points chosen by ``selection``."""
+    return job(f"unlearn.selection={selection}", f"unlearn.size={size}")
+
+
+_UR, _UP = Sweep("unlearn_remove"), Sweep("unlearn_repair")
+_SEL = {"random": "random", "flipped": "flipped", "self_influence": "top self-influence"}
+SECTION.table("unlearn_remove", ["mode", "selection", "\\|R\\| (flipped)",
+                                 "test acc: orig / **edit** / fine-tune / retrain",
+                                 "set loss: orig / **edit** / retrain", "agreement w/ retrain: **edit** / orig",
+                                 "KL to retrain: **edit** / orig"],
+              [["remove", _SEL[s], *unlearn_row(_UR, sel(s, n), "set_loss", "s3")]
+               for s in ("random", "flipped", "self_influence") for n in (1, 10, 100)],
+              "5a: removal, digits")
+SECTION.table("unlearn_repair", ["mode", "selection", "\\|R\\| (flipped)",
+                                 "test acc: orig / **edit** / fine-tune / retrain",
+                                 "set acc (corrected labels): orig / **edit** / retrain",
+                                 "agreement w/ retrain: **edit** / orig", "KL to retrain: **edit** / orig"],
+              [["repair", _SEL[s], *unlearn_row(_UP, sel(s, n), "set_accuracy", ".2")]
+               for s in ("flipped", "self_influence") for n in (1, 10, 100)],
+              "5a: label repair (oracle labels), digits")
+
+# unlearn_fmnist: random 10/100/1000, flipped 10/100/1000 (the last: all 500 flipped points)
+_UF = Sweep("unlearn_fmnist")
+SECTION.table("unlearn_fmnist", ["selection", "\\|R\\| (flipped)", "test acc: orig / **edit** / fine-tune / retrain",
+                                 "set loss: orig / **edit** / retrain", "agreement w/ retrain: **edit** / orig",
+                                 "KL: **edit** / orig", "edit s / retrain s"],
+              [[_SEL[s], *unlearn_row(_UF, sel(s, n), "set_loss", "s3",
+                                      n_template="{:d} ({:d}, all)" if (s, n) == ("flipped", 1000) else "{:d} ({:d})"),
+                cell("{:.2} / {:.1}", _UF("time/unlearn_edit_s", sel(s, n)), _UF("time/unlearn_retrain_s", sel(s, n)))]
+               for s in ("random", "flipped") for n in (10, 100, 1000)],
+              "5b: removal, FashionMNIST")
+
+# 5c: experiments/results/clean_pipeline_summary.csv, written by `python experiments/clean_pipeline_table.py` from
+# the four clean_pipeline* sweeps' report.csv; one row per data set, mode and repair rule
+_CP = "experiments/results/clean_pipeline_summary.csv"
+_CP_ROWS = [dict(data=d, mode=m, **({"repair_to": r} if r else {}))
+            for d in ("digits", "FashionMNIST")
+            for m, r in (("repair", "prediction"), ("remove", None), ("repair", "crossval"), ("repair", "oracle"))]
+
+
+def _how(df: pd.DataFrame) -> str:
+    (mode, rule), = df[["mode", "repair_to"]].to_numpy()
+    return "remove" if mode == "remove" else f"repair ({rule}{', upper bound' if rule == 'oracle' else ''})"
+
+
+def _fixed(df: pd.DataFrame) -> str:
+    (mode, n, flipped, true), = df[["mode", "n_points", "n_flipped", "n_true_label"]].to_numpy()
+    return f"{n} ({flipped})" if mode == "remove" else f"{n} ({flipped}; {int(true)})"
+
+
+SECTION.table("clean_pipeline", ["data", "mode (labels from)", "points fixed (flipped; relabelled to the true class)",
+                                 "noisy model", "one Newton step", "fine-tune 1 epoch", "retrain on cleaned data"],
+              [[ref1(_CP, "data", **w), ref1(_CP, _how, **w), ref1(_CP, _fixed, **w),
+                *(cell("{:.3} [{:.3}, {:.3}]", ref1(_CP, m, **w), ref1(_CP, f"{m}_ci_low", **w),
+                       ref1(_CP, f"{m}_ci_high", **w)) for m in _MODELS4)]
+               for w in _CP_ROWS],
+              "5c: detect, then repair or remove")
+
+# 5d: unlearn_solvers: one job per unlearn.size (10, 100), solver (EK-FAC, CG, LiSSA) and λ (1e-3 ... 1)
+_US = Sweep("unlearn_solvers")
+_SOLVERS = (("ekfac", "EK-FAC", "EK-FAC"), ("cg", "CG (exact GGN)", "CG"), ("lissa", "LiSSA", "LiSSA"))
+_LAMBDAS = ("1e-3", "1e-2", "0.1", "1")
+_US_BOLD = {("ekfac", "1e-2", "set10"), ("ekfac", "0.1", "set100"), ("cg", "1e-2", "acc100"),
+            ("cg", "1e-2", "agree")}
+
+
+def _us(size: int, solver: str = "ekfac", lam: str = "1e-3") -> Job:
+    return job(f"unlearn.size={size}", f"solver={solver}", f"solver.damping={lam}")
+
+
+def _us_row(solver: str, first: str, label: str, lam: str) -> list[str | Cell]:
+    j10, j100 = _us(10, solver, lam), _us(100, solver, lam)
+
+    def b(what: str, t: str) -> str:
+        return f"**{t}**" if (solver, lam, what) in _US_BOLD else t
+    edit = "{:s2}" + (" (not converged)" if (solver, lam) == ("cg", "1e-3") else "")
+    return [first if lam == _LAMBDAS[0] else label, lam,
+            cell("{:.3}", _US("unlearn/edited/test_accuracy", j10)),
+            cell(b("set10", "{:s3}"), _US("unlearn/edited/set_loss", j10)),
+            cell(b("acc100", "{:.3}"), _US("unlearn/edited/test_accuracy", j100)),
+            cell(b("set100", "{:s3}"), _US("unlearn/edited/set_loss", j100)),
+            cell(b("agree", "{:.3} / {:.2}"), _US("unlearn/edited/agreement", j100),
+                 _US("unlearn/edited/kl_to_retrained", j100)),
+            cell(edit, _US("time/unlearn_edit_s", j100))]
+
+
+def _ft_time(agg: str) -> Callable[[pd.DataFrame], float]:
+    return lambda df: float(df.loc[df["unlearn.size"] == 100, "time/unlearn_finetune_s"].agg(agg))
+
+
+def _baseline(model: str) -> list[Cell]:
+    """``model``'s test accuracy and set loss at |R| = 10 and 100 (the same in every job of a size: EK-FAC λ = 1e-3's)."""
+    return [cell(f"*{{:{f}}}*", _US(f"unlearn/{model}/{m}", _us(n)))
+            for n in (10, 100) for m, f in (("test_accuracy", ".3"), ("set_loss", "s3"))]
+
+
+SECTION.table("unlearn_solvers", ["solver", "λ", "\\|R\\|=10: test acc", "\\|R\\|=10: set loss",
+                                  "\\|R\\|=100: test acc", "\\|R\\|=100: set loss",
+                                  "\\|R\\|=100: agreement / KL w/ retrain", "edit s (\\|R\\|=100)"],
+              [_us_row(s, first, label, lam) for s, first, label in _SOLVERS for lam in _LAMBDAS] + [
+                  ["*original*", "", *_baseline("original"),
+                   cell("*{:.3} / {:.2}*", _US("unlearn/original/agreement", _us(100)),
+                        _US("unlearn/original/kl_to_retrained", _us(100))), ""],
+                  ["*retrained*", "", *_baseline("retrained"), "",
+                   cell("*{:.1}*", _US("time/unlearn_retrain_s", _us(100)))],
+                  ["*fine-tuned (1 epoch on retained data)*", "", *_baseline("finetuned"),
+                   cell("*{:.3} / {:.2}*", _US("unlearn/finetuned/agreement", _us(100)),
+                        _US("unlearn/finetuned/kl_to_retrained", _us(100))),
+                   cell("*{:.1}–{:.1}*", _US.every_job(_ft_time("min")), _US.every_job(_ft_time("max")))],
+              ], "5d: unlearning by solver and damping")
