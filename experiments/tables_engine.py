@@ -30,11 +30,12 @@ binary value, ties to even, so 0.8105 -> 81.0% and 0.885 -> 88%):
 - ``d``   integer;  no format: the value as text
 Missing values (empty cells, NaN) print as ``–``.
 
-Prose numbers (a hook, not used yet): a spec module may register, beside its tables, a number that RESULTS.md's
-text quotes, ``SECTION.number("lds_ekfac", cell("{:.3}", LDS("lds/mean", solver="ekfac")))`` (a :class:`Cell`, or
-any function returning the text). They are collected in ``NUMBERS`` as tables are in ``TABLES``; filling or
-checking inline markers such as ``<!-- num:NAME -->0.269<!-- /num -->`` is one more substitution in
-:func:`render` and one more check in :func:`problems` (see there).
+Prose numbers: a spec module registers, beside its tables, each number that RESULTS.md's text quotes,
+``SECTION.number("lds_ekfac", cell("{:.3}", LDS("lds/mean", solver="ekfac")))`` (a :class:`Cell`, or any function
+returning the text), and the text marks it ``<!-- num:lds_ekfac -->0.269<!-- /num -->``. They are collected in
+``NUMBERS`` as tables are in ``TABLES``; :func:`render` refills every marked number from its files as it does the
+tables, so ``--check`` fails when a rerun leaves a quoted number behind, and :func:`problems` refuses a marker
+without a spec or a spec without a marker.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import pandas as pd
 
 __all__ = ["MISSING", "NUMBERS", "RESULTS_MD", "ROOT", "TABLES", "Cell", "Job", "JobFile", "Number", "Ref", "Row",
            "Section", "SpecError", "Sweep", "Table", "cell", "current", "exists", "fmt", "job", "load", "load_specs",
-           "load_text", "main", "markers", "number_text", "paired", "path", "ph", "problems", "reading_from", "ref",
+           "load_text", "main", "markers", "number_text", "numbers_in", "paired", "path", "ph", "problems", "reading_from", "ref",
            "ref1", "render", "select"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
@@ -481,7 +482,7 @@ class Table:
 Number = Cell | Callable[[], str]
 
 TABLES: dict[str, Table] = {}  # every spec module's tables, by marker name
-NUMBERS: dict[str, Number] = {}  # every spec module's prose numbers (the hook; nothing in RESULTS.md uses them yet)
+NUMBERS: dict[str, Number] = {}  # every spec module's prose numbers, by marker name
 
 
 @dataclass
@@ -545,25 +546,46 @@ def current(text: str) -> dict[str, str]:
     return {m["name"]: m["body"] for m in MARKER.finditer(text)}
 
 
+NUM = re.compile(r"<!-- num:(?P<name>[\w.-]+) -->(?P<body>.*?)<!-- /num -->", re.DOTALL)
+
+
+def numbers_in(text: str) -> list[str]:
+    """The names of the prose numbers (``<!-- num:NAME -->...<!-- /num -->``) in ``text``, in order."""
+    return [m["name"] for m in NUM.finditer(text)]
+
+
 def render(text: str) -> str:
-    """``text`` with the content between every pair of markers regenerated (KeyError for a marker without spec).
-    The prose numbers' hook goes here: a second ``re.sub`` over ``<!-- num:NAME -->...<!-- /num -->`` filling
-    :func:`number_text`."""
+    """``text`` with the content between every pair of table markers regenerated, and every prose number
+    ``<!-- num:NAME -->...<!-- /num -->`` refilled with :func:`number_text` (KeyError for a marker without spec)."""
     def sub(m: re.Match[str]) -> str:
         if m["name"] not in TABLES:
             raise KeyError(f"RESULTS.md has a marker <!-- table:{m['name']} --> but no spec module has such a table")
         return m.group(1) + TABLES[m["name"]].markdown() + m.group(4)
 
-    return MARKER.sub(sub, text)
+    def num(m: re.Match[str]) -> str:
+        if m["name"] not in NUMBERS:
+            raise KeyError(f"RESULTS.md has a marker <!-- num:{m['name']} --> but no spec module has such a number")
+        try:
+            value = number_text(m["name"])
+        except LookupError as e:
+            raise SpecError(f"number {m['name']}: {e.args[0] if e.args else e}") from e
+        return f"<!-- num:{m['name']} -->{value}<!-- /num -->"
+
+    return NUM.sub(num, MARKER.sub(sub, text))
 
 
 def problems(text: str) -> list[str]:
-    """Markers without a spec, specs without a marker, markers used twice (and, with the prose numbers' hook,
-    the same for ``<!-- num:NAME -->`` and ``NUMBERS``)."""
+    """Markers without a spec, specs without a marker, table markers used twice; the same for the prose numbers'
+    ``<!-- num:NAME -->`` markers and ``NUMBERS`` (a number may be quoted more than once)."""
     names = markers(text)
     out = [f"marker without a spec in experiments/table_specs/: {n}" for n in names if n not in TABLES]
     out += [f"spec without a marker in RESULTS.md: {n}" for n in TABLES if n not in names]
     out += [f"marker used more than once: {n}" for n in sorted({n for n in names if names.count(n) > 1})]
+    nums = numbers_in(text)
+    out += [f"number marker without a spec in experiments/table_specs/: {n}" for n in nums if n not in NUMBERS]
+    out += [f"number spec without a marker in RESULTS.md: {n}" for n in NUMBERS if n not in nums]
+    if text.count("<!-- num:") != len(nums) or text.count("<!-- /num -->") != len(nums):
+        out.append("unbalanced or malformed <!-- num:NAME --> / <!-- /num --> markers")
     lines = text.splitlines()
     if (sum(x.startswith("<!-- table:") for x in lines) != len(names)
             or sum(x.startswith("<!-- /table -->") for x in lines) != len(names)):
@@ -598,9 +620,9 @@ def main(argv: list[str] | None = None, description: str = "") -> int:
             sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
                                                        str(a.file), "generated from the committed files"))
             return 1
-        print(f"{a.file}: {len(markers(text))} generated tables up to date")
+        print(f"{a.file}: {len(markers(text))} generated tables and {len(numbers_in(text))} prose numbers up to date")
         return 0
     if new != text:
         a.file.write_text(new)
-    print(f"{a.file}: {len(markers(text))} generated tables written")
+    print(f"{a.file}: {len(markers(text))} generated tables and {len(numbers_in(text))} prose numbers written")
     return 0

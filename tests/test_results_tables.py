@@ -73,6 +73,29 @@ def test_check_mode_detects_a_changed_number(tmp_path: Path) -> None:
     assert f.read_text() == tables.render(TEXT)
 
 
+def test_check_mode_detects_a_changed_prose_number(tmp_path: Path) -> None:
+    """A number quoted in RESULTS.md's text (``<!-- num:NAME -->``) is checked against its file like a table: an
+    altered quote fails --check, a rewrite restores the file's value; markers and specs must match both ways."""
+    names = tables.numbers_in(TEXT)
+    assert names, "RESULTS.md quotes no generated prose number"
+    name = names[0]
+    marked = f"<!-- num:{name} -->{tables.number_text(name)}<!-- /num -->"
+    assert marked in TEXT
+    f = tmp_path / "RESULTS.md"
+    f.write_text(TEXT.replace(marked, f"<!-- num:{name} -->999<!-- /num -->", 1))
+    assert tables.main(["--check", "--file", str(f)]) == 1
+    assert tables.main(["--file", str(f)]) == 0
+    assert f.read_text() == tables.render(TEXT) == TEXT
+    assert any("no_such_number" in p for p in tables.problems(TEXT + "<!-- num:no_such_number -->1<!-- /num -->"))
+    assert any(name in p for p in tables.problems(TEXT.replace(marked, "quoted without a marker")))
+
+
+@pytest.mark.parametrize("name", sorted(tables.NUMBERS))
+def test_every_prose_number_reads_committed_files(name: str) -> None:
+    """Each prose number renders from the committed files (a missing column or job fails here, naming it)."""
+    assert tables.number_text(name).strip()
+
+
 def test_marker_without_spec_is_reported() -> None:
     text = TEXT + "\n<!-- table:no_such_table -->\n| a |\n|---|\n<!-- /table -->\n"
     assert any("no_such_table" in p for p in tables.problems(text))

@@ -73,3 +73,20 @@ SECTION.table("ihvp_depth", ["LiSSA depth", *map(str, _DEPTHS)],
                ["cosine", *(cell("{:.2}", _ID("ihvp/cosine", **{"solver.depth": d})) for d in _DEPTHS)],
                ["time (s)", *(cell("{:s3}", _ID("ihvp/time_s", **{"solver.depth": d})) for d in _DEPTHS)]],
               "3: LiSSA error, cosine and time against depth at λ = 1e-2")
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
+
+
+def _error_range(name: str, solver: str, dampings: Sequence[str]) -> Callable[[], str]:
+    """"lo–hi" of ``solver``'s relative error over ``dampings`` (two decimals)."""
+    def text() -> str:
+        errs = [ihvp_ref(name, solver, d, "ihvp/rel_error").value() for d in dampings]
+        return f"{fmt(min(errs), '.2')}–{fmt(max(errs), '.2')}"
+    return text
+
+
+SECTION.number("cnn_ekfac_error_range", _error_range("ihvp_cnn", "ekfac", ["0.001", "0.01", "0.1", "1.0", "10.0"]))
+for _s in ("ekfac", "lissa"):
+    for _lam, _tag in (("10.0", "10"), ("1.0", "1")):
+        SECTION.number(f"r18_{_s}_error_{_tag}", cell("{:.2}", ihvp_ref("ihvp_resnet18", _s, _lam, "ihvp/rel_error")))

@@ -105,3 +105,12 @@ SECTION.table("lds_ensemble", ["k models", "1 (the run's model)", "2", "4", "8"]
     ["EK-FAC pairwise s (the members not yet cached trained and fitted first)",
      *(cell("{:,0}", _ENS("time/pairwise_s", _k(EKFAC, k))) for k in _KS)],
 ], "4: LDS of score ensembles")
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
+
+for _stat in ("max", "mean"):
+    SECTION.number(f"lds_lissa_ekfac_residual_{_stat}",
+                   cell("{:s2}", _LDS(f"solver/rel_residual_{_stat}@0.001", solver="lissa_ekfac")))
+    SECTION.number(f"lds_pcg_residual_{_stat}",
+                   cell("{:s2}", Sweep("lds_pcg")(f"solver/rel_residual_{_stat}@0.001", solver="cg_ekfac")))

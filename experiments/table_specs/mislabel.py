@@ -187,3 +187,20 @@ SECTION.table("mislabel_lissa", ["ranking", "top 10%", "top 20%", "ROC AUC", "se
     ranking_row("loss", _SM, EKFAC, "loss", _C3) + [""],
     ranking_row("random", _SM, EKFAC, "random", _C3) + [""],
 ], "1e: LiSSA vs EK-FAC on 500 points")
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
+
+
+def _recall_ci(S: Sweep, which: Job, prefix: str, k: int = 10) -> Cell:
+    """"72.1% [70.1, 74.0]": recall at k% with its Wilson interval."""
+    return cell("{:%1} [{:p1}, {:p1}]", *(S(f"{prefix}/recall@{k}{x}", which) for x in ("", "_ci_low", "_ci_high")))
+
+
+for _name, _S, _which in (("std", Sweep("mislabel_standard"), EKFAC), ("mnist5k", Sweep("mnist5k_mislabel"), EKFAC),
+                          ("fresh", Sweep("mislabel_memorize_fresh"), job("solver.modules=all"))):
+    SECTION.number(f"{_name}_loss_top10", _recall_ci(_S, _which, "mislabel/loss"))
+    if _name != "fresh":  # the fresh draw's default-λ row is not quoted
+        SECTION.number(f"{_name}_ekfac_top10", _recall_ci(_S, _which, "mislabel/self_influence"))
+SECTION.number("fresh_ekfac_1e-8_top10", _recall_ci(Sweep("mislabel_memorize_fresh"), job("solver.modules=all"),
+                                                    si(1e-8)))

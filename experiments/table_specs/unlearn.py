@@ -142,3 +142,20 @@ SECTION.table("unlearn_solvers", ["solver", "λ", "\\|R\\|=10: test acc", "\\|R\
                         _US("unlearn/finetuned/kl_to_retrained", _us(100))),
                    cell("*{:.1}–{:.1}*", _US.every_job(_ft_time("min")), _US.every_job(_ft_time("max")))],
               ], "5d: unlearning by solver and damping")
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
+
+_ONE_SEED = (_UR, _UP, Sweep("unlearn_fmnist"))
+
+
+def _finetune_gap() -> pd.Series:
+    """Retraining's test accuracy minus one epoch of fine-tuning's, one value per job of 5a/5b's sweeps."""
+    from tables_engine import load
+
+    df = pd.concat([load(S.report) for S in _ONE_SEED], ignore_index=True)
+    return df["unlearn/retrained/test_accuracy"] - df["unlearn/finetuned/test_accuracy"]
+
+
+SECTION.number("finetune_below_retrain", lambda: f"{int((_finetune_gap() > 0).sum())} of {len(_finetune_gap())}")
+SECTION.number("finetune_below_retrain_max_gap", lambda: f"{_finetune_gap().max():.3f}")
