@@ -4,9 +4,10 @@ unlearn_repair, unlearn_fmnist, unlearn_solvers, clean_pipeline*)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
-from tables_engine import Cell, Job, Section, Sweep, cell, job, ph, ref1
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, exists, job, ph, ref, ref1
 
 SECTION = Section("5. Unlearning by one Newton step")
 
@@ -63,6 +64,69 @@ SECTION.table("unlearn_fmnist", ["selection", "\\|R\\| (flipped)", "test acc: or
                 cell("{:.2} / {:.1}", _UF("time/unlearn_edit_s", sel(s, n)), _UF("time/unlearn_retrain_s", sel(s, n)))]
                for s in ("random", "flipped") for n in (10, 100, 1000)],
               "5b: removal, FashionMNIST")
+
+# 5a/5b over three training seeds (runs unlearn_*_seeds: trainer.seed=0,1,2, the data and its flips fixed): means
+# over the seeds and paired differences with a t-interval over them (so the interval includes seed variance)
+SEEDS = (0, 1, 2)
+
+
+def _seed_rows(df: pd.DataFrame) -> pd.DataFrame:
+    seeds = sorted(int(x) for x in df["trainer.seed"])
+    if seeds != list(SEEDS):
+        raise LookupError(f"expected one job per trainer.seed {list(SEEDS)}, found {seeds}")
+    return df
+
+
+def seed_mean(metric: str) -> Callable[[pd.DataFrame], float]:
+    return lambda df: float(_seed_rows(df)[metric].astype(float).mean())
+
+
+def seed_diff(a: str, b: str) -> Callable[[pd.DataFrame], str]:
+    """``a - b`` paired by seed: mean and 95% t-interval over the seeds ("+0.012 [-0.010, 0.034]")."""
+    from scipy.stats import t
+
+    def text(df: pd.DataFrame) -> str:
+        d = (_seed_rows(df)[a].astype(float) - df[b].astype(float)).to_numpy()
+        half = t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / len(d) ** 0.5
+        return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+    return text
+
+
+def seeds_row(S: Sweep, selection: str, size: int, set_metric: str, set_fmt: str) -> list[Cell]:
+    where = {"unlearn.selection": selection, "unlearn.size": size}
+
+    def R(key: Callable[[pd.DataFrame], Any]) -> Ref:
+        return ref(S.report, key, **where)
+
+    acc = [R(seed_mean(f"unlearn/{m}/test_accuracy")) for m in _MODELS4]
+    def flipped(df: pd.DataFrame) -> str:  # a mean over seeds: one decimal where it is not whole
+        return f"{seed_mean('unlearn/n_flipped_in_set')(df):.1f}".removesuffix(".0")
+
+    return [cell("{:d} ({})", R(seed_mean("unlearn/n_points")), R(flipped)),
+            cell("{:.3} / **{:.3}** / {:.3} / {:.3}", *acc),
+            cell("{}", R(seed_diff("unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"))),
+            cell("{}", R(seed_diff("unlearn/finetuned/test_accuracy", "unlearn/retrained/test_accuracy"))),
+            cell(" / ".join([ph(set_fmt), ph(set_fmt, True), ph(set_fmt)]),
+                 *(R(seed_mean(f"unlearn/{m}/{set_metric}")) for m in ("original", "edited", "retrained")))]
+
+
+_SEEDS_HEAD = ["\\|R\\| (flipped; mean of 3 seeds)", "test acc, mean of 3 seeds: orig / **edit** / fine-tune / retrain",
+               "edit − retrain [95% CI over seeds]", "fine-tune − retrain [95% CI over seeds]"]
+_URS, _UPS, _UFS = Sweep("unlearn_remove_seeds"), Sweep("unlearn_repair_seeds"), Sweep("unlearn_fmnist_seeds")
+SECTION.table("unlearn_remove_seeds", ["selection", *_SEEDS_HEAD, "set loss: orig / **edit** / retrain"],
+              [[_SEL[s], *seeds_row(_URS, s, n, "set_loss", "s3")]
+               for s in ("random", "flipped", "self_influence") for n in (1, 10, 100)],
+              "5a: removal, digits, three training seeds")
+SECTION.table("unlearn_repair_seeds", ["selection", *_SEEDS_HEAD,
+                                       "set acc (corrected labels): orig / **edit** / retrain"],
+              [[_SEL[s], *seeds_row(_UPS, s, n, "set_accuracy", ".2")]
+               for s in ("flipped", "self_influence") for n in (1, 10, 100)],
+              "5a: label repair (oracle labels), digits, three training seeds")
+if exists(_UFS.report):
+    SECTION.table("unlearn_fmnist_seeds", ["selection", *_SEEDS_HEAD, "set loss: orig / **edit** / retrain"],
+                  [[_SEL[s], *seeds_row(_UFS, s, n, "set_loss", "s3")]
+                   for s in ("random", "flipped") for n in (10, 100, 1000)],
+                  "5b: removal, FashionMNIST, three training seeds")
 
 # 5c: experiments/results/clean_pipeline_summary.csv, written by `python experiments/clean_pipeline_table.py` from
 # the four clean_pipeline* sweeps' report.csv; one row per data set, mode and repair rule
