@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
-from tables_engine import Cell, Job, Ref, Section, Sweep, cell, exists, job, ph, ref, ref1
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, job, load, ph, ref, ref1
 
 SECTION = Section("5. Unlearning by one Newton step")
 
@@ -122,8 +122,7 @@ SECTION.table("unlearn_repair_seeds", ["selection", *_SEEDS_HEAD,
               [[_SEL[s], *seeds_row(_UPS, s, n, "set_accuracy", ".2")]
                for s in ("flipped", "self_influence") for n in (1, 10, 100)],
               "5a: label repair (oracle labels), digits, three training seeds")
-if exists(_UFS.report):
-    SECTION.table("unlearn_fmnist_seeds", ["selection", *_SEEDS_HEAD, "set loss: orig / **edit** / retrain"],
+SECTION.table("unlearn_fmnist_seeds", ["selection", *_SEEDS_HEAD, "set loss: orig / **edit** / retrain"],
                   [[_SEL[s], *seeds_row(_UFS, s, n, "set_loss", "s3")]
                    for s in ("random", "flipped") for n in (10, 100, 1000)],
                   "5b: removal, FashionMNIST, three training seeds")
@@ -210,13 +209,45 @@ SECTION.table("unlearn_solvers", ["solver", "λ", "\\|R\\|=10: test acc", "\\|R\
 # ---------------------------------------------------------------------------------------------------------------
 # prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
 
+_SEED_ROWS = [(_URS, s, n) for s in ("random", "flipped", "self_influence") for n in (1, 10, 100)] + \
+    [(_UPS, s, n) for s in ("flipped", "self_influence") for n in (1, 10, 100)] + \
+    [(_UFS, s, n) for s in ("random", "flipped") for n in (10, 100, 1000)]
+
+
+def _seed_jobs(S: Sweep, selection: str, size: int) -> pd.DataFrame:
+    df = load(S.report)
+    return _seed_rows(df[(df["unlearn.selection"] == selection) & (df["unlearn.size"].astype(int) == size)])
+
+
+def _finetune_within() -> str:
+    """How many rows of the three seed tables have fine-tune − retrain's interval containing 0."""
+    inside = 0
+    for S, sel, n in _SEED_ROWS:
+        text = seed_diff("unlearn/finetuned/test_accuracy", "unlearn/retrained/test_accuracy")(_seed_jobs(S, sel, n))
+        lo, hi = (float(x) for x in text.split("[")[1].rstrip("]").split(","))
+        inside += lo <= 0 <= hi
+    return f"{inside} of {len(_SEED_ROWS)}"
+
+
+SECTION.number("seeds_finetune_within", _finetune_within)
+_QUOTED = {"remove_flipped100": (_URS, "flipped", 100, ("edit", "retrain", "edit_minus_retrain")),
+           "remove_top10": (_URS, "self_influence", 10, ("edit", "edit_minus_retrain")),
+           "repair_flipped100": (_UPS, "flipped", 100, ("edit", "retrain")),
+           "fmnist_flipped_all": (_UFS, "flipped", 1000, ("edit", "retrain", "edit_minus_retrain"))}
+_WHAT = {"edit": seed_mean("unlearn/edited/test_accuracy"), "retrain": seed_mean("unlearn/retrained/test_accuracy"),
+         "edit_minus_retrain": seed_diff("unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy")}
+for _name, (_S, _sel, _n, _whats) in _QUOTED.items():
+    for _w in _whats:
+        SECTION.number(f"seeds_{_name}_{_w}", cell("{}" if _w == "edit_minus_retrain" else "{:.3}",
+                                                    ref(_S.report, _WHAT[_w], **{"unlearn.selection": _sel,
+                                                                                 "unlearn.size": _n})))
+
+# the one-seed sweeps (unlearn_remove, unlearn_repair, unlearn_fmnist): fine-tuning against retraining
 _ONE_SEED = (_UR, _UP, Sweep("unlearn_fmnist"))
 
 
 def _finetune_gap() -> pd.Series:
-    """Retraining's test accuracy minus one epoch of fine-tuning's, one value per job of 5a/5b's sweeps."""
-    from tables_engine import load
-
+    """Retraining's test accuracy minus one epoch of fine-tuning's, one value per job of the one-seed sweeps."""
     df = pd.concat([load(S.report) for S in _ONE_SEED], ignore_index=True)
     return df["unlearn/retrained/test_accuracy"] - df["unlearn/finetuned/test_accuracy"]
 
