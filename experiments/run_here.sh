@@ -49,6 +49,11 @@ run mislabel_memorize_full experiment=mislabel_memorize 'solver.damping=[1e-3,1e
 # the choice made by looking at both draws above (last layer, λ = 1e-7), checked on a third, fresh draw (seed 2)
 run mislabel_memorize_fresh experiment=mislabel_memorize 'solver.damping=[1e-3,1e-8,1e-7,1e-6,1e-5,1e-4,1e-1,1]' \
   solver.modules=all,last:1 seed=2
+# the three sweeps above rerun 2026-12-05 with each ranking's paired difference from the loss baseline
+# (mislabel/<ranking>/minus_loss_top10|20, interval and McNemar p over the flipped points); one torch thread
+run mislabel_standard_paired experiment=mislabel solver=ekfac,kfac,identity
+run mislabel_memorize_fresh_paired experiment=mislabel_memorize 'solver.damping=[1e-3,1e-8,1e-7,1e-6,1e-5,1e-4,1e-1,1]' \
+  solver.modules=all,last:1 seed=2
 # the same trained model, every damping from one fit, true vs empirical Fisher
 run mislabel_damping experiment=mislabel solver=ekfac solver.curvature=fisher,empirical_fisher \
   'solver.damping=[1e-5,1e-4,1e-3,1e-2,1e-1,1]'
@@ -62,6 +67,45 @@ run mislabel_modules_seed1 experiment=mislabel seed=1 solver=ekfac solver.module
 # LiSSA (a product per step and per training point) on a 500-point subsample, beside EK-FAC on the same model
 run mislabel_lissa experiment=mislabel dataset.subset=500 solver=lissa solver.depth=50 'solver.damping=[1e-3,1]'
 run mislabel_small experiment=mislabel dataset.subset=500 solver=ekfac,identity 'solver.damping=[1e-3,1]'
+# ---- issue 27 item 2: the damping and layers chosen without the flip mask (stage select), on fresh draws ----------
+# Each regime: 3 draws never used for choosing anything (seed=10,11,12: subset, flips, initialisation and batches),
+# stages [train, select, self, mislabel]; select.objective=injected_flips (2% injected flips, one calibration
+# retraining, 9 dampings x 2 module sets) beside spectrum (kronfluence's 0.1 x mean eigenvalue, all layers). Then
+# the oracle grid on the same trained models (cached): every (λ, layers) of the selector's grid, recall per damping
+# from the flip mask (mislabel_by_damping.csv), to read the selected setting against the oracle-best of the grid.
+# Times: estimates from timings.txt and the report.csv train/fit/self times of the sweeps above (2 CPU cores).
+# FashionMNIST standard (20,000 points, 5 epochs; a training ~16 s): ~2.5 min per injected_flips job, ~1 min per
+# spectrum job: ~10 min; its grid (6 jobs, fits and 9-damping self-influence passes) ~6 min
+run select_fmnist experiment=mislabel 'stages=[train,select,self,mislabel]' \
+  select.objective=injected_flips,spectrum 'select.modules=[all,last:1]' seed=10,11,12
+run select_fmnist_grid experiment=mislabel 'stages=[train,fit,self,mislabel]' solver.modules=all,last:1 \
+  'solver.damping=[1e-8,1e-6,1e-4,1e-3,1e-2,0.1,1,10,auto]' seed=10,11,12
+# FashionMNIST memorised (5,000 points, 512 units, 150 epochs; a training 200-360 s): two trainings per draw (the
+# model and its calibration model), ~11 min per injected_flips job: ~35-40 min; its grid ~6 min
+run select_fmnist_memorize experiment=mislabel_memorize 'stages=[train,select,self,mislabel]' \
+  select.objective=injected_flips,spectrum 'select.modules=[all,last:1]' seed=10,11,12
+run select_fmnist_memorize_grid experiment=mislabel_memorize 'stages=[train,fit,self,mislabel]' \
+  solver.modules=all,last:1 'solver.damping=[1e-8,1e-6,1e-4,1e-3,1e-2,0.1,1,10,auto]' seed=10,11,12
+# MNIST-5k (4,000 real digits, 5 epochs; a training ~45 s, an EK-FAC fit up to ~2 min): ~5 min per injected_flips
+# job: ~18 min; its grid ~12 min
+run select_mnist5k experiment=mnist5k_mislabel 'stages=[train,select,self,mislabel]' \
+  select.objective=injected_flips,spectrum 'select.modules=[all,last:1]' seed=10,11,12
+run select_mnist5k_grid experiment=mnist5k_mislabel 'stages=[train,fit,self,mislabel]' \
+  solver.modules=all,last:1 'solver.damping=[1e-8,1e-6,1e-4,1e-3,1e-2,0.1,1,10,auto]' seed=10,11,12
+# digits (1,437 points, the quickstart's CNN, 30 epochs; a training 30-240 s): ~1-8 min per injected_flips job:
+# ~10-25 min; its grid ~6 min
+run select_digits experiment=select select.objective=injected_flips,spectrum seed=10,11,12
+run select_digits_grid experiment=quickstart 'stages=[train,fit,self,mislabel]' solver.modules=all,last:1 \
+  'solver.damping=[1e-8,1e-6,1e-4,1e-3,1e-2,0.1,1,10,auto]' seed=10,11,12
+# LDS: λ chosen by held-out LDS on 100 *training* points (20 retrainings on half of the rest), then the lds
+# preset's own LDS at that λ on the section 4 ground truth (seed 0's model and test queries, cached by run lds: the
+# selector never reads it; the best λ of run lds / lds_damping is the oracle to compare with). ~5 min for
+# lds_holdout (21 trainings of ~8-16 s), ~1 min for spectrum; with no cached ground truth add run lds's ~15-35 min
+run select_lds experiment=select_lds select.objective=lds_holdout,spectrum
+# issue 27 item 3: how many points to fix, estimated (unlearn.size=auto) beside the true count (144) and half and
+# double it: sensitivity of detect-then-fix to the size (8 jobs, a gold-standard retraining each ~30 s, the
+# calibration retraining once ~30-240 s): ~8-12 min
+run select_clean_pipeline experiment=select_clean_pipeline unlearn.mode=repair,remove unlearn.size=auto,72,144,288
 # Sec. 6.2: IHVP error against CG and wall time across damping (CNN on CPU; ResNet-18 needs a GPU).
 # The CG reference (8 queries, exact GGN products over all 500 points) costs minutes per damping value.
 run ihvp_cnn experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
@@ -127,6 +171,9 @@ run unlearn_repair_seeds experiment=unlearn unlearn.mode=repair unlearn.repair_t
   unlearn.selection=self_influence,flipped unlearn.size=1,10,100 trainer.seed=0,1,2
 run unlearn_fmnist_seeds experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
   unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000 trainer.seed=0,1,2
+# 5d with three training seeds and the solvers' convergence recorded (solver/*@<damping> from the unlearn step)
+run unlearn_solvers_seeds experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=ekfac,cg,lissa \
+  solver.damping=1e-3,1e-2,1e-1,1 trainer.seed=0,1,2
 # detect-then-fix with only what a user has: repair to the model's prediction (default unlearn.repair_to) or to a
 # held-out model's (crossval), or remove; the oracle (true labels of the flipped points) as an upper bound
 run clean_pipeline experiment=clean_pipeline unlearn.mode=repair,remove
@@ -144,6 +191,7 @@ run loo_warm experiment=loo loo.n_queries=5 loo.retrain=warm solver.damping=1e-3
 # test, stratified), CNN 5 epochs; then the grid of the top self-influence digits of the EK-FAC job (job 0)
 run mnist5k_attribution experiment=mnist5k_attribution
 run mnist5k_mislabel experiment=mnist5k_mislabel solver=ekfac,kfac,identity
+run mnist5k_mislabel_paired experiment=mnist5k_mislabel solver=ekfac,kfac,identity  # with the paired columns
 if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" mnist5k_mislabel "* ]]; then
   "${PY:-.venv/bin/python}" experiments/mnist5k_selfinfluence_grid.py multirun/mnist5k_mislabel/0 \
     --out experiments/results/mnist5k_mislabel/selfinfluence_grid.png

@@ -12,7 +12,7 @@ import pandas as pd
 
 from influencelab import load_sweep
 from influencelab.report import markdown
-from influencelab.run import first_damping
+from influencelab.sweeps import first_damping
 
 RESULTS = Path(__file__).parent / "results"
 RUN_KEYS = ("solver", "solver.curvature", "solver.modules", "seed")

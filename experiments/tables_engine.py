@@ -28,6 +28,7 @@ binary value, ties to even, so 0.8105 -> 81.0% and 0.885 -> 88%):
 - ``sN``  N significant digits, at most 2 decimals (``0.07``, ``7.1``, ``450``);  ``gN`` N significant digits (``0.0032``)
 - ``eN``  N significant digits, scientific from 1,000 up and below 0.01 (``2.4e5``, ``240``)
 - ``d``   integer;  no format: the value as text
+- a leading ``+`` on any of these: an explicit sign for differences (``+1.2``, ``-0.3``)
 Missing values (empty cells, NaN) print as ``–``.
 
 Prose numbers: a spec module registers, beside its tables, each number that RESULTS.md's text quotes,
@@ -359,6 +360,9 @@ def fmt(x: Any, spec: str) -> str:
     if not spec:
         return str(x)
     x = float(x)
+    if spec.startswith("+"):  # an explicit sign on differences: +1.2, -0.3, +0.0
+        text = fmt(x, spec[1:])
+        return text if text.startswith("-") else f"+{text}"
     kind, arg = spec[0], spec[1:]
     if kind == ".":
         return f"{x:.{int(arg)}f}"

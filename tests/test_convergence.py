@@ -206,6 +206,17 @@ def test_ihvp_stage_reports_the_references_residual_and_the_plot_marks_it(run_pi
     rows = [m, {**m, "ihvp/damping": 1e-2, "ihvp/ref_converged": True}]
     (path,) = report_figure(tmp_path, rows, tmp_path / "figs")
     assert path.stat().st_size > 5_000
+    # the spread over queries: ihvp_queries.csv has each query's error; the mean is the reported error, min/max
+    # and the bootstrap interval of the mean bracket it
+    import pandas as pd
+
+    q = pd.read_csv(run_dir / "ihvp_queries.csv")
+    assert len(q) == 2 and set(q["damping"]) == {1e-3}
+    assert q["rel_error"].mean() == pytest.approx(m["ihvp/rel_error@0.001"], rel=1e-12)
+    assert m["ihvp/rel_error_min@0.001"] == pytest.approx(q["rel_error"].min(), rel=1e-12)
+    assert m["ihvp/rel_error_max@0.001"] == pytest.approx(q["rel_error"].max(), rel=1e-12)
+    assert m["ihvp/rel_error_ci_low@0.001"] <= m["ihvp/rel_error@0.001"] <= m["ihvp/rel_error_ci_high@0.001"]
+    assert q["cosine"].mean() == pytest.approx(m["ihvp/cosine@0.001"], rel=1e-12)
 
 
 def test_ihvp_plot_axes_follow_the_sweep():

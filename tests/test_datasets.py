@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,38 @@ def test_subset_seeded_and_too_large_is_config_error():
     assert torch.equal(a.indices, b.indices) and not torch.equal(a.indices, c.indices)
     with pytest.raises(ConfigError, match="dataset.subset"):
         Digits(subset=5000).load()
+
+
+def test_diabetes_split_standardised_with_training_statistics_and_float_targets():
+    """353 / 89 patients, 10 features; features and target standardised with the training split's statistics (so the
+    training split has mean 0 and std 1, the test split only about); targets stay float, nothing is flipped, there
+    are no classes; the subset is seeded; label noise is refused in one line."""
+    from influencelab.data.diabetes import Diabetes
+
+    train, test = Diabetes().load()
+    assert (len(train), len(test)) == (353, 89) and train.x.shape == (353, 10) and train.targets.dtype == torch.float32
+    torch.testing.assert_close(train.x.mean(0), torch.zeros(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(train.x.std(0), torch.ones(10), atol=1e-5, rtol=0)
+    assert abs(float(train.targets.mean())) < 1e-5 and abs(float(train.targets.std()) - 1) < 1e-5
+    assert abs(float(test.targets.mean())) > 1e-3  # the test split is standardised with the training statistics
+    from sklearn.datasets import load_diabetes
+    from sklearn.model_selection import train_test_split
+
+    raw = load_diabetes().target[train_test_split(np.arange(442), test_size=89, random_state=0)[0]]
+    assert np.corrcoef(raw, train.targets.double().numpy())[0, 1] > 1 - 1e-6  # the target, rescaled
+    assert not train.flipped.any() and train.classes is None and train.num_classes is None and not train.has_classes
+    a, _ = Diabetes(subset=50, seed=0).load()
+    b, _ = Diabetes(subset=50, seed=1).load()
+    assert len(a) == 50 and not torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.targets, train.targets[torch.searchsorted(train.indices, a.indices)])
+    with pytest.raises(ConfigError, match="dataset.label_noise=0.1 is invalid: diabetes's targets are continuous"):
+        Diabetes(label_noise=0.1)
+
+
+def test_image_dataset_cache_keys_have_no_feature_vector_key():
+    """``in_features`` (feature-vector datasets) is left out of image datasets' keys: their trained models, factors
+    and scores keep the keys they were cached under."""
+    assert "in_features" not in Digits().cache_key() and Digits().cache_key()["type"] == "Digits"
+    from influencelab.data.diabetes import Diabetes
+
+    assert Diabetes().cache_key()["in_features"] == 10

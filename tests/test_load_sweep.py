@@ -15,7 +15,7 @@ from conftest import run_cli
 pd = pytest.importorskip("pandas")
 
 import influencelab  # noqa: E402
-from influencelab.run import split_dampings, split_metric  # noqa: E402
+from influencelab.sweeps import split_dampings, split_metric  # noqa: E402
 
 # job 0 scores a damping list in one pass, job 1 one damping, job 2 stops on bad input
 SWEEP = ["-m", "dataset=digits", "dataset.subset=300", "dataset.label_noise=0.1", "model=mlp", "trainer.epochs=1",

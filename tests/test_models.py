@@ -54,6 +54,25 @@ def test_pair_composes_and_runs_forward_backward(data_root, dataset, model):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("model", MODELS + ["linear"])
+def test_feature_vector_dataset_builds_mlp_and_linear_and_image_models_refuse_it(model):
+    """dataset=diabetes gives feature vectors ``[N, 10]`` (``dataset.in_features``) and one output: ``mlp`` and
+    ``linear`` take them; the image models refuse them in one line at composition."""
+    cfg = make_config(["dataset=diabetes", "task=regression", f"model={model}"])
+    torch.manual_seed(0)
+    if model not in ("mlp", "linear"):
+        from influencelab.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="model=.* needs images: the dataset gives feature vectors"):
+            build(cfg.model)
+        return
+    net = build(cfg.model)
+    train, _ = build(cfg.dataset).load()
+    x, y, _ = next(train.batches(4))
+    assert x.shape == (4, 10) and net(x).shape == (4, 1)
+    assert net[1].in_features == 10
+
+
 @pytest.mark.parametrize("model, size, modules", [
     ("resnet18", 16, r"re:layer1\.0\.conv1|layer4\.1\.conv1|fc"),
     ("resnet50", 16, r"re:layer1\.0\.conv2|fc"),

@@ -353,7 +353,7 @@ def test_notebook_executes_from_its_directory(monkeypatch):
 
 def test_report_unescapes_sweep_override_values(tmp_path):
     """Hydra escapes ``:`` in a sweep job's overrides (``solver.modules=last\\:1``); the report shows ``last:1``."""
-    from influencelab.run import job_overrides as overrides
+    from influencelab.sweeps import job_overrides as overrides
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- solver.modules=last\\:1\n- solver.damping=[1e-3,1]\n")

@@ -24,6 +24,7 @@ DEST = ROOT / "benchmarks" / "results" / "gpu"
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import tables  # noqa: E402
+from table_specs.gpu import GPU_HEADER, gpu_rows  # noqa: E402
 
 
 def merge(fetched: list[Path], dest: Path) -> pd.DataFrame:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     df = merge(a.fetched, a.dest)
     env = json.loads((a.dest / "env.json").read_text())
     print(f"{env['device']} (torch {env['torch']}), {len(df)} rows from {len(a.fetched)} run(s)\n")
-    print(tables.Table("gpu", tables.GPU_HEADER, tables.gpu_rows(str(a.dest / "bench.csv"))).markdown())
+    print(tables.Table("gpu", GPU_HEADER, gpu_rows(str(a.dest / "bench.csv"))).markdown())
     if a.dest.resolve() == DEST.resolve():
         tables.load.cache_clear()
         return tables.main([])

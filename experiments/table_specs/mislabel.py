@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from tables_engine import MISSING, Cell, Job, Section, Sweep, cell, job, ph
+import pandas as pd
+
+from tables_engine import MISSING, Cell, Job, Ref, Section, Sweep, cell, exists, fmt, job, load, ph, ref, ref1
 
 SECTION = Section("1. Mislabel detection by self-influence")
 
@@ -204,3 +207,141 @@ for _name, _S, _which in (("std", Sweep("mislabel_standard"), EKFAC), ("mnist5k"
         SECTION.number(f"{_name}_ekfac_top10", _recall_ci(_S, _which, "mislabel/self_influence"))
 SECTION.number("fresh_ekfac_1e-8_top10", _recall_ci(Sweep("mislabel_memorize_fresh"), job("solver.modules=all"),
                                                     si(1e-8)))
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1f: λ and layers chosen without the flip mask (stage select), validated on fresh draws against the oracle-best
+# setting of the same grid; experiments/results/select_validation/<regime>.csv, written by
+# `python experiments/select_validation.py multirun <regime> ...` from the select_<regime>(_grid) sweeps
+
+VALIDATION = "experiments/results/select_validation/{}.csv"
+VALIDATION_HEAD = ["draw (seed)", "selected: layers, λ", "selected: top 10% / ROC AUC",
+                   "oracle-best of the grid: layers, λ", "oracle-best: top 10% / ROC AUC",
+                   "selected − oracle-best, top 10% [95% CI]", "kronfluence's rule (λ = 0.1 × mean eigenvalue): top 10%",
+                   "selected − kronfluence's rule [95% CI]", "loss: top 10%", "selected − loss [95% CI]"]
+
+
+def _setting(prefix: str) -> Callable[[pd.DataFrame], str]:
+    def text(df: pd.DataFrame) -> str:
+        (row,) = df.to_dict("records")
+        d = row[f"{prefix}_damping"]
+        return f"{row[f'{prefix}_modules']}, {d if d == 'auto' else f'{float(d):g}'}"
+    return text
+
+
+def validation_rows(regime: str) -> list[list[str | Cell]]:
+    src = VALIDATION.format(regime)
+    rows: list[list[str | Cell]] = []
+    for seed in sorted(int(s) for s in load(src)["seed"]):
+        def R(key: Any) -> Ref:
+            return ref1(src, key, seed=seed)
+
+        def diff(name: str) -> Cell:
+            return cell("{:+p1} [{:+p1}, {:+p1}]", R(name), R(f"{name}_ci_low"), R(f"{name}_ci_high"))
+
+        rows.append([str(seed), cell("{}", R(_setting("selected"))),
+                     cell("{:%1} / {:.3}", R("selected_recall10"), R("selected_auc")),
+                     cell("{}", R(_setting("oracle"))), cell("{:%1} / {:.3}", R("oracle_recall10"), R("oracle_auc")),
+                     diff("selected_minus_oracle10"), cell("{:%1}", R("spectrum_recall10")),
+                     diff("selected_minus_spectrum10"), cell("{:%1}", R("loss_recall10")),
+                     diff("selected_minus_loss10")])
+    return rows
+
+
+for _regime in ("digits", "mnist5k", "fmnist", "fmnist_memorize"):
+    if exists(VALIDATION.format(_regime)):
+        SECTION.table(f"select_{_regime}", VALIDATION_HEAD, lambda r=_regime: validation_rows(r),
+                      f"1f: λ and layers chosen without the flip mask, {_regime}")
+
+_REGIME_NAMES = {"digits": "digits (1,437 points)", "mnist5k": "MNIST-5k (4,000 points)",
+                 "fmnist": "FashionMNIST, standard (20,000 points)",
+                 "fmnist_memorize": "FashionMNIST, memorised (5,000 points)"}
+
+
+def _summary(regime: str, what: str) -> Ref:
+    """An aggregate over a regime's draws: ``what`` is ``mean:<column>`` or ``worst:<column>`` (the minimum)."""
+    how, col = what.split(":")
+    return ref(VALIDATION.format(regime), lambda df: float(getattr(df[col], "mean" if how == "mean" else "min")()))
+
+
+def summary_rows() -> list[list[str | Cell]]:
+    rows: list[list[str | Cell]] = []
+    for regime, label in _REGIME_NAMES.items():
+        if not exists(VALIDATION.format(regime)):
+            continue
+        rows.append([label, cell("{:d}", ref(VALIDATION.format(regime), len)),
+                     cell("{:%1}", _summary(regime, "mean:selected_recall10")),
+                     cell("{:%1}", _summary(regime, "mean:oracle_recall10")),
+                     cell("{:+p1} / {:+p1}", _summary(regime, "mean:selected_minus_oracle10"),
+                          _summary(regime, "worst:selected_minus_oracle10")),
+                     cell("{:%1}", _summary(regime, "mean:spectrum_recall10")),
+                     cell("{:+p1} / {:+p1}", _summary(regime, "mean:selected_minus_spectrum10"),
+                          _summary(regime, "worst:selected_minus_spectrum10")),
+                     cell("{:%1}", _summary(regime, "mean:loss_recall10"))])
+    return rows
+
+
+SECTION.table("select_summary", ["regime", "fresh draws", "selected: top 10% (mean)", "oracle-best: top 10% (mean)",
+                                 "selected − oracle-best: mean / worst draw (points)",
+                                 "kronfluence's rule: top 10% (mean)",
+                                 "selected − kronfluence's rule: mean / worst draw (points)", "loss: top 10% (mean)"],
+              summary_rows, "1f: the selector against the oracle-best setting and kronfluence's rule, per regime")
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1g: every ranking against the loss baseline, paired over the flipped points (runs *_paired: the sweeps of 1a,
+# 1d's fresh draw and 6b rerun with mislabel/<ranking>/minus_loss_top{10,20}: difference, 95% bootstrap interval
+# over the flipped points, exact McNemar p)
+
+
+def vs_loss(S: Sweep, which: Job, prefix: str, k: int = 10) -> Cell:
+    """"-16.5 [-18.5, -14.4] (p < 1e-4)": recall at k% minus the loss's, paired, with its interval and p."""
+    base = f"{prefix}/minus_loss_top{k}"
+
+    def p_text(df: pd.DataFrame) -> str:
+        (p,) = df[f"{base}_p"].to_numpy()
+        return "p < 1e-4" if p < 1e-4 else f"p = {fmt(p, 'g2')}"
+    return cell("{:+p1} [{:+p1}, {:+p1}] ({})", S(base, which), S(f"{base}_ci_low", which),
+                S(f"{base}_ci_high", which), S(p_text, which))
+
+
+def recall_pair(S: Sweep, which: Job, prefix: str) -> Cell:
+    return cell("{:%1} / {:%1}", S(f"{prefix}/recall@10", which), S("mislabel/loss/recall@10", which))
+
+
+_STDP, _M5P, _FRP = Sweep("mislabel_standard_paired"), Sweep("mnist5k_mislabel_paired"), \
+    Sweep("mislabel_memorize_fresh_paired")
+_ALL, _LAST = job("solver.modules=all"), job("solver.modules=last:1")
+_VS_LOSS = [
+    ("FashionMNIST, standard (1a)", "EK-FAC, λ = 1e-3 (solver default)", _STDP, EKFAC, "mislabel/self_influence"),
+    ("FashionMNIST, standard (1a)", "K-FAC, λ = 1e-3", _STDP, KFAC, "mislabel/self_influence"),
+    ("FashionMNIST, standard (1a)", "gradient norm (identity)", _STDP, IDENTITY, "mislabel/self_influence"),
+    ("MNIST-5k (6b)", "EK-FAC, λ = 1e-3 (solver default)", _M5P, EKFAC, "mislabel/self_influence"),
+    ("MNIST-5k (6b)", "gradient norm (identity)", _M5P, IDENTITY, "mislabel/self_influence"),
+    ("FashionMNIST, memorised, seed 2 (1d)", "EK-FAC all layers, λ = 1e-3", _FRP, _ALL, "mislabel/self_influence"),
+    ("FashionMNIST, memorised, seed 2 (1d)", "EK-FAC all layers, λ = 1e-8 (oracle-tuned on seeds 0, 1)", _FRP, _ALL,
+     si(1e-8)),
+    ("FashionMNIST, memorised, seed 2 (1d)", "EK-FAC last layer, λ = 1e-7 (oracle-tuned on seeds 0, 1)", _FRP, _LAST,
+     si(1e-7)),
+]
+SECTION.table("mislabel_vs_loss", ["data", "self-influence", "top 10%: this / loss",
+                                   "this − loss at 10%, paired [95% CI] (McNemar)",
+                                   "this − loss at 20%, paired [95% CI] (McNemar)"],
+              [[data, label, recall_pair(S, w, pre), vs_loss(S, w, pre), vs_loss(S, w, pre, 20)]
+               for data, label, S, w, pre in _VS_LOSS],
+              "1g: self-influence minus the loss baseline, paired over the flipped points")
+for _name, (_S, _w, _pre) in {"std_ekfac": (_STDP, EKFAC, "mislabel/self_influence"),
+                              "mnist5k_ekfac": (_M5P, EKFAC, "mislabel/self_influence"),
+                              "fresh_1e-8": (_FRP, _ALL, si(1e-8))}.items():
+    SECTION.number(f"{_name}_minus_loss10", vs_loss(_S, _w, _pre))
+
+
+def _validation() -> pd.DataFrame:
+    return pd.concat([load(VALIDATION.format(r)) for r in _REGIME_NAMES], ignore_index=True)
+
+
+SECTION.number("select_within_1pt", lambda: (lambda d: f"{int((d >= -0.01).sum())} of {len(d)}")(
+    _validation()["selected_minus_oracle10"]))
+SECTION.number("select_worst_shortfall", lambda: fmt(-_validation()["selected_minus_oracle10"].min(), "p1"))
+SECTION.number("select_fmnist_vs_spectrum", lambda: (lambda d: f"{fmt(d.min(), 'p0')}–{fmt(d.max(), 'p0')}")(
+    load(VALIDATION.format("fmnist"))["selected_minus_spectrum10"]))
+SECTION.number("select_fmnist_loss_gap", lambda: (lambda d: f"{fmt(-d.max(), 'p1')}–{fmt(-d.min(), 'p1')}")(
+    load(VALIDATION.format("fmnist"))["selected_minus_loss10"]))

@@ -254,3 +254,20 @@ def _finetune_gap() -> pd.Series:
 
 SECTION.number("finetune_below_retrain", lambda: f"{int((_finetune_gap() > 0).sum())} of {len(_finetune_gap())}")
 SECTION.number("finetune_below_retrain_max_gap", lambda: f"{_finetune_gap().max():.3f}")
+
+# 5c's size chosen without the flip count (run select_clean_pipeline: unlearn.size=auto, the injected-flip estimate of
+# the number of flipped labels, beside 72, 144 = the true count, and 288)
+_SCP = Sweep("select_clean_pipeline")
+SECTION.table("select_clean_pipeline", ["mode", "unlearn.size", "points fixed (flipped)",
+                                        "test acc: noisy / **one step** / fine-tune / retrain"],
+              [[mode, size if size != "auto" else cell("auto (estimate {:d})", _SCP(
+                  "select/n_flipped_estimate", **{"unlearn.mode": mode, "unlearn.size": size})),
+                cell("{:d} ({:d})", _SCP("unlearn/n_points", **{"unlearn.mode": mode, "unlearn.size": size}),
+                     _SCP("unlearn/n_flipped_in_set", **{"unlearn.mode": mode, "unlearn.size": size})),
+                cell("{:.3} / **{:.3}** / {:.3} / {:.3}", *(_SCP(f"unlearn/{m}/test_accuracy",
+                                                                **{"unlearn.mode": mode, "unlearn.size": size})
+                                                           for m in _MODELS4))]
+               for mode in ("repair", "remove") for size in ("auto", "72", "144", "288")],
+              "5c: detect-then-fix with the size estimated without the flip count, and its sensitivity")
+SECTION.number("n_flipped_estimate", cell("{:d}", _SCP("select/n_flipped_estimate",
+                                                       **{"unlearn.mode": "remove", "unlearn.size": "auto"})))

@@ -3,9 +3,10 @@
 ``load_run(dir)`` loads one run; ``load_sweep(dir)``, a multirun as a DataFrame (a row per job and damping)."""
 
 from .api import Attributor
-from .run import Run, load_run, load_sweep
-from .tasks import ClassificationTask, RegressionTask, Task
+from .run import Run, load_run
+from .sweeps import load_sweep
+from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
 
 __version__ = "0.1.0"
-__all__ = ["Attributor", "ClassificationTask", "RegressionTask", "Run", "Task", "load_run", "load_sweep",
-           "__version__"]
+__all__ = ["Attributor", "ClassificationTask", "LanguageModelingTask", "RegressionTask", "Run", "Task", "load_run",
+           "load_sweep", "__version__"]

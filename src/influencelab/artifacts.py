@@ -9,6 +9,10 @@ Keys hash exactly what an artefact depends on:
 * model: ``{"dataset", "model", "trainer"}`` configs (CLI) or a digest of the weights (API);
 * factors: ``{"model": model key, "solver": solver.fit_config()}`` (damping excluded for damping-free fits);
 * scores: ``{"what", "factors", "dampings", "train": data key, "extra": queries etc.}``, one entry per chunk.
+
+Anything else a stage computes once and reuses (retraining's ground truth, a retrained model's weights) goes
+through :meth:`Artifacts.cached`, the one get-or-compute of the package, which also runs without a cache
+(``paths.cache=null``: every call computes).
 """
 
 from __future__ import annotations
@@ -73,6 +77,30 @@ class Artifacts:
 
     def key(self, payload: Any) -> str:
         return config_hash(payload)
+
+    # -- anything else computed once ------------------------------------------------------------------------
+    def cached(self, kind: str, config: Any, compute: Callable[[], dict[str, torch.Tensor]],
+               meta: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors cached under ``kind`` for ``config`` (JSON-able: exactly what they depend on; hashed into
+        the key), or ``compute()``'s, written to the cache atomically (a reader sees the whole entry or none)
+        together with ``config``, ``meta`` and the compute time. Without a cache (``root=None``) it computes every
+        time. ``info``, when given, receives ``seconds`` (the compute time, that of the run that computed it for a
+        cached entry) and ``cached``."""
+        key = self.key(config)
+        hit = self.cache.get(kind, key) if self.cache is not None else None
+        if hit is not None:
+            if info is not None:
+                stored = hit[1]
+                info.update(seconds=float(stored.get("seconds", stored.get("train_s", float("nan")))), cached=True)
+            return hit[0]
+        t0 = time.perf_counter()
+        tensors = compute()
+        seconds = time.perf_counter() - t0
+        if self.cache is not None:
+            self.cache.put(kind, key, tensors, config, {"seconds": seconds, **({"meta": meta} if meta else {})})
+        if info is not None:
+            info.update(seconds=seconds, cached=False)
+        return tensors
 
     # -- trained models ------------------------------------------------------------------------------------
     def model(self, model: nn.Module, key: str, config: Any, train: Callable[[nn.Module], dict]

@@ -42,7 +42,7 @@ def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None
     from :func:`~influencelab.tracking.run_info`), else ``job_name`` and ``group``."""
     from . import distributed
     from .pipeline import Context
-    from .stages import STAGES
+    from .registry import STAGES
 
     # the logger first: a W&B run that could not start (no wandb, online without a login) is a one-line error
     # before anything is read or written

@@ -1,9 +1,11 @@
 """Model builders named by ``conf/model/*.yaml`` (``_target_``).
 
-Every builder takes ``num_classes``, ``in_chans`` and ``image_size`` (interpolated from the dataset
-config, so input adaptation is explicit) and raises a one-line ``ConfigError`` for an input it
-cannot take. ResNets and ViT come from timm: ``in_chans=1`` adapts the stem (pretrained RGB weights
-are summed over channels by timm), ``img_size`` sets the ViT patch grid.
+Every builder takes ``num_classes`` (the number of outputs: classes, or target values for regression),
+``in_chans`` and ``image_size`` (interpolated from the dataset config, so input adaptation is explicit) and
+raises a one-line ``ConfigError`` for an input it cannot take. ``mlp`` and ``linear`` also take ``in_features``: a
+tabular dataset's feature-vector length (``dataset.in_features``; ``null`` for images, which are flattened), the
+image models refuse such a dataset. ResNets and ViT come from timm: ``in_chans=1`` adapts the stem (pretrained RGB
+weights are summed over channels by timm), ``img_size`` sets the ViT patch grid.
 """
 
 from __future__ import annotations
@@ -13,19 +15,38 @@ from torch import nn
 from .errors import ConfigError, check
 
 
-def linear(num_classes: int, in_chans: int, image_size: int) -> nn.Module:
-    """Multinomial logistic regression (flatten -> Linear): the convex model, with trainer.weight_decay as L2."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * image_size * image_size, num_classes))
+def _width(in_chans: int | None, image_size: int | None, in_features: int | None) -> int:
+    """Input width after flattening: ``in_features`` (feature vectors) or ``in_chans x image_size²`` (images)."""
+    if in_features is not None:
+        check(isinstance(in_features, int) and in_features >= 1, "dataset.in_features", in_features,
+              "must be a positive integer")
+        return in_features
+    check(image_size is not None and in_chans is not None, "dataset.in_features", in_features,
+          "the dataset gives neither images (image_size, channels) nor feature vectors")
+    return in_chans * image_size * image_size
 
 
-def mlp(num_classes: int, in_chans: int, image_size: int, hidden: int = 32, depth: int = 1,
-        activation: str = "tanh") -> nn.Module:
+def _needs_images(model: str, image_size: int | None) -> None:
+    if image_size is None:
+        raise ConfigError(f"model={model} needs images: the dataset gives feature vectors (dataset.image_size=null); "
+                          f"use model=mlp or model=linear")
+
+
+def linear(num_classes: int, in_chans: int | None, image_size: int | None, in_features: int | None = None
+           ) -> nn.Module:
+    """Multinomial logistic (or, with task=regression, linear) regression (flatten -> Linear): the convex model,
+    with trainer.weight_decay as L2."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_width(in_chans, image_size, in_features), num_classes))
+
+
+def mlp(num_classes: int, in_chans: int | None, image_size: int | None, hidden: int = 32, depth: int = 1,
+        activation: str = "tanh", in_features: int | None = None) -> nn.Module:
     """A tiny MLP (flatten -> [Linear -> act] x depth -> Linear): for tests and exact references."""
     check(hidden >= 1, "model.hidden", hidden, "must be >= 1")
     check(activation in ("tanh", "relu"), "model.activation", activation, "use tanh or relu")
     act = nn.Tanh if activation == "tanh" else nn.ReLU
     layers: list[nn.Module] = [nn.Flatten()]
-    width = in_chans * image_size * image_size
+    width = _width(in_chans, image_size, in_features)
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), act()]
         width = hidden
@@ -36,6 +57,7 @@ def mlp(num_classes: int, in_chans: int, image_size: int, hidden: int = 32, dept
 def cnn(num_classes: int, in_chans: int, image_size: int, channels: tuple[int, int] = (16, 32),
         hidden: int = 64) -> nn.Module:
     """The paper's small 2-conv CNN: [conv3x3 -> ReLU -> maxpool2] x 2 -> Linear -> ReLU -> Linear."""
+    _needs_images("cnn", image_size)
     check(image_size >= 4, "dataset.image_size", image_size, "model=cnn needs images of at least 4x4")
     c1, c2 = channels
     side = image_size // 2 // 2
@@ -51,6 +73,7 @@ def timm_model(arch: str, num_classes: int, in_chans: int, image_size: int, pret
     """A timm model (resnet18, resnet50, vit_base_patch16_224, ...) adapted to the dataset's input."""
     import timm
 
+    _needs_images(arch, image_size)
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if patch_size is not None:  # a ViT: the patch grid must tile the image
         check(image_size % patch_size == 0, "dataset.image_size", image_size,

@@ -1,8 +1,10 @@
-"""Figures (matplotlib, headless): training curves, detection curves, attribution grids."""
+"""Figures (matplotlib, headless): training curves, detection curves, attribution grids, and the helpers the stages'
+``influencelab-report`` figures share (:func:`pyplot`, :func:`labels`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -14,16 +16,32 @@ import torch  # noqa: E402
 from .evaluation import detection_curve  # noqa: E402
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    return plt
+
+
+def labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str | None = None) -> list[str]:
+    """A short legend label per row of a report (one job each): only the overrides that differ between ``rows``
+    (``same`` when none does; default: the job number)."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if "/" not in k and k != "job" and k not in exclude]
+    varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+    return [", ".join(f"{k}={r.get(k)}" for k in varying) or (same if same is not None else f"job {r['job']}")
+            for r in rows]
+
+
 def training_curves(history: dict[str, list[float]]):
-    """Loss and accuracy per epoch."""
+    """Loss and the task's metric (``train_<metric>``/``test_<metric>``: accuracy, r2, ...) per epoch."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
     ep = np.arange(1, len(history["loss"]) + 1)
     a1.plot(ep, history["loss"], marker="o")
     a1.set(xlabel="epoch", ylabel="train loss", title="loss")
-    a2.plot(ep, history["train_accuracy"], marker="o", label="train (stored labels)")
-    if history.get("test_accuracy"):
-        a2.plot(ep, history["test_accuracy"], marker="o", label="test")
-    a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    metric = next((k[6:] for k in history if k.startswith("train_")), "accuracy")
+    a2.plot(ep, history[f"train_{metric}"], marker="o", label="train (stored labels)")
+    if history.get(f"test_{metric}"):
+        a2.plot(ep, history[f"test_{metric}"], marker="o", label="test")
+    a2.set(xlabel="epoch", ylabel=metric, title=metric)
     a2.legend()
     fig.tight_layout()
     return fig

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InfluenceLabError
-from .run import load_sweep, split_metric
+from .metric_names import parse_metric_name
+from .registry import STAGES
+from .stages import load_all
+from .sweeps import load_sweep
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,33 +61,12 @@ def markdown(frame: pd.DataFrame, fmt=_fmt) -> str:
                           for row in frame.itertuples(index=False))
 
 
-def labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = (), same: str | None = None) -> list[str]:
-    """A short legend label per row: only the overrides that differ between ``rows`` (``same`` when none
-    does; default: the job number)."""
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
-            if "/" not in k and k != "job" and k not in exclude]
-    varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
-    return [", ".join(f"{k}={r.get(k)}" for k in varying) or (same if same is not None else f"job {r['job']}")
-            for r in rows]
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Comparison figures from whatever metrics the jobs have: each stage module draws its own (IHVP error vs
-    damping, detection curves, LDS with intervals, unlearning against retraining by set size)."""
-    from .stages import load_all
-
+    damping, detection curves, LDS with intervals, unlearning against retraining by set size), as registered
+    (:func:`report` loads the stage modules)."""
     out: list[Path] = []
-    for st in load_all().values():
+    for st in STAGES.values():
         if st.report is not None:
             out += st.report(root, rows, root / "report_figures")
     return out
@@ -98,6 +80,7 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
     ``root`` may also be a ``report.csv`` (a sweep kept as one file, e.g. under experiments/results/): then
     ``report.md`` and the figures are redrawn beside it from that file alone (the file itself is left as it is;
     figures that need the job directories' own tables are skipped)."""
+    load_all()  # every stage module registers its figure
     from_file = root.is_file()
     frame = table(root)
     if from_file:
@@ -107,7 +90,8 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
         csv_path = root / "report.csv"
         # a logged NaN as "nan", a metric the job did not log as an empty cell
         frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
-        if any(split_metric(str(c)) for c in frame.columns):  # damping lists: also one row per job and damping
+        # damping lists: also one row per job and damping
+        if any(parse_metric_name(str(c))[1] is not None for c in frame.columns):
             load_sweep(root).to_csv(root / "report_by_damping.csv", index=False)
     md = root / "report.md"
     figs = plots(root, _rows(frame))  # the jobs read once, above

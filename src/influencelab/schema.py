@@ -3,6 +3,11 @@ declares its own, e.g. ``lds``), registered with Hydra's ConfigStore so composit
 instantiated (``__post_init__`` checks the values) before any data is read or anything is written.
 
 A bad value gives one line naming the key, the value and the fix (:class:`~influencelab.errors.ConfigError`).
+
+The dataclasses are the one definition of each section's defaults (``conf/config.yaml`` lists them as
+``schema/<section>@<section>`` and repeats no value). This module reads the stage registry
+(:mod:`influencelab.registry`) and never imports a stage module: the stages' schemas are there once the caller
+has loaded them (:func:`influencelab.stages.load_all`, as the CLI does at import).
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, check
+from .registry import SECTIONS, STAGES
 from .scores import parse_partition
 
 
 @dataclass
 class QueryConfig:
-    """Query (test) points for pairwise scores: explicit test ``indices`` or ``n`` drawn with ``seed``."""
+    """Query (test) points for pairwise scores: explicit test ``indices`` or ``n`` drawn with ``seed``
+    (``conf/config.yaml`` sets it to the run's ``seed``)."""
 
     indices: list[int] | None = None
     n: int = 16
@@ -36,10 +43,10 @@ class ScoreConfig:
     """Score computation: batches, cached chunks, optional query compression, partitions and ensembles."""
 
     batch_size: int = 256
-    chunk_size: int = 4096
-    query_rank: int | None = None
-    partition: str | None = None
-    ensemble: int = 1
+    chunk_size: int = 4096  # training points per chunk: chunks are written (and resumed) one by one
+    query_rank: int | None = None  # low-rank compression of preconditioned queries (rank r) for many; null = exact
+    partition: str | None = None  # "i/k": only the i-th of k parts (separate jobs); re-run without it to merge
+    ensemble: int = 1  # average pairwise/self scores over k models trained with trainer.seed + 1000*i (cached)
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "score.batch_size", self.batch_size, "must be an integer >= 1")
@@ -54,7 +61,8 @@ class ScoreConfig:
 
 @dataclass
 class FitConfig:
-    """Solver fitting: running sums are snapshotted at most every ``checkpoint_s`` seconds (0 = every batch)."""
+    """Solver fitting: running sums are snapshotted to the cache at most every ``checkpoint_s`` seconds (0 = after
+    every batch), so a fit killed midway resumes from its last snapshot with identical results."""
 
     checkpoint_s: float = 30.0
 
@@ -95,16 +103,14 @@ def type_check(section: str, key: str, value: Any, schema: type) -> None:
 
 
 def sections() -> dict[str, type]:
-    """Every section schema: the core ones and each stage module's (imports the stage modules)."""
-    from .stages import SECTIONS, load_all
-
-    load_all()
+    """Every section schema: the core ones and each registered stage module's (see the module doc)."""
     return {**CORE, **SECTIONS}
 
 
 def register() -> None:
     """Store every section schema in Hydra's ConfigStore as ``schema/<section>`` (packaged at ``<section>``);
-    ``conf/config.yaml`` lists them first in its defaults, so composition type-checks those sections."""
+    ``conf/config.yaml`` lists them first in its defaults, so composition type-checks those sections (and takes
+    their defaults from them). The stage modules must be loaded first (:func:`influencelab.stages.load_all`)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -134,8 +140,6 @@ def check_overrides(overrides: list[str]) -> None:
 
 def validate(cfg: DictConfig, stages: list[str]) -> dict[str, Any]:
     """Typed objects of the core sections and of every section the selected ``stages`` read."""
-    from .stages import STAGES
-
     out = {name: typed(cfg.get(name, {}), name, schema) for name, schema in CORE.items()}
     for s in stages:
         st = STAGES[s]

@@ -73,15 +73,17 @@ def compress(preconditioned: torch.Tensor, rank: int | None) -> tuple[torch.Tens
     return vh[:rank].to(preconditioned.dtype), (u[:, :rank] * s[:rank]).to(preconditioned.dtype)
 
 
-def parse_partition(spec: str | None) -> tuple[int, int]:
-    """``score.partition``: ``None`` (everything) or ``"i/k"`` (the i-th of k disjoint parts, 0-based)."""
+def parse_partition(spec: str | Sequence[int] | None, key: str = "score.partition") -> tuple[int, int]:
+    """A partition: ``None`` (everything: ``(0, 1)``), ``"i/k"`` (the CLI's ``score.partition``) or ``(i, k)`` (the
+    API's): the i-th of k disjoint shares of the score chunks, 0-based. ``key`` names it in the error."""
     if spec in (None, "", "null"):
         return 0, 1
     try:
-        i, k = (int(v) for v in str(spec).split("/"))
+        i, k = (int(v) for v in (str(spec).split("/") if isinstance(spec, str) else spec))
         assert 0 <= i < k
-    except (ValueError, AssertionError):
-        raise ConfigError(f"score.partition={spec!r} is invalid: use i/k with 0 <= i < k, e.g. 0/4") from None
+    except (ValueError, TypeError, AssertionError):
+        form, example = ("i/k", "0/4") if isinstance(spec, str) else ("(i, k)", "(0, 4)")
+        raise ConfigError(f"{key}={spec!r} is invalid: use {form} with 0 <= i < k, e.g. {example}") from None
     return i, k
 
 

@@ -1,4 +1,5 @@
-"""Training and evaluation of a classifier on :class:`LabeledData` (the ``train`` stage's engine)."""
+"""Training and evaluation of a model on :class:`LabeledData` (the ``train`` stage's engine). What the loss, the
+prediction and the quality metric are is the task's (:mod:`influencelab.tasks`; classification by default)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data.base import LabeledData
 from .errors import check
 from .progress import progress
+from .tasks import Task, resolve_task
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,12 +58,16 @@ class Trainer:
         return d
 
     def fit(self, model: nn.Module, train: LabeledData, test: LabeledData | None = None,
-            exclude: torch.Tensor | None = None) -> dict[str, list[float]]:
-        """Train ``model`` in place; returns per-epoch history (loss, train/test accuracy).
+            exclude: torch.Tensor | None = None, task: Task | None = None) -> dict[str, list[float]]:
+        """Train ``model`` in place on ``task``'s loss (default: classification); returns the per-epoch history:
+        ``loss``, ``train_<metric>`` and ``test_<metric>`` (the task's :attr:`~influencelab.tasks.Task.metric_name`,
+        e.g. ``train_accuracy``; the train one accumulated over the epoch's batches, the test one after it).
 
         ``exclude`` (positions of ``train``) leaves points out while every other batch stays exactly as in the
         full run (same shuffle, same schedule): two runs then differ only by the excluded points, which is
         what a leave-one-out comparison needs (a subset would reshuffle everything)."""
+        task = resolve_task(task)
+        metric = task.metric_name
         device = resolve_device(self.device)
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +80,7 @@ class Trainer:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         steps = self.epochs * math.ceil(len(train) / self.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if self.schedule == "cosine" else None
-        history: dict[str, list[float]] = {"loss": [], "train_accuracy": [], "test_accuracy": []}
+        history: dict[str, list[float]] = {"loss": [], f"train_{metric}": [], f"test_{metric}": []}
         dropped = None
         if exclude is not None:
             dropped = torch.zeros(len(train), dtype=torch.bool)
@@ -83,7 +88,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         for epoch in progress(range(self.epochs), desc="epochs"):
             model.train()
-            total, correct, loss_sum = 0, 0, 0.0
+            total, terms, loss_sum = 0, None, 0.0
             batches = train.batches(self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch)
             for x, y, pos in progress(batches, desc=f"epoch {epoch + 1}", total=math.ceil(len(train) / self.batch_size)):
                 if dropped is not None:
@@ -91,13 +96,14 @@ class Trainer:
                 if len(y):
                     x, y = x.to(device), y.to(device)
                     out = model(x)
-                    loss = F.cross_entropy(out, y)
+                    loss = task.mean_loss(out, y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     total += len(y)
                     loss_sum += loss.item() * len(y)
-                    correct += (out.argmax(1) == y).sum().item()
+                    t = task.metric_terms(out.detach(), y).cpu()
+                    terms = t if terms is None else terms + t
                 if sched is not None:
                     sched.step()
             if not math.isfinite(loss_sum):
@@ -106,37 +112,56 @@ class Trainer:
                 raise InfluenceLabError(f"training diverged at epoch {epoch + 1} (loss {loss_sum}); "
                                         f"lower trainer.lr (now {self.lr})")
             history["loss"].append(loss_sum / max(total, 1))
-            history["train_accuracy"].append(correct / max(total, 1))
+            history[f"train_{metric}"].append(task.metric_value(terms) if terms is not None else float("nan"))
             if test is not None:
-                history["test_accuracy"].append(evaluate(model, test, self.batch_size * 4, device)["accuracy"])
+                history[f"test_{metric}"].append(evaluate(model, test, self.batch_size * 4, device, task)[metric])
         model.eval()
         return history
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: LabeledData, batch_size: int = 512,
-             device: torch.device | None = None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data`` (labels as stored, i.e. noisy for train)."""
+             device: torch.device | None = None, task: Task | None = None) -> dict[str, float]:
+    """The task's metric (``{metric_name: value}``, e.g. ``accuracy``) and mean loss (``loss``) of ``model`` on
+    ``data`` (targets as stored, i.e. noisy labels for train)."""
+    task = resolve_task(task)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, terms, loss_sum = 0, None, 0.0
     for x, y, _ in data.batches(batch_size):
         x, y = x.to(device), y.to(device)
         out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss_sum += task.loss(out, y).sum().item()
+        t = task.metric_terms(out, y).cpu()
+        terms = t if terms is None else terms + t
         total += len(y)
     model.train(was_training)
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+    metric = task.metric_value(terms) if terms is not None else float("nan")
+    return {task.metric_name: metric, "loss": loss_sum / max(total, 1)}
 
 
 @torch.no_grad()
-def per_example_loss(model: nn.Module, data: LabeledData, batch_size: int = 512) -> torch.Tensor:
-    """Cross-entropy of every example under its stored label (the loss baseline for mislabel detection)."""
+def per_example_loss(model: nn.Module, data: LabeledData, batch_size: int = 512,
+                     task: Task | None = None) -> torch.Tensor:
+    """The task's loss of every example under its stored target (the loss baseline for mislabel detection)."""
+    task = resolve_task(task)
     device = next(model.parameters()).device
     model.eval()
     out = torch.empty(len(data))
     for x, y, pos in data.batches(batch_size):
-        out[pos] = F.cross_entropy(model(x.to(device)), y.to(device), reduction="none").float().cpu()
+        out[pos] = task.loss(model(x.to(device)), y.to(device)).float().cpu()
     return out
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, data: LabeledData | torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The model's outputs (float64, on the CPU, eval mode) for every example of ``data`` (or a tensor of inputs),
+    in order: what the task's prediction, metric and divergence are computed from."""
+    dev = next(model.parameters())
+    model.eval()
+    if isinstance(data, torch.Tensor):
+        parts = [model(data[i:i + batch_size].to(dev)) for i in range(0, len(data), batch_size)]
+    else:
+        parts = [model(x.to(dev)) for x, _, _ in data.batches(batch_size)]
+    return torch.cat([p.double().cpu() for p in parts])

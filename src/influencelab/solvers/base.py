@@ -9,11 +9,13 @@ default) at the trained parameters:
 * ``"empirical_fisher"``: mean of ``g g^T`` with the training targets.
 * ``"hessian"``: the exact Hessian (product-based solvers only).
 
-``fit`` computes whatever the solver needs once (factors, nothing, a dense matrix); ``precondition``
-applies ``(G + λI)^-1`` to many flat vectors at once. Damping is applied at precondition time, so one
-fit serves every damping value when the solver allows it (``damping`` may be a float, ``"auto"`` or a
-list of those). ``damping="auto"`` has one meaning for every solver: ``0.1 x`` the mean eigenvalue of the
-solver's ``G`` (``trace(G) / P``; :meth:`Solver.resolve_damping`). Influence of training point z on query q is
+``fit`` computes whatever the solver needs once (factors, nothing, a dense matrix); ``precondition`` applies
+``(G + λI)^-1`` to many flat vectors at once. Direct solvers (exact, identity, EK-FAC, K-FAC) subclass :class:`Solver`;
+the iterative ones (CG, LiSSA) subclass :class:`~.iterative.IterativeSolver`, which adds the curvature products,
+the optional preconditioner and the convergence record they share. Damping is applied at precondition time, so one
+fit serves every damping value when the solver allows it (``damping`` may be a float, ``"auto"`` or a list of
+those). ``damping="auto"`` has one meaning for every solver: ``0.1 x`` the mean eigenvalue of the solver's ``G``
+(``trace(G) / P``; :meth:`Solver.resolve_damping`). Influence of training point z on query q is
 then ``g_q^T (G + λI)^-1 g_z`` (positive = helpful: upweighting z lowers the query loss).
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
@@ -29,11 +31,11 @@ import torch
 from torch import nn
 
 from ..cache import Snapshots
-from ..data.base import LabeledData
+from ..data.base import LabeledData, batch_to
 from ..errors import ConfigError, check
+from ..metric_names import damping_label
 from ..tasks import ClassificationTask, Task, resolve_task
 from .layout import ParamLayout
-from .preconditioner import Preconditioner, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,6 @@ def parse_dampings(value: Any) -> list[Damping]:
     if not out:
         raise ConfigError("solver.damping=[] is invalid: give at least one value")
     return out
-
-
-def damping_label(damping: Damping) -> str:
-    """A damping as it appears in metric names and JSON keys: ``0.001`` -> ``"0.001"``, ``"auto"``."""
-    return damping if isinstance(damping, str) else f"{float(damping):g}"
 
 
 @dataclass(frozen=True)
@@ -163,43 +160,16 @@ class Solver(ABC):
         self.layout: ParamLayout | None = None
         self._snapshots: Snapshots | None = None  # during fit(..., snapshots=...): makes a long fit resumable
         self._mean_eig: float | None = None
-        self._pre: Preconditioner | None = None  # iterative solvers: solver.preconditioner (see .preconditioner)
-        self._monitor: Callable[[Damping, int, torch.Tensor], None] | None = None
-
-    def set_monitor(self, fn: Callable[[Damping, int, torch.Tensor], None] | None) -> None:
-        """Iterative solvers call ``fn(damping, iteration, x)`` after every iteration with the current solution
-        ``x`` ``[k, P]`` of that damping (e.g. to record the error against a reference per iteration)."""
-        self._monitor = fn
-
-    def _set_preconditioner(self, spec: Any, damping: Any) -> None:
-        """``solver.preconditioner`` (null | ekfac | kfac | a fitted-or-not Solver) and its damping."""
-        check_spec(spec, damping)  # (also when spec is None: a bad preconditioner_damping is an error either way)
-        self._pre = Preconditioner(self, spec, damping) if spec is not None else None
-
-    @property
-    def preconditioner(self) -> Solver | None:
-        """The preconditioning solver (``None`` without one)."""
-        return self._pre.solver if self._pre is not None else None
-
-    def _precondition_rows(self, r: torch.Tensor, lam_rows: torch.Tensor) -> torch.Tensor:
-        """``P^-1 r`` row-wise at the rows' dampings ``lam_rows`` ``[rows, 1]``; ``r`` itself without a
-        preconditioner."""
-        return self._pre.apply(r, lam_rows) if self._pre is not None else r
-
-    @property
-    def preconditioner_name(self) -> str | None:
-        """``ekfac``, ``kfac`` or ``None`` (as recorded in :class:`Convergence`)."""
-        return self._pre.name if self._pre is not None else None
 
     @property
     def label(self) -> str:
-        """The solver's name in tables and plots: ``cg``, ``cg+ekfac`` (preconditioned), ..."""
-        return self.name if self._pre is None else f"{self.name}+{self._pre.name}"
+        """The solver's name in tables and plots: ``cg``, ``cg+ekfac`` (a preconditioned iterative solver), ..."""
+        return self.name
 
     def components(self) -> list[Solver]:
-        """Other solvers this one needs fitted on the same model and data first (its preconditioner);
-        :meth:`~influencelab.artifacts.Artifacts.fit` fits or loads them under their own keys."""
-        return [self._pre.solver] if self._pre is not None else []
+        """Other solvers this one needs fitted on the same model and data first (an iterative solver's
+        preconditioner); :meth:`~influencelab.artifacts.Artifacts.fit` fits or loads them under their own keys."""
+        return []
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> ParamLayout:
@@ -241,21 +211,19 @@ class Solver(ABC):
             return self.precondition(v, dampings[0]).unsqueeze(0)
         return torch.stack([self.precondition(v, d) for d in dampings])
 
-    # -- convergence (iterative solvers record it; direct solvers have none) ------------------------------
+    # -- convergence (iterative solvers record it, see .iterative; direct solvers have none) ------------------
     def diagnostics(self) -> dict[Damping, Convergence]:
         """Per damping, how converged the results of :meth:`precondition` / :meth:`precondition_all` since the
         last :meth:`reset_diagnostics` are (worst over every vector and call); ``{}`` for direct solvers."""
-        return dict(getattr(self, "_convergence", {}))
+        return {}
 
     def reset_diagnostics(self) -> None:
-        self._convergence: dict[Damping, Convergence] = {}
+        """Start a new convergence record (nothing to do for a direct solver)."""
+        return None
 
     def set_diagnostics(self, record: Mapping[Damping, Convergence]) -> None:
-        """Replace the record (e.g. with the merge of cached score chunks' records)."""
-        self._convergence = dict(record)
-
-    def _record(self, damping: Damping, conv: Convergence) -> None:
-        self.set_diagnostics(merge_diagnostics(self.diagnostics(), {damping: conv}))
+        """Replace the record (e.g. with the merge of cached score chunks' records); a direct solver has none."""
+        return None
 
     # -- resumable fitting: a pass over the data snapshots its running sums (see cache.Snapshots) -----
     def _resume(self, phase: str, sums: dict[str, torch.Tensor], gen: torch.Generator | None) -> int:
@@ -290,8 +258,6 @@ class Solver(ABC):
         cfg["solver"] = self.name
         if not self.damping_free_fit:
             cfg["dampings"] = self.dampings
-        if self._pre is not None:  # (absent without one: plain CG/LiSSA keep their keys)
-            cfg["preconditioner"] = self._pre.fit_config()
         return cfg
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -304,7 +270,7 @@ class Solver(ABC):
 
     def bind(self, model: nn.Module, data: LabeledData) -> None:
         """Attach the model and training data after a cached state was loaded (solvers that compute
-        curvature products at precondition time, CG and LiSSA, need them; others ignore this)."""
+        curvature products at precondition time, the iterative ones, need them; others ignore this)."""
         return None
 
     # -- scoring (defaults use torch.func per-example gradients; solvers may specialise) ------------
@@ -328,7 +294,8 @@ class Solver(ABC):
 
         assert self.layout is not None, "call setup(model) first"
         with self.amp():
-            g = per_sample_grads(model, self.layout, x.to(self.device, self.dtype), y.to(self.device), fn)
+            g = per_sample_grads(model, self.layout, batch_to(x, self.device, self.dtype), y.to(self.device), fn,
+                                 self.task)
         return g.to(self.dtype)
 
     def prepare_queries(self, preconditioned: torch.Tensor) -> Any:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.base import batch_to
 from ..errors import ConfigError
 from .base import Solver
 from .layout import Block
@@ -152,10 +153,12 @@ class BlockGradSolver(Solver):
 
     # -- gradients of a batch, block by block ------------------------------------------------------------
     @contextmanager
-    def _captured(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+    def _captured(self, model: nn.Module, x: Any, y: torch.Tensor,
                   generator: torch.Generator | None = None) -> Iterator[Capture]:
-        """Run forward + backward of the summed per-example loss; yields the captured a / s per block.
-        With a ``generator`` and ``curvature="fisher"``, targets are sampled from the model's own predictions."""
+        """Run forward (the task's, on the batch inputs ``x``: a tensor or a dict / tuple of them) + backward of the
+        summed per-example loss against ``y``; yields the captured a / s per block. With a ``generator`` and
+        ``curvature="fisher"``, targets are sampled from the model's own predictions (the task's
+        :meth:`~influencelab.tasks.Task.fisher_targets`: positions the data's targets ignore stay ignored)."""
         assert self.layout is not None
         with Capture(self.layout.modules, self.layout.blocks, self.dtype) as cap, torch.enable_grad():
             params = list(model.parameters())
@@ -163,12 +166,13 @@ class BlockGradSolver(Solver):
             for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
                 p.requires_grad_(False)
             try:
-                x = x.to(self.device, self.dtype)  # no gradient of x is needed: see Capture's first tracked output
+                x = batch_to(x, self.device, self.dtype)  # no gradient of x is needed: see Capture's first output
+                y = y.to(self.device)
                 with self.amp():
-                    out = model(x).to(self.dtype)
+                    out = self.task.forward(model, x).to(self.dtype)
                 if generator is not None and self.curvature == "fisher":
-                    y = self.task.sample_targets(out.detach(), generator)
-                self.task.loss(out, y.to(self.device)).sum().backward()
+                    y = self.task.fisher_targets(out.detach(), y, generator)
+                self.task.loss(out, y).sum().backward()
             finally:
                 for p, r in zip(params, req, strict=True):
                     p.requires_grad_(r)
@@ -185,11 +189,11 @@ class BlockGradSolver(Solver):
         return torch.cat([g, s.sum(1, keepdim=True).transpose(1, 2)], dim=2) if blk.bias is not None else g
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def train_grads(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_grads(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
         """Flat ``[b, P]``, each block written into its slice (no list of blocks concatenated: one copy, not two)."""
         assert self.layout is not None
         with self._captured(model, x, y) as cap:
-            out = torch.empty(len(x), self.layout.size, dtype=self.dtype, device=self.device)
+            out = torch.empty(len(y), self.layout.size, dtype=self.dtype, device=self.device)
             for b in self.layout.blocks:
                 self.layout.block(out, b).copy_(self._block_grads(cap, b))
             return out
@@ -200,15 +204,15 @@ class BlockGradSolver(Solver):
         pre = preconditioned.to(self.dtype)
         return PreparedQueries(len(pre), [self.layout.block(pre, b) for b in self.layout.blocks])
 
-    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor | PreparedQueries, x: torch.Tensor,
+    def pairwise(self, model: nn.Module, preconditioned: torch.Tensor | PreparedQueries, x: Any,
                  y: torch.Tensor) -> torch.Tensor:
         """Block by block, without concatenating per-example gradients; one-position blocks (plain Linear)
         use ``s^T Q a`` and never form ``s a^T``."""
         assert self.layout is not None
         prepared = preconditioned if isinstance(preconditioned, PreparedQueries) else \
             self.prepare_queries(preconditioned)
-        k = len(prepared)
-        out = torch.zeros(k, len(x), dtype=self.dtype, device=self.device)
+        k, n = len(prepared), len(y)
+        out = torch.zeros(k, n, dtype=self.dtype, device=self.device)
         with self._captured(model, x, y) as cap:
             for i, (b, Q) in enumerate(zip(self.layout.blocks, prepared.blocks, strict=True)):
                 s = cap.s[b.name]  # [b, T, out]: T positions (a conv's patches are unfolded only where needed)
@@ -216,11 +220,11 @@ class BlockGradSolver(Solver):
                 if s.shape[1] == 1:  # [b, in] @ [in, k * out], then each example's [k, out] times its s: [b, k]
                     a = cap.a[b.name]
                     Qw, Qb = prepared.split(i, bias)
-                    t = (a[:, 0] @ Qw.reshape(k * b.out_dim, -1).T).view(len(x), k, b.out_dim)
+                    t = (a[:, 0] @ Qw.reshape(k * b.out_dim, -1).T).view(n, k, b.out_dim)
                     out += torch.bmm(t, s[:, 0, :, None])[..., 0].T
                     if Qb is not None:
                         out += Qb @ s[:, 0].T
                 else:  # the view [k, out * in] (row stride P) multiplies without a copy
                     g = self._block_grads(cap, b)
-                    out += Q.reshape(k, -1) @ g.reshape(len(x), -1).T
+                    out += Q.reshape(k, -1) @ g.reshape(n, -1).T
         return out

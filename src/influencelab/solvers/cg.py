@@ -5,9 +5,9 @@ curvature, the per-example output Jacobians of the data are formed once and kept
 ``jacobian_cache_gb`` (``n C P`` numbers), and every product is then two matrix products
 (:class:`~influencelab.solvers.curvature.Curvature`).
 
-Every call records its convergence per damping (:meth:`Solver.diagnostics`): the iterations run and the true
-relative residual ``||(G + λI) x - v|| / ||v||`` of each column, recomputed once at the end with the same
-full-data (or ``max_examples``) products CG iterates with (not CG's recursive residual, which drifts in
+Every call records its convergence per damping (:meth:`~.iterative.IterativeSolver.diagnostics`): the iterations
+run and the true relative residual ``||(G + λI) x - v|| / ||v||`` of each column, recomputed once at the end with
+the same full-data (or ``max_examples``) products CG iterates with (not CG's recursive residual, which drifts in
 float32); converged = the worst column's residual <= ``max(tol, 100 eps)``, ``eps`` the machine epsilon of the
 products' dtype (the precision a residual can be measured to: 1.2e-5 in float32, 2.2e-14 in float64).
 
@@ -30,56 +30,50 @@ from torch import nn
 
 from ..data.base import LabeledData
 from ..errors import SolverDivergedError, check
-from .base import Convergence, Damping, Solver
-from .curvature import Curvature
+from .base import Convergence, Damping
+from .iterative import IterativeSolver
 
 log = logging.getLogger(__name__)
 
 
-class CG(Solver):
+class CG(IterativeSolver):
     name = "cg"
-    curvatures = ("fisher", "empirical_fisher", "hessian")
     iteration_key = "max_iter"
 
     def __init__(self, *args: Any, tol: float = 1e-8, max_iter: int = 500, max_examples: int | None = None,
                  preconditioner: Any = None, preconditioner_damping: Any = "same", jacobian_cache_gb: float = 4.0,
                  **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._set_preconditioner(preconditioner, preconditioner_damping)
+        super().__init__(*args, preconditioner=preconditioner, preconditioner_damping=preconditioner_damping,
+                         **kwargs)
         check(tol > 0, "solver.tol", tol, "must be > 0")
         check(max_iter >= 1, "solver.max_iter", max_iter, "must be >= 1")
         check(max_examples is None or max_examples >= 1, "solver.max_examples", max_examples, "must be >= 1 or null")
         check(jacobian_cache_gb >= 0, "solver.jacobian_cache_gb", jacobian_cache_gb, "must be >= 0 (0: no cache)")
         self.tol, self.max_iter, self.max_examples = tol, max_iter, max_examples
         self._jacobian_cache_gb = jacobian_cache_gb  # (not in fit_config: it changes the speed, not the result)
-        self._curv: Curvature | None = None
-        self._data: LabeledData | None = None
         self._n_train = 0
 
     def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
         """Nothing to precompute: keeps the model and (a sample of) the data for the products."""
         self.bind(model, data)
 
-    def bind(self, model: nn.Module, data: LabeledData) -> None:
-        layout = self.layout or self.setup(model)
+    def bind(self, model: nn.Module, data: LabeledData, jacobian_cache_bytes: float | None = None) -> None:
+        """The products over the training set, or over its seeded sample of ``max_examples`` points, with the
+        output Jacobians kept when they fit in ``jacobian_cache_gb``."""
         self._n_train = len(data)
         if self.max_examples is not None and self.max_examples < len(data):
             g = torch.Generator().manual_seed(self.seed)
             data = data.subset(torch.randperm(len(data), generator=g)[: self.max_examples].sort().values)
-        self._curv = Curvature(model, layout, self.curvature, self.task,
-                               jacobian_cache_bytes=self._jacobian_cache_gb * 2**30)
-        self._data = data
-
-    def mean_eigenvalue(self) -> float:
-        assert self._curv is not None and self._data is not None and self.layout is not None, "fit the solver first"
-        return self._curv.trace_estimate(self._data, self.batch_size, seed=self.seed) / self.layout.size
+        super().bind(model, data, self._jacobian_cache_gb * 2**30 if jacobian_cache_bytes is None
+                     else jacobian_cache_bytes)
 
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         assert self._curv is not None and self._data is not None, "fit the solver first"
         lam = self.resolve_damping(damping)
         t0 = time.perf_counter()
         b = v.to(self._curv.dtype)
-        lam_rows = torch.full((len(b), 1), lam, dtype=b.dtype, device=b.device)
+        lam_rows = self.row_dampings([lam], len(b), b.dtype, b.device)
+
         def M(r: torch.Tensor) -> torch.Tensor:
             return self._precondition_rows(r, lam_rows)
 

@@ -18,15 +18,16 @@ points: 4.3x faster per product of 8 vectors, 18x for 100, no gain for 1, after 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .. import distributed
-from ..data.base import LabeledData
+from ..data.base import LabeledData, batch_to, index_batch, map_batch
 from ..tasks import Task, resolve_task
-from .grads import per_sample_grads, split_params
+from .grads import functional_forward, per_sample_grads, split_params
 from .layout import ParamLayout
 
 KINDS = ("fisher", "empirical_fisher", "hessian")
@@ -40,33 +41,35 @@ class Curvature:
         assert kind in KINDS, kind
         self.model, self.layout, self.kind = model, layout, kind
         self.jacobian_cache_bytes = jacobian_cache_bytes
-        self._jacobians: tuple[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
+        self._jacobians: tuple[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] | None = None
         self.task = resolve_task(task)
         self.params, self.rest = split_params(model, layout)
         self.dtype = next(iter(self.params.values())).dtype
         self.device = next(iter(self.params.values())).device
 
-    def _logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**p, **self.rest}, (x,))
+    def _logits(self, p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+        """The model's output on the batch inputs ``x`` (through the task's forward) at parameters ``p``."""
+        return functional_forward(self.task, self.model, {**p, **self.rest}, x)
 
     def _tangents(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.unflatten(V.to(self.dtype), self.model)
 
     # -- products ----------------------------------------------------------------------------------------
-    def product(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``mean_i C_i V^T`` for ``V [k, P]`` over the batch ``(x, y)``: returns ``[k, P]``. Under torchrun,
-        inside a :func:`distributed.collective` section, each rank takes a share of the batch (all-reduced)."""
+    def product(self, V: torch.Tensor, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """``mean_i C_i V^T`` for ``V [k, P]`` over the batch ``(x, y)`` (inputs and targets, as the data's
+        ``batches`` yield them): returns ``[k, P]``. Under torchrun, inside a :func:`distributed.collective`
+        section, each rank takes a share of the batch (all-reduced)."""
         if distributed.split_batch():
-            rows = distributed.shard(len(x))
-            part = self._product(V, x[rows], y[rows]) * len(rows) if len(rows) else torch.zeros_like(V)
-            return distributed.all_reduce_sum(part) / len(x)
+            rows = distributed.shard(len(y))
+            part = self._product(V, index_batch(x, rows), y[rows]) * len(rows) if len(rows) else torch.zeros_like(V)
+            return distributed.all_reduce_sum(part) / len(y)
         return self._product(V, x, y)
 
-    def _product(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.to(self.device, self.dtype), y.to(self.device)
+    def _product(self, V: torch.Tensor, x: Any, y: torch.Tensor) -> torch.Tensor:
+        x, y = batch_to(x, self.device, self.dtype), y.to(self.device)
         if self.kind == "empirical_fisher":
-            g = per_sample_grads(self.model, self.layout, x, y, self.task.loss)
-            return ((V.to(g.dtype) @ g.T) @ g) / len(x)
+            g = per_sample_grads(self.model, self.layout, x, y, self.task.loss, self.task)
+            return ((V.to(g.dtype) @ g.T) @ g) / len(y)
         tangents = self._tangents(V)
         if self.kind == "hessian":
             def loss(p):
@@ -81,7 +84,7 @@ class Curvature:
 
         def ggn(t):
             ju = jvp(lambda p: self._logits(p, x), (self.params,), (t,))[1]
-            return pull(self.task.output_hessian_product(out, ju) / len(x))[0]
+            return pull(self.task.loss_hessian_product(out, y, ju) / len(y))[0]
 
         return self.layout.flatten(vmap(ggn)(tangents))
 
@@ -92,57 +95,59 @@ class Curvature:
         total = torch.zeros_like(V)
         cached = self._cached_jacobians(data, batch_size)
         if cached is not None:
-            for J, out in cached:
-                total += self._jacobian_product(V, J, out) * len(out)
+            for J, out, y in cached:
+                total += self._jacobian_product(V, J, out, y) * len(out)
             return total / len(data)
         for x, y, _ in data.batches(batch_size):
-            total += self.product(V, x, y) * len(x)
+            total += self.product(V, x, y) * len(y)
         return total / len(data)
 
     # -- per-example output Jacobians (fisher / GGN) ---------------------------------------------------------
-    def output_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(J [b, C, P], outputs [b, C])``: each example's output Jacobian w.r.t. the tracked parameters, in the
-        block layout, and the (detached) outputs."""
-        x = x.to(self.device, self.dtype)
+    def output_jacobian(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(J [b, C, P], outputs [b, ...])``: each example's output Jacobian w.r.t. the tracked parameters, in the
+        block layout (``C``: the outputs of one example, e.g. ``T x V`` logits of a sequence, flattened), and the
+        (detached) outputs."""
+        x = batch_to(x, self.device, self.dtype)
 
         def logits_one(p, xi):
-            return self._logits(p, xi.unsqueeze(0)).reshape(-1)
+            return self._logits(p, map_batch(lambda t: t.unsqueeze(0), xi)).reshape(-1)
 
         jac = vmap(jacrev(logits_one), in_dims=(None, 0))(self.params, x)  # {name: [b, C, *shape]}
-        b, c = len(x), next(iter(jac.values())).shape[1]
+        b, c = next(iter(jac.values())).shape[:2]
         J = self.layout.flatten({n: j.reshape(b * c, *j.shape[2:]) for n, j in jac.items()}).reshape(b, c, -1)
-        return J, self._logits(self.params, x).detach().reshape(b, c)
+        return J, self._logits(self.params, x).detach()
 
-    def _jacobian_product(self, V: torch.Tensor, J: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``mean_i J_i^T H_i J_i V^T`` over one batch, ``[k, P]``, from its Jacobians ``J [b, C, P]``."""
+    def _jacobian_product(self, V: torch.Tensor, J: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``mean_i J_i^T H_i J_i V^T`` over one batch, ``[k, P]``, from its Jacobians ``J [b, C, P]``, outputs
+        ``out [b, ...]`` and targets ``y``."""
         b, c, P = J.shape
         Jm = J.reshape(b * c, P)
         U = (Jm @ V.to(J.dtype).T).reshape(b, c, -1).permute(2, 0, 1)  # [k, b, C]: J_i v per example
-        HU = self.task.output_hessian_product(out, U)  # H_out per example, broadcast over the k vectors
-        return (HU.permute(1, 2, 0).reshape(b * c, -1).T @ Jm) / b
+        HU = self.task.loss_hessian_product(out, y, U.reshape(len(U), *out.shape))  # broadcast over the k vectors
+        return (HU.reshape(len(U), b, c).permute(1, 2, 0).reshape(b * c, -1).T @ Jm) / b
 
     def _cached_jacobians(self, data: LabeledData, batch_size: int
-                          ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+                          ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
         """The Jacobians of every batch of ``data``, formed on first use and kept while all of them fit in
         ``jacobian_cache_bytes``; ``None`` when they do not (or for another curvature / under torchrun)."""
         if self.kind != "fisher" or self.jacobian_cache_bytes <= 0 or distributed.split_batch():
             return None
         key = (id(data), batch_size)
         if self._jacobians is None or self._jacobians[0] != key:
-            x = next(iter(data.batches(batch_size)))[0][:1].to(self.device, self.dtype)
+            x = batch_to(index_batch(next(iter(data.batches(batch_size)))[0], slice(0, 1)), self.device, self.dtype)
             c = self._logits(self.params, x).numel()  # outputs per example
             fits = len(data) * c * self.layout.size * torch.finfo(self.dtype).bits // 8 <= self.jacobian_cache_bytes
-            self._jacobians = (key, [self.output_jacobian(x) for x, _, _ in data.batches(batch_size)] if fits
-                               else None)
+            self._jacobians = (key, [(*self.output_jacobian(x), y.to(self.device))
+                                     for x, y, _ in data.batches(batch_size)] if fits else None)
         return self._jacobians[1]
 
     # -- dense ------------------------------------------------------------------------------------------------
-    def dense(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def dense(self, x: Any, y: torch.Tensor) -> torch.Tensor:
         """The dense ``[P, P]`` mean curvature of one batch."""
-        x, y = x.to(self.device, self.dtype), y.to(self.device)
+        x, y = batch_to(x, self.device, self.dtype), y.to(self.device)
         if self.kind == "empirical_fisher":
-            g = per_sample_grads(self.model, self.layout, x, y, self.task.loss)
-            return g.T @ g / len(x)
+            g = per_sample_grads(self.model, self.layout, x, y, self.task.loss, self.task)
+            return g.T @ g / len(y)
         if self.kind == "hessian":
             names = list(self.params)
             shapes = [self.params[n].shape for n in names]
@@ -158,8 +163,8 @@ class Curvature:
             return h[perm][:, perm]
 
         J, out = self.output_jacobian(x)
-        H = self.task.output_hessian(out)
-        return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / len(x)
+        H = self.task.loss_hessian(out, y)
+        return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / len(y)
 
     def _param_to_layout(self, names: list[str], shapes: list[torch.Size]) -> torch.Tensor:
         """Index permutation taking the concatenated-parameters order to the block layout."""
@@ -173,7 +178,7 @@ class Curvature:
         P = self.layout.size
         G = torch.zeros(P, P, dtype=torch.float64, device=self.device)
         for x, y, _ in data.batches(batch_size):
-            G += self.dense(x, y).double() * len(x)
+            G += self.dense(x, y).double() * len(y)
         return G / len(data)
 
     def trace_estimate(self, data: LabeledData, batch_size: int, probes: int = 16, seed: int = 0,
@@ -185,8 +190,8 @@ class Curvature:
         for i, (x, y, _) in enumerate(data.batches(batch_size, shuffle=True, seed=seed)):
             if i >= max_batches:
                 break
-            total += float((self.product(V, x, y) * V).sum(1).mean()) * len(x)
-            n += len(x)
+            total += float((self.product(V, x, y) * V).sum(1).mean()) * len(y)
+            n += len(y)
         return total / max(n, 1)
 
 

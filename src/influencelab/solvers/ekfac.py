@@ -258,12 +258,13 @@ class EKFAC(BlockGradSolver):
         return out
 
     # -- scoring specialisation ------------------------------------------------------------------------------
-    def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+    def self_influence(self, model: nn.Module, x: Any, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
         """``sum_blocks sum (Q_S^T G_i Q_A)^2 / (Λ + λ)``: through position pairs for blocks with few positions
         (:data:`PAIRS_MAX_T`; no per-example gradients), else forming them a chunk of examples at a time."""
         assert self.layout is not None
-        out = torch.zeros(len(dampings), len(x), dtype=torch.float64, device=self.device)
+        n = len(y)
+        out = torch.zeros(len(dampings), n, dtype=torch.float64, device=self.device)
         with self._captured(model, x, y) as cap:
             for i, b in enumerate(self.layout.blocks):
                 s_rot, a_rot = self._rotated_factors(cap, b, self.state[f"{i}.QA"], self.state[f"{i}.QS"])
@@ -271,7 +272,7 @@ class EKFAC(BlockGradSolver):
                 if s_rot.shape[1] <= PAIRS_MAX_T:
                     ps, pa = _pair_products(s_rot, a_rot)
                     for j, v in enumerate(inv):
-                        out[j] += ((ps @ v) * pa).view(len(x), -1).sum(1).double()
+                        out[j] += ((ps @ v) * pa).view(n, -1).sum(1).double()
                 else:
                     flat = torch.stack(inv).flatten(1)  # [n_damping, out * in]
                     for rows, sq in _rotated_squares(s_rot, a_rot):

@@ -54,7 +54,7 @@ class Identity(BlockGradSolver):
         if not self._hooks:
             return Solver.self_influence(self, model, x, y, dampings)
         assert self.layout is not None
-        out = torch.zeros(len(x), dtype=torch.float64, device=self.device)
+        out = torch.zeros(len(y), dtype=torch.float64, device=self.device)
         with self._captured(model, x, y) as cap:
             for b in self.layout.blocks:
                 a, s = cap.a[b.name], cap.s[b.name]

@@ -16,10 +16,10 @@ top eigenvalue of ``P^-1 (G_S + λI)`` by power iteration on the same seeded sam
 recursion when ``P^-1 (G + λI)`` is worse conditioned than ``G + λI`` (``experiments/precond_spectrum.py``
 measures both).
 
-Every call records its convergence per damping (:meth:`Solver.diagnostics`): depth, scale and the relative
-residual ``||(G_H + λI) x - v|| / ||v||`` of each vector, with ``G_H`` the mean curvature over a held-out set
-``H`` of ``min(8 * batch_size, n)`` training points: a seeded sample (``seed + 104729``) of the points the
-recursion's batches did not visit in any repeat of that call when at least that many are left ("disjoint");
+Every call records its convergence per damping (:meth:`~.iterative.IterativeSolver.diagnostics`): depth, scale and
+the relative residual ``||(G_H + λI) x - v|| / ||v||`` of each vector, with ``G_H`` the mean curvature over a
+held-out set ``H`` of ``min(8 * batch_size, n)`` training points: a seeded sample (``seed + 104729``) of the points
+the recursion's batches did not visit in any repeat of that call when at least that many are left ("disjoint");
 otherwise (the recursion visited nearly every point) the same-size seeded sample of the whole training set
 ("resampled": batches the recursion never drew as such; ``H`` is the whole set when ``n <= 8 * batch_size``, then
 the residual is exact). ``G_H`` is a sample estimate of ``G``, so the residual carries its sampling noise.
@@ -37,13 +37,12 @@ from torch import nn
 from ..data.base import LabeledData
 from ..errors import SolverDivergedError, check
 from ..progress import progress
-from .base import Convergence, Damping, Solver
-from .curvature import Curvature
+from .base import Convergence, Damping
+from .iterative import IterativeSolver
 
 
-class LiSSA(Solver):
+class LiSSA(IterativeSolver):
     name = "lissa"
-    curvatures = ("fisher", "empirical_fisher", "hessian")
     iteration_key = "depth"
     #: the held-out set's size, in batches, and the offset of its seed
     HELD_OUT_BATCHES, HELD_OUT_SEED = 8, 104729
@@ -52,8 +51,8 @@ class LiSSA(Solver):
                  converged_tol: float = 0.1, preconditioner: Any = None, preconditioner_damping: Any = "same",
                  **kwargs: Any):
         kwargs.setdefault("batch_size", 32)
-        super().__init__(*args, **kwargs)
-        self._set_preconditioner(preconditioner, preconditioner_damping)
+        super().__init__(*args, preconditioner=preconditioner, preconditioner_damping=preconditioner_damping,
+                         **kwargs)
         self._pscale: dict[float, float] = {}  # preconditioned scale=auto: 2 mu_max per damping
         check(isinstance(depth, int) and depth >= 1, "solver.depth", depth, "must be an integer >= 1")
         check(isinstance(repeats, int) and repeats >= 1, "solver.repeats", repeats, "must be an integer >= 1")
@@ -63,8 +62,6 @@ class LiSSA(Solver):
               "must be > 0")
         self.depth, self.scale, self.repeats = depth, scale, repeats
         self._converged_tol = float(converged_tol)  # (private: not part of the fit's cache key)
-        self._curv: Curvature | None = None
-        self._data: LabeledData | None = None
         self._scale: float | None = None
 
     def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
@@ -72,7 +69,7 @@ class LiSSA(Solver):
         on first use, once the preconditioner is fitted)."""
         self.bind(model, data)
         if self.scale == "auto":  # (preconditioned: the scale is per damping, see _scales)
-            self._scale = 2.0 * self._top_eigenvalue() if self._pre is None else 0.0
+            self._scale = 2.0 * self._top_eigenvalue() if not self.preconditioned else 0.0
         else:
             self._scale = float(self.scale)
 
@@ -98,14 +95,6 @@ class LiSSA(Solver):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._scale = float(state["scale"])
 
-    def bind(self, model: nn.Module, data: LabeledData) -> None:
-        layout = self.layout or self.setup(model)
-        self._curv, self._data = Curvature(model, layout, self.curvature, self.task), data
-
-    def mean_eigenvalue(self) -> float:
-        assert self._curv is not None and self._data is not None and self.layout is not None, "fit the solver first"
-        return self._curv.trace_estimate(self._data, self.batch_size, seed=self.seed) / self.layout.size
-
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         return self.precondition_all(v, [damping])[0]
 
@@ -114,8 +103,9 @@ class LiSSA(Solver):
         t0 = time.perf_counter()
         k, d = len(v), len(dampings)
         lams = [self.resolve_damping(x) for x in dampings]
-        lam = torch.tensor(lams, dtype=self._curv.dtype, device=self._curv.device).repeat_interleave(k)[:, None]
+        lam = self.row_dampings(lams, k, self._curv.dtype, self._curv.device)
         s = self._scales(lams).repeat_interleave(k)[:, None]  # per row, damping-major
+
         def M(r: torch.Tensor) -> torch.Tensor:
             return self._precondition_rows(r, lam)
 
@@ -124,7 +114,7 @@ class LiSSA(Solver):
         visited = torch.zeros(len(self._data), dtype=torch.bool)
         x0 = M(V) / s  # the first step from x = 0
         x0norm = x0.norm(dim=1).clamp_min(1e-30)
-        pre = f" (preconditioned by {self._pre.name})" if self._pre is not None else ""
+        pre = f" (preconditioned by {self.preconditioner_name})" if self.preconditioned else ""
         for rep in range(self.repeats):
             x = x0.clone()
             batches = self._stream(rep)
@@ -153,7 +143,7 @@ class LiSSA(Solver):
         dt = dict(dtype=self._curv.dtype, device=self._curv.device)
         if self.scale != "auto":
             return torch.full((len(lams),), float(self._scale), **dt)
-        if self._pre is None:
+        if not self.preconditioned:
             return torch.tensor(lams, **dt) + self._scale
         missing = [lv for lv in dict.fromkeys(lams) if lv not in self._pscale]
         if missing:
@@ -170,14 +160,15 @@ class LiSSA(Solver):
 
     def _top_preconditioned(self, lams: Sequence[float], iters: int = 20) -> list[float]:
         """Top eigenvalue of ``P^-1 (G_S + λI)`` per λ (all together; ``G_S`` on :meth:`_sample`)."""
-        assert self._curv is not None and self.layout is not None and self._pre is not None
+        pre = self._preconditioner()
+        assert self._curv is not None and self.layout is not None and pre is not None
         x, y, g = self._sample()
         lam = torch.tensor(list(lams), dtype=self._curv.dtype, device=self._curv.device)[:, None]
         u = torch.randn(len(lams), self.layout.size, generator=g).to(self._curv.device, self._curv.dtype)
         mu = torch.ones(len(lams), dtype=self._curv.dtype, device=self._curv.device)
         for _ in range(iters):
             u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            w = self._pre.apply(self._curv.product(u, x, y) + lam * u, lam)
+            w = pre.apply(self._curv.product(u, x, y) + lam * u, lam)
             mu = w.norm(dim=1)
             u = w
         return [max(float(m), 1e-12) for m in mu]
@@ -204,7 +195,7 @@ class LiSSA(Solver):
         held = self._data.subset(idx)
         GX = torch.zeros_like(X)
         for x, y, _ in held.batches(self.batch_size):
-            GX += self._curv.product(X, x, y) * len(x)
+            GX += self._curv.product(X, x, y) * len(y)
         r = V - (GX / len(held) + lam * X)
         vn = V.norm(dim=1)
         rel = torch.where(vn > 0, r.norm(dim=1) / vn.clamp_min(1e-300), r.norm(dim=1)).reshape(len(dampings), k)

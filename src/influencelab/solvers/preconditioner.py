@@ -3,11 +3,11 @@ solver (CG, LiSSA) on the same damped system ``(G + λI) x = v`` every solver so
 the stochastic Neumann series; preconditioned CG is its deterministic counterpart).
 
 ``P^-1 = (G_EKFAC + λ_P I)^-1`` with ``λ_P`` the solve's own damping (``preconditioner_damping: same``, default) or
-a fixed value. The preconditioner is a solver of the ``solver`` group composed with the iterative solver's seed,
-modules, dtype and curvature (``fisher`` for a Hessian solve: EK-FAC estimates the Gauss-Newton part), so its fit
-key is the one a ``solver=ekfac`` run of the same model has, and :meth:`~influencelab.artifacts.Artifacts.fit`
-reuses that cached fit instead of refitting. The iterative solver's result does not depend on ``P`` at
-convergence; only the number of iterations does."""
+a fixed value. The preconditioner is a solver of the ``solver`` group that the iterative solver composes with its
+own seed, modules, dtype and curvature (``fisher`` for a Hessian solve: EK-FAC estimates the Gauss-Newton part;
+:mod:`~influencelab.solvers.iterative`) and hands over built, so its fit key is the one a ``solver=ekfac`` run of
+the same model has, and :meth:`~influencelab.artifacts.Artifacts.fit` reuses that cached fit instead of refitting.
+The iterative solver's result does not depend on ``P`` at convergence; only the number of iterations does."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ PRECONDITIONERS = ("ekfac", "kfac")
 
 def check_spec(preconditioner: Any, damping: Any) -> None:
     """One-line errors for ``solver.preconditioner`` / ``solver.preconditioner_damping``."""
-    given = preconditioner is not None and not isinstance(preconditioner, str) and hasattr(preconditioner, "precondition")
+    given = (preconditioner is not None and not isinstance(preconditioner, str)
+             and hasattr(preconditioner, "precondition"))  # a solver object
     check(preconditioner is None or given or preconditioner in PRECONDITIONERS,
           "solver.preconditioner", preconditioner, f"use null or one of {', '.join(PRECONDITIONERS)}")
     ok = damping == "same" or (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping > 0)
@@ -34,30 +35,17 @@ def check_spec(preconditioner: Any, damping: Any) -> None:
 
 
 class Preconditioner:
-    """The preconditioner of ``owner`` (an iterative solver): built lazily from its spec (checked by
-    :func:`check_spec`), fitted through the artifacts like any solver (see :meth:`Solver.components`), applied
-    row-wise at per-row dampings."""
+    """A built preconditioning ``solver`` (fitted or not; fitted through the artifacts like any solver, see
+    :meth:`~influencelab.solvers.iterative.IterativeSolver.components`) at ``damping`` (``same`` or a float),
+    applied row-wise at per-row dampings. Knows nothing of the solver it preconditions: that one composes it
+    (:meth:`~influencelab.solvers.iterative.IterativeSolver.build_preconditioner`) and hands it over."""
 
-    def __init__(self, owner: Solver, spec: Any, damping: Any = "same"):
-        self.owner, self.spec, self.damping = owner, spec, damping
-        self._solver: Solver | None = spec if not isinstance(spec, str) else None
+    def __init__(self, solver: Solver, damping: Any = "same"):
+        self.solver, self.damping = solver, damping
 
     @property
     def name(self) -> str:
-        return self.spec if isinstance(self.spec, str) else self.spec.name
-
-    @property
-    def solver(self) -> Solver:
-        """The preconditioning solver (composed from the ``solver`` group on first use)."""
-        if self._solver is None:
-            from ..compose import solver_config
-
-            o = self.owner
-            curvature = o.curvature if o.curvature in ("fisher", "empirical_fisher") else "fisher"
-            dtype = {torch.float32: "float32", torch.float64: "float64"}[o.dtype]
-            self._solver = solver_config(self.spec, {"modules": o.modules, "dtype": dtype, "curvature": curvature},
-                                         seed=o.seed, device=str(o.device), task=o.task)
-        return self._solver
+        return self.solver.name
 
     def fit_config(self) -> dict[str, Any]:
         """What the preconditioned solve depends on beyond the owner's own keys."""

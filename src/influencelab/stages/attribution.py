@@ -5,11 +5,18 @@ from __future__ import annotations
 import torch
 
 from .. import plots
+from ..errors import ConfigError
 from ..pipeline import Context
-from .registry import stage
+from ..registry import stage
 
 
-@stage("attribution")
+def needs_class_images(ctx: Context) -> None:
+    """The grids show images titled with their class names."""
+    if not ctx.task.has_classes:
+        raise ConfigError(f"stage attribution needs class labels: task={ctx.task.name} has none; drop it from stages")
+
+
+@stage("attribution", precheck=needs_class_images)
 def attribution_stage(ctx: Context) -> None:
     """Grid of the most helpful / harmful training images for (up to) 3 query test images (paper Fig. 2)."""
     if ctx.pairwise is None:  # a partition job

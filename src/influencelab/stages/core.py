@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from .. import plots
 from ..pipeline import Context
+from ..registry import stage
 from ..train import evaluate
-from .registry import stage
 
 
 @stage("train")
 def train_stage(ctx: Context) -> None:
     """Train (or reuse) the model; log accuracy, loss, time and training curves."""
     model = ctx.model
-    test = evaluate(model, ctx.test_data)
-    train = evaluate(model, ctx.train_data)
+    test = evaluate(model, ctx.test_data, task=ctx.task)
+    train = evaluate(model, ctx.train_data, task=ctx.task)
     info = ctx.train_info
-    ctx.tracker.log({"train/test_accuracy": test["accuracy"], "train/test_loss": test["loss"],
-                     "train/train_accuracy": train["accuracy"], "train/train_loss": train["loss"],
+    metric = ctx.task.metric_name  # accuracy (classification), r2 (regression)
+    ctx.tracker.log({f"train/test_{metric}": test[metric], "train/test_loss": test["loss"],
+                     f"train/train_{metric}": train[metric], "train/train_loss": train["loss"],
                      "train/n_train": len(ctx.train_data), "train/n_flipped": int(ctx.train_data.flipped.sum()),
                      "train/cached": info["cached"], "time/train_s": info["train_s"]})
     ctx.tracker.save_tensors("model.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()},

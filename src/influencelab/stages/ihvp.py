@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy.stats import bootstrap
 
 from ..api import Attributor
 from ..errors import ConfigError, check
+from ..metric_names import metric_name
 from ..pipeline import Context
+from ..registry import report_plot, stage
 from ..scores import query_gradients
 from ..solvers.base import Convergence, parse_dampings
-from .registry import report_plot, stage
+from ..solvers.iterative import IterativeSolver
 
 log = logging.getLogger("influencelab")
 
@@ -54,9 +58,10 @@ COLUMNS = ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s"
 
 
 class ErrorTrace:
-    """Per iteration of an iterative solver (its :meth:`~influencelab.solvers.base.Solver.set_monitor` hook): the
-    mean relative error of the current iterate against the reference, and the first iteration (and wall time since
-    :meth:`start`, solving only) at which it is at most each of :data:`ERROR_LEVELS`."""
+    """Per iteration of an iterative solver (its
+    :meth:`~influencelab.solvers.iterative.IterativeSolver.set_monitor` hook): the mean relative error of the current
+    iterate against the reference, and the first iteration (and wall time since :meth:`start`, solving only) at
+    which it is at most each of :data:`ERROR_LEVELS`."""
 
     def __init__(self, target: torch.Tensor):
         self.target, self.tnorm = target, target.norm(dim=1).clamp_min(1e-30)
@@ -85,23 +90,30 @@ def ihvp_stage(ctx: Context) -> None:
     queries = ctx.test_data.subset(ctx.query_positions)
     grads = query_gradients(solver, attr.model, queries, ctx.score.batch_size)
     ref = ctx.attributor_for(ctx.model, ctx.model_key, ctx.new_solver(reference_node(ctx)))
-    rows, metrics = [], {}
+    rows, metrics, per_query = [], {}, []
     nan = float("nan")
     for d in solver.dampings:
         target, ref_conv = reference_ihvp(ctx, ref, grads, float(d))
         solver.reset_diagnostics()
         trace = ErrorTrace(target)
-        solver.set_monitor(trace if solver.iteration_key else None)
+        iterative = isinstance(solver, IterativeSolver)
+        if iterative:
+            solver.set_monitor(trace)
         t0 = time.perf_counter()
         try:
             x = solver.precondition(grads, d)
         finally:
-            solver.set_monitor(None)
+            if iterative:
+                solver.set_monitor(None)
         own = solver.diagnostics().get(d)
         # (solving, not measuring residuals or tracing errors)
         prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0) - trace.paused
-        err = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).mean().item()
-        cos = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).mean().item()
+        errs = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).double().cpu()
+        coss = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).cpu()
+        err, cos = errs.mean().item(), coss.mean().item()
+        per_query += [[solver.label, float(d), int(q), e, c] for q, e, c in
+                      zip(ctx.query_positions.tolist(), errs.tolist(), coss.tolist(), strict=True)]
+        metrics.update(spread(errs.numpy(), "ihvp/rel_error", d) | spread(coss.numpy(), "ihvp/cosine", d))
         total = attr.fit_seconds + prec_s
         ref_ok = ref_conv is None or ref_conv.converged
         reach = []
@@ -114,14 +126,14 @@ def ihvp_stage(ctx: Context) -> None:
         rows.append([solver.label, float(d), err, cos, attr.fit_seconds, prec_s, total,
                      own.rel_residual_max if own else nan, ref_conv.rel_residual_max if ref_conv else nan, ref_ok,
                      own.iterations if own else 0, *reach])
-        metrics.update({f"ihvp/rel_error@{d:g}": err, f"ihvp/cosine@{d:g}": cos, f"ihvp/time_s@{d:g}": total,
-                        f"ihvp/ref_converged@{d:g}": ref_ok})
-        metrics.update({f"ihvp/{c}@{d:g}": v for c, v in zip(COLUMNS[-4:], reach)})
+        metrics.update({metric_name("ihvp/rel_error", d): err, metric_name("ihvp/cosine", d): cos,
+                        metric_name("ihvp/time_s", d): total, metric_name("ihvp/ref_converged", d): ref_ok})
+        metrics.update({metric_name(f"ihvp/{c}", d): v for c, v in zip(COLUMNS[-4:], reach)})
         if own is not None:
-            metrics[f"ihvp/rel_residual@{d:g}"] = own.rel_residual_max
-            metrics[f"ihvp/iterations@{d:g}"] = own.iterations
+            metrics[metric_name("ihvp/rel_residual", d)] = own.rel_residual_max
+            metrics[metric_name("ihvp/iterations", d)] = own.iterations
         if ref_conv is not None:
-            metrics[f"ihvp/ref_rel_residual@{d:g}"] = ref_conv.rel_residual_max
+            metrics[metric_name("ihvp/ref_rel_residual", d)] = ref_conv.rel_residual_max
         if not ref_ok:
             log.warning("ihvp at damping %g: the reference %s did not converge (relative residual %.3g > %g), so "
                         "rel_error is not against a valid reference; raise ihvp.reference_args.%s", float(d),
@@ -130,10 +142,25 @@ def ihvp_stage(ctx: Context) -> None:
         metrics.update({"ihvp/solver": solver.label, "ihvp/damping": rows[0][1], "ihvp/rel_error": rows[0][2],
                         "ihvp/cosine": rows[0][3], "ihvp/time_s": rows[0][6], "ihvp/ref_converged": rows[0][9]})
         for k in ("rel_residual", "ref_rel_residual", "iterations", *COLUMNS[-4:]):
-            if f"ihvp/{k}@{rows[0][1]:g}" in metrics:
-                metrics[f"ihvp/{k}"] = metrics[f"ihvp/{k}@{rows[0][1]:g}"]
+            if metric_name(f"ihvp/{k}", rows[0][1]) in metrics:
+                metrics[f"ihvp/{k}"] = metrics[metric_name(f"ihvp/{k}", rows[0][1])]
     ctx.tracker.log(metrics)
     ctx.tracker.table("ihvp", COLUMNS, rows)
+    ctx.tracker.table("ihvp_queries", ["solver", "damping", "query", "rel_error", "cosine"], per_query)
+
+
+def spread(values: np.ndarray, name: str, damping: Any) -> dict[str, float]:
+    """The spread over queries of a per-query value: ``<name>_min``, ``_max`` and a 95% percentile-bootstrap
+    interval of its mean, ``_ci_low`` / ``_ci_high`` (resampling queries; seeded), each per damping."""
+    out = {metric_name(f"{name}_min", damping): float(values.min()),
+           metric_name(f"{name}_max", damping): float(values.max())}
+    lo = hi = float(values.mean())
+    if len(values) > 1 and np.ptp(values) > 0:
+        ci = bootstrap((values,), np.mean, n_resamples=1000, confidence_level=0.95, method="percentile",
+                       random_state=np.random.default_rng(0)).confidence_interval
+        lo, hi = float(ci.low), float(ci.high)
+    out[metric_name(f"{name}_ci_low", damping)], out[metric_name(f"{name}_ci_high", damping)] = lo, hi
+    return out
 
 
 def reference_node(ctx: Context):
@@ -172,7 +199,7 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     so."""
     import matplotlib
 
-    from ..report import pyplot
+    from ..plots import pyplot
 
     plt = pyplot()
     out: list[Path] = []
@@ -216,8 +243,8 @@ def error_points(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float
     """The x axis and the points ``(series, x, relative error, time, reference valid)`` of the error plot."""
     import pandas as pd
 
-    from ..report import labels
-    from ..run import split_dampings
+    from ..plots import labels
+    from ..sweeps import split_dampings
 
     # one point per job and damping (a damping list's too: the rows' long form, as load_sweep's), one line per
     # solver and per other swept key (curvature, modules); a sweep at one damping over another numeric key

@@ -14,9 +14,10 @@ import torch
 from scipy.stats import spearmanr
 
 from ..errors import check
+from ..metric_names import metric_name
 from ..pipeline import Context
 from ..progress import progress
-from .registry import report_plot, stage
+from ..registry import report_plot, stage
 from .retraining import retrained_measurements
 
 
@@ -58,8 +59,7 @@ def lds_stage(ctx: Context) -> None:
     qpos = ctx.query_positions
     qx, qy = test.images(qpos), test.targets[qpos]
     masks = subset_masks(len(train), c.n_subsets, c.fraction, c.subset_seed)
-    truth = {"loss": torch.zeros(c.n_subsets, len(qpos), dtype=torch.float64),
-             "margin": torch.zeros(c.n_subsets, len(qpos), dtype=torch.float64)}
+    truth = {k: torch.zeros(c.n_subsets, len(qpos), dtype=torch.float64) for k in ctx.task.measurements}
     t0 = time.perf_counter()
     for m in progress(range(c.n_subsets), desc="lds subsets"):
         pos = masks[m].nonzero().squeeze(1)
@@ -76,12 +76,12 @@ def lds_stage(ctx: Context) -> None:
     query_ids = test.indices[qpos].tolist()
     for di, d in enumerate(ctx.solver.dampings):
         pred = scores[di] @ masks.double().T  # [n_query, n_subsets]: predicted helpfulness
-        suffix = "" if di == 0 else f"@{d}"
-        for meas, sign in (("loss", -1.0), ("margin", 1.0)):
+        at = None if di == 0 else d  # the first damping under the bare name (lds/mean), the others lds/mean@<d>
+        for meas, sign in ctx.task.measurements.items():  # classification: loss and margin; regression: loss
             per_query = lds_per_query(pred, sign * truth[meas].T, dropna=False)
             stats = summarize(per_query, c.bootstrap, ctx.cfg.seed)
-            name = "lds" if meas == "loss" else "lds_margin"
-            metrics.update({f"{name}/{k}{suffix}": v for k, v in stats.items()})
+            name = "lds" if meas == "loss" else f"lds_{meas}"
+            metrics.update({metric_name(f"{name}/{k}", at, exact=True): v for k, v in stats.items()})
             rows += [[d, meas, q, v] for q, v in zip(query_ids, per_query.tolist(), strict=True)]
     ctx.tracker.log(metrics)
     ctx.tracker.table("lds", ["damping", "measurement", "query", "lds"], rows)
@@ -122,7 +122,7 @@ def paired_lds(root: Path, rows: list[dict[str, Any]], n_boot: int = 1000, seed:
     import pandas as pd
 
     from ..evaluation import paired_difference
-    from ..report import labels
+    from ..plots import labels
 
     parts, names = [], labels(rows)
     for r, name in zip(rows, names, strict=True):
@@ -151,7 +151,7 @@ def paired_lds(root: Path, rows: list[dict[str, Any]], n_boot: int = 1000, seed:
 def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list[Path]:
     """LDS per job with its bootstrap interval (``influencelab-report``); beside it, ``lds_paired.csv``: every
     pair's difference with a paired interval (:func:`paired_lds`)."""
-    from ..report import labels, pyplot
+    from ..plots import labels, pyplot
 
     paired = paired_lds(root, rows)
     if paired is not None:

@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from .. import plots
 from ..errors import check
 from ..pipeline import Context
-from .registry import stage
+from ..registry import stage
 from .retraining import retrained_measurements
 
 

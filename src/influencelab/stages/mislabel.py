@@ -12,13 +12,16 @@ import numpy as np
 from .. import plots
 from ..errors import ConfigError
 from ..evaluation import detection_curve, detection_metrics, paired_recall_difference
+from ..metric_names import metric_name
 from ..pipeline import Context
+from ..registry import report_plot, stage
 from ..train import per_example_loss
-from .registry import report_plot, stage
 
 
 def needs_label_noise(ctx: Context) -> None:
     """Flipped labels are what this stage detects: ``dataset.label_noise`` must be > 0."""
+    if not ctx.task.has_classes:
+        raise ConfigError(f"stage mislabel needs class labels: task={ctx.task.name} has none; drop it from stages")
     if not ctx.dataset_spec.label_noise > 0:
         raise ConfigError(f"dataset.label_noise={ctx.dataset_spec.label_noise} is invalid for stage mislabel: "
                           f"it needs flipped labels; set e.g. dataset.label_noise=0.1")
@@ -34,7 +37,7 @@ def mislabel_stage(ctx: Context) -> None:
     rankings = {"self_influence": ctx.self_influence[0].numpy()}
     if ctx.solver.name != "identity":
         rankings["identity"] = ctx.baseline_self_influence("identity").numpy()
-    rankings["loss"] = per_example_loss(ctx.model, ctx.train_data).numpy()
+    rankings["loss"] = per_example_loss(ctx.model, ctx.train_data, task=ctx.task).numpy()
     rankings["random"] = np.random.default_rng(ctx.cfg.seed).random(len(flipped))
     metrics: dict[str, float] = {}
     for name, scores in rankings.items():
@@ -48,10 +51,11 @@ def mislabel_stage(ctx: Context) -> None:
         by_damping[d] = detection_metrics(ctx.self_influence[di].numpy(), flipped.numpy(), "m")
         by_damping[d].update(versus_loss(ctx.self_influence[di].numpy(), rankings["loss"], flipped.numpy(), "m"))
         if di > 0:
-            metrics.update({f"mislabel/self_influence@{d}/{k[2:]}": v for k, v in by_damping[d].items()})
+            metrics.update({metric_name("mislabel/self_influence", d, k[2:], exact=True): v
+                            for k, v in by_damping[d].items()})
     ctx.tracker.log(metrics)
     damping_table(ctx, by_damping)
-    extra = {f"self_influence@{d}": ctx.self_influence[di].numpy()
+    extra = {metric_name("self_influence", d, exact=True): ctx.self_influence[di].numpy()
              for di, d in enumerate(ctx.solver.dampings) if di > 0}
     labels = {"self_influence": f"self-influence ({ctx.solver.name}, λ={ctx.solver.dampings[0]})",
               "identity": "gradient norm (identity)"}
@@ -91,7 +95,7 @@ def damping_table(ctx: Context, by_damping: dict) -> None:
 @report_plot("mislabel")
 def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list[Path]:
     """The comparison figure of a sweep's mislabel jobs (``influencelab-report``)."""
-    from ..report import labels, pyplot
+    from ..plots import labels, pyplot
 
     plt = pyplot()
     out: list[Path] = []

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import plots
 from ..data.base import LabeledData
 from ..errors import ConfigError, check
 from ..pipeline import Context
+from ..registry import report_plot, stage
 from ..solvers.base import Damping, Solver
-from .registry import report_plot, stage
+from ..tasks import Task, resolve_task
+from ..train import outputs
+from .retraining import retrained_model
+from .select import estimated_flip_count
 
 
 def grad_sum(solver: Solver, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -64,15 +67,13 @@ def repair_step(solver: Solver, model: nn.Module, x: torch.Tensor, y_wrong: torc
     return newton_edit(solver, model, d, n, damping)
 
 
-@torch.no_grad()
-def _probs(model: nn.Module, data: LabeledData, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    dev = next(model.parameters())
-    outs, ys = [], []
-    for x, y, pos in data.batches(512):
-        outs.append(torch.log_softmax(model(x.to(dev)).double(), -1).cpu())
-        ys.append(y if labels is None else labels[pos])
-    logp, y = torch.cat(outs), torch.cat(ys)
-    return logp, {"accuracy": float((logp.argmax(1) == y).double().mean()), "loss": float(F.nll_loss(logp, y))}
+def _evaluated(model: nn.Module, data: LabeledData, task: Task, targets: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict]:
+    """The model's outputs on ``data`` (float64) and its task metric and mean loss there, under ``targets``
+    (default: the stored ones)."""
+    out = outputs(model, data)
+    y = data.targets if targets is None else targets
+    return out, {task.metric_name: task.metric_value(task.metric_terms(out, y)), "loss": float(task.loss(out, y).mean())}
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -91,7 +92,7 @@ class UnlearnConfig:
 
     mode: str = "remove"
     selection: str = "flipped"
-    size: int = 10
+    size: Any = 10  # an integer, or auto: the estimated number of flipped labels (stages/select.py)
     repair_to: str = "prediction"
     folds: int = 2
     finetune_epochs: int = 1
@@ -103,14 +104,25 @@ class UnlearnConfig:
               "use random, self_influence or flipped")
         check(self.repair_to in REPAIR_TO, "unlearn.repair_to", self.repair_to, f"use one of {', '.join(REPAIR_TO)}")
         check(self.folds >= 2, "unlearn.folds", self.folds, "must be an integer >= 2 (models trained without each fold)")
-        check(self.size >= 1, "unlearn.size", self.size, "must be >= 1")
+        check(self.size == "auto" or (isinstance(self.size, int) and not isinstance(self.size, bool)
+                                      and self.size >= 1), "unlearn.size", self.size,
+              "must be an integer >= 1, or auto (the number of flipped labels estimated by injected flips)")
         check(self.finetune_epochs >= 1, "unlearn.finetune_epochs", self.finetune_epochs, "must be >= 1")
         check(self.finetune_lr_scale > 0, "unlearn.finetune_lr_scale", self.finetune_lr_scale, "must be > 0")
 
 
 def needs_flips_for_oracle(ctx: Context) -> None:
-    """Selecting flipped points, or repairing to the true labels, needs flipped labels."""
+    """Selecting flipped points, or repairing labels, needs class labels; selecting flipped points, or repairing to
+    the true labels, needs flipped labels."""
     c = ctx.section("unlearn")
+    if not ctx.task.has_classes:
+        if c.mode == "repair":
+            raise ConfigError(f"stage unlearn with unlearn.mode=repair needs class labels: task={ctx.task.name} has "
+                              f"none; use unlearn.mode=remove")
+        if c.selection == "flipped":
+            raise ConfigError(f"unlearn.selection=flipped needs flipped class labels: task={ctx.task.name} has none; "
+                              f"use unlearn.selection=random or self_influence")
+        return
     if ctx.dataset_spec.label_noise > 0:
         return
     if c.selection == "flipped":
@@ -132,9 +144,10 @@ def unlearn_stage(ctx: Context) -> None:
     repair_to, folds = c.repair_to, c.folds
     train, test = ctx.train_data, ctx.test_data
     n = len(train)
-    check(1 <= c.size < n, "unlearn.size", c.size, f"must be in [1, {n})")
+    size = estimated_flip_count(ctx) if c.size == "auto" else int(c.size)
+    check(1 <= size < n, "unlearn.size", size, f"must be in [1, {n})")
     model, solver = ctx.model, ctx.solver
-    R = select(ctx, c.selection, int(c.size))
+    R = select(ctx, c.selection, size)
     if R is None:  # a partition job (selection by self-influence)
         return
     fixed = train.targets.clone()
@@ -147,7 +160,7 @@ def unlearn_stage(ctx: Context) -> None:
             R = R[fixed[R] != train.targets[R]]  # only points whose label actually changes are repaired
         if len(R) == 0:
             raise ConfigError(f"unlearn.selection={c.selection} with unlearn.repair_to={repair_to} leaves no "
-                              f"label to change among {c.size} points; use a larger unlearn.size")
+                              f"label to change among {size} points; use a larger unlearn.size")
     keep = torch.ones(n, dtype=torch.bool)
     keep[R] = False
     imodel = ctx.influence_model()
@@ -171,16 +184,16 @@ def unlearn_stage(ctx: Context) -> None:
     t0 = time.perf_counter()
     finetuned = copy.deepcopy(model)
     ft = dataclasses.replace(ctx.trainer, epochs=int(c.finetune_epochs), lr=ctx.trainer.lr * float(c.finetune_lr_scale))
-    ft.fit(finetuned, target_data)
+    ft.fit(finetuned, target_data, task=ctx.task)
     finetune_s = time.perf_counter() - t0
 
     models = {"original": model, "edited": edited, "finetuned": finetuned, "retrained": retrained}
-    ref_logp, _ = _probs(retrained, test)
+    task = ctx.task
+    ref_out = outputs(retrained, test)
     theta_ref, theta_0 = _flat(retrained), _flat(model)
     r_data = train.subset(R)
     r_labels = y_r if c.mode == "remove" else fixed[R]
-    classes = torch.unique(fixed[R])
-    in_classes = torch.isin(test.targets, classes).nonzero().squeeze(1)
+    metric = task.metric_name
     metrics: dict = {"unlearn/n_points": len(R), "unlearn/n_flipped_in_set": int(train.flipped[R].sum()),
                      # evaluation only (the flip mask never decides anything outside repair_to=oracle):
                      "unlearn/n_repaired_to_true_label": int((fixed[R] == train.clean_targets[R]).sum())
@@ -190,20 +203,23 @@ def unlearn_stage(ctx: Context) -> None:
                      "time/unlearn_finetune_s": finetune_s}
     for name, m in models.items():
         m.eval()
-        logp, test_stats = _probs(m, test)
-        _, r_stats = _probs(m, r_data, torch.as_tensor(r_labels))
-        _, cls_stats = _probs(m, test.subset(in_classes))
-        metrics.update({f"unlearn/{name}/test_accuracy": test_stats["accuracy"],
+        out, test_stats = _evaluated(m, test, task)
+        _, r_stats = _evaluated(m, r_data, task, torch.as_tensor(r_labels))
+        metrics.update({f"unlearn/{name}/test_{metric}": test_stats[metric],
                         f"unlearn/{name}/test_loss": test_stats["loss"],
-                        f"unlearn/{name}/set_accuracy": r_stats["accuracy"],
-                        f"unlearn/{name}/set_loss": r_stats["loss"],
-                        f"unlearn/{name}/class_test_accuracy": cls_stats["accuracy"]})
+                        f"unlearn/{name}/set_{metric}": r_stats[metric],
+                        f"unlearn/{name}/set_loss": r_stats["loss"]})
+        if task.has_classes:  # the test points of the classes R's (new) labels belong to
+            in_classes = torch.isin(test.targets, torch.unique(fixed[R])).nonzero().squeeze(1)
+            metrics[f"unlearn/{name}/class_test_{metric}"] = _evaluated(m, test.subset(in_classes), task)[1][metric]
         if name != "retrained":
-            agree = float((logp.argmax(1) == ref_logp.argmax(1)).double().mean())
-            kl = float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean())
+            # the divergence of the predictive distributions: KL(retrained || model) on the test set
+            kl = float(task.divergence(out, ref_out).mean())
             dist = float((_flat(m) - theta_ref).norm() / (theta_0 - theta_ref).norm().clamp_min(1e-30))
-            metrics.update({f"unlearn/{name}/agreement": agree, f"unlearn/{name}/kl_to_retrained": kl,
-                            f"unlearn/{name}/param_dist_rel": dist})
+            metrics.update({f"unlearn/{name}/kl_to_retrained": kl, f"unlearn/{name}/param_dist_rel": dist})
+            if task.has_classes:
+                agree = float((task.predict(out) == task.predict(ref_out)).double().mean())
+                metrics[f"unlearn/{name}/agreement"] = agree
     ctx.tracker.log(metrics)
     ctx.tracker.figure("unlearn", plots.unlearn_bars(metrics, c.mode, len(R), c.selection))
 
@@ -215,7 +231,7 @@ def predicted_labels(ctx: Context, R: torch.Tensor, how: str, folds: int) -> tor
     train = ctx.train_data
     x = train.images(R)
     if how == "prediction":
-        return _predict(ctx.model, x)
+        return _predict(ctx.model, x, ctx.task)
     g = torch.Generator().manual_seed(int(ctx.cfg.seed) + 29)
     fold = torch.randperm(len(train), generator=g) % folds  # fold of each training position
     out = torch.empty(len(R), dtype=torch.long)
@@ -224,15 +240,13 @@ def predicted_labels(ctx: Context, R: torch.Tensor, how: str, folds: int) -> tor
         if inside.any():
             others = (fold != f).nonzero().squeeze(1)
             held_out, _ = retrain(ctx, train.subset(others), others, f"crossval{f}of{folds}")
-            out[inside] = _predict(held_out, x[inside])
+            out[inside] = _predict(held_out, x[inside], ctx.task)
     return out
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    dev = next(model.parameters())
-    model.eval()
-    return torch.cat([model(x[i:i + batch].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch)])
+def _predict(model: nn.Module, x: torch.Tensor, task: Task | None = None) -> torch.Tensor:
+    """The task's predictions (classification: the most likely class) of ``model`` for the inputs ``x``."""
+    return resolve_task(task).predict(outputs(model, x))
 
 
 def select(ctx: Context, selection: str, size: int) -> torch.Tensor | None:
@@ -254,27 +268,19 @@ def select(ctx: Context, selection: str, size: int) -> torch.Tensor | None:
 def retrain(ctx: Context, data: LabeledData, R: torch.Tensor, mode: str,
             labels: torch.Tensor | None = None) -> tuple[nn.Module, float]:
     """Gold standard: the run's model and trainer config, same seed, on ``data`` (R removed, or R relabelled to
-    ``labels``); cached by what it depends on."""
-    key = ctx.artifacts.key({"model": ctx.model_config(), "mode": mode, "R": R.tolist(),
-                             **({"labels": labels.tolist()} if labels is not None else {})})
-    model = ctx.build_model()
-    cache = ctx.artifacts.cache
-    hit = cache.get("unlearn_retrained", key)
-    if hit is not None:
-        model.load_state_dict(hit[0])
-        return model.to(ctx.device).eval(), float(hit[1]["train_s"])
-    t0 = time.perf_counter()
-    ctx.trainer.fit(model, data)
-    train_s = time.perf_counter() - t0
-    cache.put("unlearn_retrained", key, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                  {"mode": mode, "n_removed": len(R)}, {"train_s": train_s})
-    return model.eval(), train_s
+    ``labels``), by :func:`~influencelab.stages.retraining.retrained_model` (cached by what it depends on); returns
+    the model and how long training it took."""
+    info: dict[str, Any] = {}
+    key = {"mode": mode, "R": R.tolist(), **({"labels": labels.tolist()} if labels is not None else {})}
+    model = retrained_model(ctx, data, int(ctx.trainer.seed), key, "unlearn_retrained",
+                            meta={"mode": mode, "n_removed": len(R)}, info=info)
+    return model, info["seconds"]
 
 
 @report_plot("unlearn")
 def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list[Path]:
     """Test accuracy and KL to the retrained model against the size of the edited set (``influencelab-report``)."""
-    from ..report import labels, pyplot
+    from ..plots import labels, pyplot
 
     plt = pyplot()
     out: list[Path] = []

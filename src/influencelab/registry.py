@@ -1,8 +1,11 @@
 """The stage registry: ``stages: [...]`` in the config names entries of :data:`STAGES`.
 
-A stage module (one per study, in this package) registers its function with :func:`stage`, together with the
-typed schema of its config section (checked before any data is read) and, optionally, the comparison plot it
-adds to ``influencelab-report``. This module imports nothing of the package, so any module can register.
+A stage module (one per study, in :mod:`influencelab.stages`) registers its function with :func:`stage`, together
+with the typed schema of its config section (checked before any data is read) and, optionally, the comparison plot
+it adds to ``influencelab-report``. The registry sits above the stages: it imports nothing of the package, so the
+stage modules register here and the modules that read it (:mod:`.pipeline`, :mod:`.schema`, :mod:`.report`,
+:mod:`.cli`) never import a stage module; whoever starts a run or a report fills it once with
+:func:`influencelab.stages.load_all` (``tests/test_imports.py`` keeps the import graph free of circles).
 """
 
 from __future__ import annotations
