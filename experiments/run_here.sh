@@ -31,6 +31,7 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
     if [ -f "$d/loo.csv" ]; then cp "$d/loo.csv" "experiments/results/$name/job$(basename "$d")_loo.csv"; fi
     # and the ihvp stage's per-damping rows (fit and solve time apart, iterations to each error level)
     if [ -f "$d/ihvp.csv" ]; then cp "$d/ihvp.csv" "experiments/results/$name/job$(basename "$d")_ihvp.csv"; fi
+    if [ -f "$d/ihvp_queries.csv" ]; then cp "$d/ihvp_queries.csv" "experiments/results/$name/job$(basename "$d")_ihvp_queries.csv"; fi
     # and the LDS stage's per-query values (what the paired intervals resample)
     if [ -f "$d/lds.csv" ]; then cp "$d/lds.csv" "experiments/results/$name/job$(basename "$d")_lds.csv"; fi
   done
@@ -109,6 +110,9 @@ run select_clean_pipeline experiment=select_clean_pipeline unlearn.mode=repair,r
 # Sec. 6.2: IHVP error against CG and wall time across damping (CNN on CPU; ResNet-18 needs a GPU).
 # The CG reference (8 queries, exact GGN products over all 500 points) costs minutes per damping value.
 run ihvp_cnn experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
+# the same sweep rerun with each query's error recorded (ihvp_queries.csv; ihvp/rel_error_min|max|ci_low|ci_high@λ):
+# the spread over the 8 queries behind section 3's means (its times are not used: other jobs shared the cores)
+run ihvp_cnn_spread experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
 run ihvp_depth experiment=ihvp_cnn dataset.subset=500 solver=lissa solver.damping=1e-2 solver.depth=25,50,100,400
 # EK-FAC/K-FAC-preconditioned CG and LiSSA (solver.preconditioner) beside the plain ones and EK-FAC/K-FAC at
 # λ = 1e-3: error against the same CG reference, and the iterations and time each takes to an error of 0.1 / 0.01

@@ -90,3 +90,51 @@ SECTION.number("cnn_ekfac_error_range", _error_range("ihvp_cnn", "ekfac", ["0.00
 for _s in ("ekfac", "lissa"):
     for _lam, _tag in (("10.0", "10"), ("1.0", "1")):
         SECTION.number(f"r18_{_s}_error_{_tag}", cell("{:.2}", ihvp_ref("ihvp_resnet18", _s, _lam, "ihvp/rel_error")))
+
+# the spread over the 8 queries behind ihvp_cnn's means (run ihvp_cnn_spread: the same sweep rerun with each query's
+# error recorded; its means equal ihvp_cnn's to 5 digits)
+
+
+def spread_cell(solver: str, lam: str) -> Cell:
+    d = f"{float(lam):g}"
+
+    def R(stat: str) -> Ref:
+        return ihvp_ref("ihvp_cnn_spread", solver, lam, f"ihvp/rel_error{stat}@{d}")
+    return cell("{:.2} [{:.2}, {:.2}] ({:.2}–{:.2})", R(""), R("_ci_low"), R("_ci_high"), R("_min"), R("_max"))
+
+
+SECTION.table("ihvp_cnn_spread", ["λ", "EK-FAC error: mean [95% CI] (min–max over queries)", "K-FAC error: …",
+                                  "LiSSA (depth 200) error: …"],
+              [[f"{float(lam):g}", *(spread_cell(s, lam) for s in ("ekfac", "kfac", "lissa"))]
+               for lam in ("0.001", "0.01", "0.1", "1.0", "10.0")],
+              "3: the spread over queries of the IHVP errors, CNN")
+
+
+def _paired_vs_lissa(solver: str, lam: str) -> Callable[[pd.DataFrame], str]:
+    """``solver``'s error minus LiSSA's, paired over the same queries (mean and 95% percentile-bootstrap interval,
+    1,000 resamples, seed 0), from the two jobs' ihvp_queries.csv."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from tables_engine import job, load
+
+    def text(_: pd.DataFrame) -> str:
+        S = Sweep("ihvp_cnn_spread")
+        err = {s: load(S.file(f"job{S.number(job(solver=s, **{'solver.damping': lam}))}_ihvp_queries.csv"))
+               .sort_values("query")["rel_error"].to_numpy() for s in (solver, "lissa")}
+        d = err[solver] - err["lissa"]
+        ci = bootstrap((d,), np.mean, n_resamples=1000, method="percentile",
+                       random_state=np.random.default_rng(0)).confidence_interval
+        return f"{fmt(d.mean(), '+.2')} [{fmt(ci.low, '+.2')}, {fmt(ci.high, '+.2')}]"
+    return text
+
+
+SECTION.table("ihvp_cnn_paired", ["λ", "EK-FAC − LiSSA error, paired over queries [95% CI]",
+                                  "K-FAC − LiSSA error, paired [95% CI]"],
+              [[f"{float(lam):g}", *(cell("{}", Sweep("ihvp_cnn_spread").every_job(_paired_vs_lissa(s, lam)))
+                                     for s in ("ekfac", "kfac"))]
+               for lam in ("0.001", "0.01", "0.1", "1.0", "10.0")],
+              "3: EK-FAC/K-FAC minus LiSSA, paired over queries, CNN")
+for _lam, _tag in (("0.001", "1e-3"), ("0.01", "1e-2")):
+    SECTION.number(f"cnn_ekfac_minus_lissa_{_tag}",
+                   cell("{}", Sweep("ihvp_cnn_spread").every_job(_paired_vs_lissa("ekfac", _lam))))
