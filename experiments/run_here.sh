@@ -175,6 +175,9 @@ run unlearn_repair_seeds experiment=unlearn unlearn.mode=repair unlearn.repair_t
   unlearn.selection=self_influence,flipped unlearn.size=1,10,100 trainer.seed=0,1,2
 run unlearn_fmnist_seeds experiment=unlearn dataset=$F dataset.subset=5000 trainer.epochs=10 trainer.batch_size=64 \
   unlearn.mode=remove unlearn.selection=random,flipped unlearn.size=10,100,1000 trainer.seed=0,1,2
+# 5d rerun once (seed 0) with the solvers' convergence recorded in its files (solver/*@<damping> of the unlearn step)
+run unlearn_solvers_conv experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=ekfac,cg,lissa \
+  solver.damping=1e-3,1e-2,1e-1,1
 # 5d with three training seeds and the solvers' convergence recorded (solver/*@<damping> from the unlearn step)
 run unlearn_solvers_seeds experiment=unlearn unlearn.selection=flipped unlearn.size=10,100 solver=ekfac,cg,lissa \
   solver.damping=1e-3,1e-2,1e-1,1 trainer.seed=0,1,2
