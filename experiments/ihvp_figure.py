@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from influencelab.metric_names import parse_metric_name
 from influencelab.stages.ihvp import report_figure
 
 
@@ -26,7 +27,7 @@ def combined_rows(sweeps: list[Path]) -> list[dict]:
     keep = ("solver", "solver.damping", "ihvp/solver", "ihvp/damping", "ihvp/rel_error", "ihvp/time_s",
             "ihvp/ref_converged")
     parts = [pd.read_csv(d / "report.csv") for d in sweeps]
-    rows = pd.concat([f[[c for c in f.columns if c.split("@")[0] in keep]] for f in parts], ignore_index=True)
+    rows = pd.concat([f[[c for c in f.columns if parse_metric_name(c)[0] in keep]] for f in parts], ignore_index=True)
     number = pd.to_numeric(rows["solver.damping"], errors="coerce")  # 10 and 10.0 alike; "auto", lists as text
     key = number.astype(object).where(number.notna(), rows["solver.damping"].astype(str))
     return rows[~pd.DataFrame({"solver": rows["solver"], "damping": key}).duplicated()].to_dict("records")

@@ -58,6 +58,8 @@ from typing import Any
 
 import pandas as pd
 
+from influencelab.metric_names import metric_name
+
 __all__ = ["MISSING", "NUMBERS", "RESULTS_MD", "ROOT", "TABLES", "Cell", "Job", "JobFile", "Number", "Ref", "Row",
            "Section", "SpecError", "Sweep", "Table", "cell", "current", "exists", "fmt", "job", "load", "load_specs",
            "load_text", "main", "markers", "number_text", "numbers_in", "paired", "path", "ph", "problems", "reading_from", "ref",
@@ -123,9 +125,9 @@ def load(src: str) -> pd.DataFrame:
         for i, d in enumerate(df["solver.damping"].astype(str)):
             if not d.startswith("["):
                 continue
-            first = repr(float(d.strip("[]").split(",")[0]))
+            first = float(d.strip("[]").split(",")[0])
             for col in [c for c in df.columns if c.startswith("mislabel/self_influence/")]:
-                alias = col.replace("self_influence/", f"self_influence@{first}/")
+                alias = metric_name("mislabel/self_influence", first, col.split("self_influence/", 1)[1], exact=True)
                 if alias not in df.columns:
                     extra.setdefault(alias, [math.nan] * len(df))[i] = df[col].iloc[i]
                 elif pd.isna(df.at[i, alias]):

@@ -11,6 +11,8 @@ from typing import Any
 import pandas as pd
 from tables_engine import Cell, Ref, Section, Sweep, cell, fmt
 
+from influencelab.metric_names import metric_name
+
 SECTION = Section("3. IHVP accuracy against CG across damping")
 
 
@@ -96,10 +98,8 @@ for _s in ("ekfac", "lissa"):
 
 
 def spread_cell(solver: str, lam: str) -> Cell:
-    d = f"{float(lam):g}"
-
     def R(stat: str) -> Ref:
-        return ihvp_ref("ihvp_cnn_spread", solver, lam, f"ihvp/rel_error{stat}@{d}")
+        return ihvp_ref("ihvp_cnn_spread", solver, lam, metric_name(f"ihvp/rel_error{stat}", float(lam)))
     return cell("{:.2} [{:.2}, {:.2}] ({:.2}–{:.2})", R(""), R("_ci_low"), R("_ci_high"), R("_min"), R("_max"))
 
 
@@ -115,7 +115,6 @@ def _paired_vs_lissa(solver: str, lam: str) -> Callable[[pd.DataFrame], str]:
     1,000 resamples, seed 0), from the two jobs' ihvp_queries.csv."""
     import numpy as np
     from scipy.stats import bootstrap
-
     from tables_engine import job, load
 
     def text(_: pd.DataFrame) -> str:

@@ -6,8 +6,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
-
 from tables_engine import MISSING, Cell, Job, Ref, Section, Sweep, cell, exists, fmt, job, load, ph, ref, ref1
+
+from influencelab.metric_names import metric_name
 
 SECTION = Section("1. Mislabel detection by self-influence")
 
@@ -17,7 +18,7 @@ ONLY = job()  # a sweep's only job
 
 def si(d: float | str | None = None) -> str:
     """The metric prefix of self-influence at damping ``d`` (None: the job's only/first damping)."""
-    return "mislabel/self_influence" if d is None else f"mislabel/self_influence@{float(d)!r}"
+    return metric_name("mislabel/self_influence", None if d is None else float(d), exact=True)
 
 
 def ranking_row(label: str, S: Sweep, which: Job, method: str, cols: Sequence[tuple[str, str]],
@@ -232,7 +233,7 @@ def validation_rows(regime: str) -> list[list[str | Cell]]:
     src = VALIDATION.format(regime)
     rows: list[list[str | Cell]] = []
     for seed in sorted(int(s) for s in load(src)["seed"]):
-        def R(key: Any) -> Ref:
+        def R(key: Any, seed: int = seed) -> Ref:
             return ref1(src, key, seed=seed)
 
         def diff(name: str) -> Cell:

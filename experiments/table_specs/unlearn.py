@@ -9,6 +9,8 @@ from typing import Any
 import pandas as pd
 from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, load, ph, ref, ref1
 
+from influencelab.metric_names import metric_name, parse_metric_name
+
 SECTION = Section("5. Unlearning by one Newton step")
 
 _MODELS4 = ("original", "edited", "finetuned", "retrained")
@@ -278,15 +280,16 @@ _USC = Sweep("unlearn_solvers_conv")
 
 def _conv(lam: str) -> Callable[[pd.DataFrame], str]:
     """"converged (1.1e-5, 116 it.)" / "**unconverged** (0.60, 200 it.)" / "direct" from the job's solver/* metrics."""
-    d = f"{float(lam):g}"
+    def name(base: str) -> str:
+        return metric_name(f"solver/{base}", float(lam))
 
     def text(df: pd.DataFrame) -> str:
         (row,) = df.to_dict("records")
-        if pd.isna(row.get(f"solver/converged@{d}")):
+        if pd.isna(row.get(name("converged"))):
             return "direct"
-        ok = str(row[f"solver/converged@{d}"]) == "True"
-        res = fmt(row[f"solver/rel_residual_max@{d}"], "e2")
-        return f"{'converged' if ok else '**unconverged**'} ({res}, {int(row[f'solver/iterations@{d}'])} it.)"
+        ok = str(row[name("converged")]) == "True"
+        res = fmt(row[name("rel_residual_max")], "e2")
+        return f"{'converged' if ok else '**unconverged**'} ({res}, {int(row[name('iterations')])} it.)"
     return text
 
 
@@ -300,8 +303,9 @@ SECTION.table("unlearn_solvers_conv", ["solver", "λ", "\\|R\\|=10: test acc; th
 
 def _lissa_residuals(df: pd.DataFrame) -> str:
     """"lo–hi" of the LiSSA jobs' relative residuals (every λ and |R|)."""
-    r = pd.concat([df.loc[df["solver"] == "lissa", c] for c in df.columns
-                   if c.startswith("solver/rel_residual_max@")]).dropna()
+    per_damping = [c for c in df.columns if c != "solver/rel_residual_max"
+                   and parse_metric_name(c)[0] == "solver/rel_residual_max"]
+    r = pd.concat([df.loc[df["solver"] == "lissa", c] for c in per_damping]).dropna()
     return f"{fmt(r.min(), 's2')}–{fmt(r.max(), 's2')}"
 
 

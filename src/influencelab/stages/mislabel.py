@@ -12,7 +12,7 @@ import numpy as np
 from .. import plots
 from ..errors import ConfigError
 from ..evaluation import detection_curve, detection_metrics, paired_recall_difference
-from ..metric_names import metric_name
+from ..metric_names import metric_name, parse_metric_name
 from ..pipeline import Context
 from ..registry import report_plot, stage
 from ..train import per_example_loss
@@ -60,7 +60,7 @@ def mislabel_stage(ctx: Context) -> None:
     labels = {"self_influence": f"self-influence ({ctx.solver.name}, λ={ctx.solver.dampings[0]})",
               "identity": "gradient norm (identity)"}
     shown = {labels.get(k, k): v for k, v in rankings.items()}
-    shown.update({f"self-influence ({ctx.solver.name}, λ={k.split('@')[1]})": v for k, v in extra.items()})
+    shown.update({f"self-influence ({ctx.solver.name}, λ={parse_metric_name(k)[1]})": v for k, v in extra.items()})
     ctx.tracker.figure("mislabel_detection", plots.detection_curves(
         shown, flipped.numpy(), f"{ctx.dataset_spec.name}: {int(flipped.sum())} flipped of {len(flipped)}"))
     grid = np.linspace(0, 1, 201)
