@@ -68,13 +68,14 @@ def test_corrupt_cache_entry_is_rebuilt_not_loaded(run_pipeline, cache_dir, dama
 
 
 def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
-    """A crash while writing (here: during safetensors serialisation) leaves neither entry nor temp file."""
-    import influencelab.cache as cache_mod
+    """A crash while writing (here: once the bytes are written, before they are synced) leaves neither entry nor
+    temp file."""
+    import influencelab.files as files_mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "save_file", boom)
+    monkeypatch.setattr(files_mod.os, "fsync", boom)
     c = Cache(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         c.put("models", "k", {"w": torch.ones(3)}, {"x": 1})

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from . import files
+from .files import tensors_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,36 +32,17 @@ def config_hash(payload: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path: Path, data: bytes, where: str | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`influencelab.files.atomic_write_bytes`: a failure is one line)."""
+    files.atomic_write_bytes(path, data, where)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Atomically write a safetensors file; returns its SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        digest = file_sha256(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 where: str | None = None) -> str:
+    """Atomically write a safetensors file; returns its SHA-256 (a failure is one line naming file, cause, fix)."""
+    data = tensors_bytes(tensors, metadata)
+    atomic_write_bytes(path, data, where)
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -86,30 +67,49 @@ class Cache:
         return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
     def get(self, kind: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The entry's tensors and info, or ``None`` when absent or corrupt (a corrupt entry is removed)."""
+        """The entry's tensors and info, or ``None`` when absent or unusable: a truncated, corrupt, unreadable or
+        other-version entry is reported in one warning, removed and recomputed by the caller, never loaded."""
         tpath, jpath = self.paths(kind, key)
         if not tpath.exists() and not jpath.exists():
             return None
         try:
-            info = json.loads(jpath.read_text())
+            if not jpath.exists():
+                raise ValueError("its .json record is missing (an interrupted write)")
+            info = files.read_json(jpath)
+            if not isinstance(info, dict) or "sha256" not in info:
+                raise ValueError("its .json record is not an entry record")
+            if int(info.get("version", CACHE_VERSION)) != CACHE_VERSION:
+                raise ValueError(f"written by another version (cache format {info.get('version')}, "
+                                 f"this one uses {CACHE_VERSION})")
+            if not tpath.exists():
+                raise ValueError(f"{tpath.name} is missing")
             if file_sha256(tpath) != info["sha256"]:
-                raise ValueError("checksum mismatch")
-            tensors = load_file(str(tpath))
+                raise ValueError(f"{tpath.name} does not match its checksum (truncated or altered)")
+            tensors, _ = files.read_tensors(tpath)
         except Exception as e:  # any unreadable or inconsistent entry is rebuilt
-            log.warning("cache entry %s/%s is corrupt (%s): removing it and rebuilding", kind, key,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
-            tpath.unlink(missing_ok=True)
-            jpath.unlink(missing_ok=True)
+            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("cache entry %s is unusable (%s): removing it and recomputing", tpath.with_suffix(""), cause)
+            for p in (tpath, jpath):
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:  # (a read-only cache: the rewrite will say so in one line)
+                    pass
             return None
         return tensors, info
 
     def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], config: Any,
             info: dict[str, Any] | None = None) -> Path:
-        """Write an entry atomically (tensors, then the JSON that makes it valid)."""
+        """Write an entry atomically (tensors, then the JSON that makes it valid). A failed write (full disk,
+        permissions) is one line naming the file, the cause and the fix, and leaves no part of the entry."""
         tpath, jpath = self.paths(kind, key)
-        digest = save_tensors(tpath, tensors)
-        record = {"kind": kind, "key": key, "sha256": digest, "config": config, **(info or {})}
-        atomic_write_bytes(jpath, json.dumps(record, indent=2, default=str).encode())
+        digest = save_tensors(tpath, tensors, where="paths.cache")
+        record = {"kind": kind, "key": key, "version": CACHE_VERSION, "sha256": digest, "config": config,
+                  **(info or {})}
+        try:
+            atomic_write_bytes(jpath, json.dumps(record, indent=2, default=str).encode(), where="paths.cache")
+        except BaseException:
+            tpath.unlink(missing_ok=True)
+            raise
         return tpath
 
 

@@ -21,6 +21,20 @@ class SolverDivergedError(InfluenceLabError, ArithmeticError):
     """An iterative solver produced NaN/inf or a growing norm."""
 
 
+class FileFaultError(InfluenceLabError, OSError):
+    """A file the run writes or reads failed: full disk, permissions, a file where a directory belongs, ... (the
+    message names the file, the cause and the fix)."""
+
+
+class CorruptFileError(FileFaultError):
+    """A file exists but is truncated, corrupt or written by another version (the message says how to regenerate
+    it)."""
+
+
+class NonFiniteError(InfluenceLabError, ArithmeticError):
+    """Non-finite (or overflowing) numbers: in the data, a diverged training, curvature factors or scores."""
+
+
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a one-line `ConfigError` unless `ok`: ``key=value is invalid: allowed``."""
     if not ok:

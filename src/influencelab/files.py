@@ -1,0 +1,253 @@
+"""Safe file IO: every file the package writes is written atomically (a temporary name in the same directory, then
+``os.replace``), and every failure to write or read one is a one-line :class:`~influencelab.errors.FileFaultError`
+naming the file, the cause and the fix: a full disk (which file system, how much was needed and how much is free),
+a file size limit, permissions, a read-only file system, a file where a directory belongs; a truncated, corrupt or
+other-version file (:class:`~influencelab.errors.CorruptFileError`, with what regenerates it).
+
+A partial write is never read as valid: the final name appears only once the whole file is on disk, and a
+safetensors file is checked against its own header (its length) before it is read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CorruptFileError, FileFaultError
+
+#: written into every safetensors file's metadata; a file with another value is from an incompatible version
+FORMAT_KEY, FORMAT_VERSION = "influencelab_format", "1"
+#: the most bytes a safetensors header may have (the library's own limit)
+MAX_HEADER = 100_000_000
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # (unreachable)
+
+
+def _existing_dir(path: Path) -> Path:
+    p = path if path.is_dir() else path.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(_existing_dir(path)).free
+    except OSError:
+        return None
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first ancestor of ``path`` that exists and is not a directory (a file where a directory belongs)."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def describe_write_error(e: OSError, path: Path, needed: int | None = None, where: str | None = None) -> str:
+    """One line for a failed write of ``path``: the cause and the fix. ``where``: the setting that moves such files
+    elsewhere (``paths.cache``, ``hydra.run.dir``)."""
+    move = f", or set {where} to a directory on another disk" if where else ""
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path)
+        amount = f"{human_bytes(needed)} needed" if needed is not None else "more space needed"
+        if free is not None:
+            amount += f", {human_bytes(free)} free"
+        what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+        return (f"cannot write {path}: {what} ({amount} on the file system of {_existing_dir(path)}): free space "
+                f"there{move}, then rerun (finished work is kept)")
+    if code == errno.EFBIG:
+        size = f" ({human_bytes(needed)})" if needed is not None else ""
+        return (f"cannot write {path}: the file{size} exceeds the file size limit (ulimit -f) or the file system's "
+                f"maximum: raise the limit{move}")
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"cannot write {path}: permission denied: make {_existing_dir(path)} writable "
+                f"(chmod u+w or chown){move}")
+    if code == errno.EROFS:
+        return f"cannot write {path}: the file system of {_existing_dir(path)} is read-only: remount it read-write{move}"
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        block = _blocking_file(path)
+        if block is not None:
+            return (f"cannot write {path}: {block} is a file where a directory is expected: move or remove it"
+                    f"{move}")
+        if path.is_dir():
+            return f"cannot write {path}: a directory of that name exists: move or remove it{move}"
+    reason = e.strerror or str(e)
+    return f"cannot write {path}: {reason} (errno {code}){move}"
+
+
+def describe_read_error(e: OSError, path: Path, regenerate: str | None = None) -> str:
+    fix = f"; regenerate it: {regenerate}" if regenerate else ""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot read {path}: permission denied: make it readable (chmod u+r or chown){fix}"
+    if e.errno in (errno.ENOTDIR, errno.EISDIR):
+        return f"cannot read {path}: not a regular file (a directory where a file is expected, or the reverse){fix}"
+    return f"cannot read {path}: {e.strerror or e} (errno {e.errno}){fix}"
+
+
+@contextmanager
+def writing(path: str | Path, needed: int | None = None, where: str | None = None) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a one-line :class:`FileFaultError`."""
+    try:
+        yield
+    except FileFaultError:
+        raise
+    except OSError as e:
+        raise FileFaultError(describe_write_error(e, Path(path), needed, where)) from e
+
+
+def _mkdir(path: Path, where: str | None) -> None:
+    with writing(path, where=where):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, where: str | None = None) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, ``fsync`` and ``os.replace``: a reader sees
+    the old file or the whole new one, never part of it. A failure removes the temp file and is a one-line
+    :class:`FileFaultError` (e.g. a full disk: which file system, how much was needed)."""
+    path = Path(path)
+    _mkdir(path, where)
+    with writing(path, len(data), where):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def atomic_write_text(path: str | Path, text: str, where: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), where)
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors serialisation of ``tensors`` (on the CPU, contiguous), stamped with :data:`FORMAT_KEY`."""
+    from safetensors.torch import save
+
+    meta = {**(metadata or {}), FORMAT_KEY: FORMAT_VERSION}
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 where: str | None = None) -> str:
+    """Atomically write a safetensors file; returns its SHA-256."""
+    import hashlib
+
+    data = tensors_bytes(tensors, metadata)
+    atomic_write_bytes(path, data, where)
+    return hashlib.sha256(data).hexdigest()
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file of this package's format (truncated, not safetensors,
+    another version), or ``None`` when its header is consistent with its size. Reads only the header."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"truncated ({size} bytes, not even a header)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER:
+            return "corrupt (not a safetensors file: impossible header length)"
+        if 8 + n > size:
+            return f"truncated ({size:,} bytes of at least {8 + n:,})"
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        return "corrupt (its header is not valid safetensors JSON)"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"truncated ({size:,} of {expected:,} bytes)"
+    if size > expected:
+        return f"corrupt ({size - expected:,} bytes more than its header describes)"
+    version = (header.get("__metadata__") or {}).get(FORMAT_KEY)
+    if version is not None and version != FORMAT_VERSION:
+        return f"written by another version of influencelab (format {version}; this one reads {FORMAT_VERSION})"
+    return None
+
+
+def read_tensors(path: str | Path, regenerate: str | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, verified first (:func:`safetensors_problem`). Failure is a
+    one-line :class:`CorruptFileError` (or :class:`FileFaultError` when it cannot be read at all) naming the file,
+    the cause and ``regenerate`` (the command that writes it again)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    fix = f"; regenerate it: {regenerate}" if regenerate else "; delete it and rerun what wrote it"
+    try:
+        problem = safetensors_problem(path)
+        if problem is None:
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta.pop(FORMAT_KEY, None)
+            return tensors, meta
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise FileFaultError(describe_read_error(e, path, regenerate)) from e
+    except Exception as e:  # noqa: BLE001 (safetensors' own errors: a corrupt body)
+        problem = f"corrupt ({(str(e).splitlines() or [type(e).__name__])[0]})"
+    raise CorruptFileError(f"{path} is {problem}{fix}")
+
+
+def read_json(path: str | Path, regenerate: str | None = None) -> Any:
+    """A JSON file's content; unreadable or invalid JSON is a one-line error naming the file and ``regenerate``."""
+    path = Path(path)
+    fix = f"; regenerate it: {regenerate}" if regenerate else "; delete it and rerun what wrote it"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise FileFaultError(describe_read_error(e, path, regenerate)) from e
+    except UnicodeDecodeError:
+        raise CorruptFileError(f"{path} is corrupt (not text){fix}") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        cause = "truncated" if text.strip() and e.pos >= len(text.rstrip()) - 1 else "corrupt"  # type: ignore[attr-defined]
+        raise CorruptFileError(f"{path} is {cause} (invalid JSON: {e}){fix}") from None
+
+
+def rerun_command(run_dir: str | Path, stages: str | None = None) -> str:
+    """The command that rewrites a run directory's outputs: its overrides (``.hydra/overrides.yaml``) with
+    ``hydra.run.dir`` set to it (and ``stages`` when given)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    overrides: list[str] = []
+    try:
+        overrides = [str(o) for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []]
+    except (OSError, yaml.YAMLError):
+        pass
+    if stages is not None:
+        overrides = [o for o in overrides if not o.lstrip("+").startswith("stages=")] + [f"stages={stages}"]
+    overrides = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    return " ".join(["influencelab", *(f"'{o}'" if any(c in o for c in " [],") else o for o in overrides),
+                     f"hydra.run.dir={run_dir}"])
