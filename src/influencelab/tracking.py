@@ -12,6 +12,7 @@ model as a ``model`` artifact named by its cache key (the same weights are one a
 from __future__ import annotations
 
 import configparser
+import io
 import json
 import logging
 import netrc
@@ -24,7 +25,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .cache import atomic_write_bytes, save_tensors
-from .errors import ConfigError, check
+from .errors import ConfigError, CorruptFileError, check
+from .files import read_json, writing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ WANDB_ENV_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")
 ONLINE_MODES = ("online", "run", "shared")
 CHOICES = ("experiment", "dataset", "model", "solver")  # the Hydra choices that identify a run (tags, job type)
 NOT_IN_NAME = ("logger", "paths", "hydra")  # override keys (and their subkeys) that do not name a run
+RUN_DIR = "hydra.run.dir"  # the setting that moves a run's files elsewhere (named in a failed write's error)
 MAX_NAME, MAX_TAG = 128, 64  # W&B rejects empty tags and tags over 64 characters; long names clutter the UI
 
 
@@ -203,10 +206,14 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.config = config
         self.info = name if isinstance(name, RunInfo) else RunInfo(name, group)
-        (self.run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        with writing(self.run_dir / "figures", where=RUN_DIR):
+            (self.run_dir / "figures").mkdir(parents=True, exist_ok=True)
         mpath = self.run_dir / "metrics.json"
         if mpath.exists():
-            self.metrics = json.loads(mpath.read_text())
+            try:
+                self.metrics = read_json(mpath)
+            except CorruptFileError as e:  # this run rewrites it; earlier stages' metrics are lost
+                log.warning("%s: starting it afresh (rerun earlier stages for their metrics)", e)
         mode = self.wandb_mode
         if self.backend == "wandb" and mode != "disabled":
             import wandb
@@ -235,8 +242,12 @@ class Tracker:
             plt.close(fig)
             return Path(os.devnull)
         path = self.run_dir / "figures" / f"{name}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        buf = io.BytesIO()  # rendered in memory, then written atomically (no half-written image)
+        try:
+            fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue(), where=RUN_DIR)
         if self._wandb is not None:
             import wandb
 
@@ -249,7 +260,8 @@ class Tracker:
         if self.run_dir is None:
             return
         lines = [",".join(columns)] + [",".join(str(v) for v in r) for r in rows]
-        atomic_write_bytes(self.run_dir / f"{name.replace('/', '_')}.csv", ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(self.run_dir / f"{name.replace('/', '_')}.csv", ("\n".join(lines) + "\n").encode(),
+                           where=RUN_DIR)
         if self._wandb is not None:
             import wandb
 
@@ -279,7 +291,7 @@ class Tracker:
         if self.run_dir is None:
             return Path(os.devnull)
         path = self.run_dir / relpath
-        save_tensors(path, tensors, metadata)
+        save_tensors(path, tensors, metadata, where=RUN_DIR)
         if relpath == MODEL_FILE:
             self.model_artifact(path, (metadata or {}).get("model_key"))
         return path
@@ -322,4 +334,4 @@ class Tracker:
     def _flush(self) -> None:
         if self.run_dir is not None:
             blob = json.dumps(self.metrics, indent=2, sort_keys=True, default=float)
-            atomic_write_bytes(self.run_dir / "metrics.json", (blob + "\n").encode())
+            atomic_write_bytes(self.run_dir / "metrics.json", (blob + "\n").encode(), where=RUN_DIR)
