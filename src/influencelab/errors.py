@@ -35,6 +35,10 @@ class NonFiniteError(InfluenceLabError, ArithmeticError):
     """Non-finite (or overflowing) numbers: in the data, a diverged training, curvature factors or scores."""
 
 
+class TrainingDivergedError(NonFiniteError):
+    """Training blew up: its loss became non-finite or rose by an order of magnitude or more."""
+
+
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a one-line `ConfigError` unless `ok`: ``key=value is invalid: allowed``."""
     if not ok:

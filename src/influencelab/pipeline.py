@@ -67,8 +67,8 @@ class Context:
         self.artifacts = Artifacts(cfg.paths.cache, self.fit_cfg.checkpoint_s)
         self.initial_model = self.build_model()
         self.uses_solver = any(s != "train" for s in cfg.stages)
-        if self.uses_solver:
-            self.new_solver()
+        if self.uses_solver:  # its modules resolved on the built model: a bad pattern is found before training
+            self.new_solver().setup(self.initial_model)
         for s in cfg.stages:
             if STAGES[s].precheck is not None:
                 STAGES[s].precheck(self)

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from .data.base import LabeledData
 from .errors import InfluenceLabError
+from .files import read_json, read_tensors, rerun_command
 
 
 @dataclass
@@ -42,9 +42,8 @@ class Run:
             if not path.exists():
                 self._scores[name] = None
             else:
-                out: dict[str, Any] = load_file(str(path))
-                with safe_open(str(path), "pt") as f:
-                    meta = f.metadata() or {}
+                tensors, meta = read_tensors(path, rerun_command(self.run_dir))
+                out: dict[str, Any] = dict(tensors)
                 out["dampings"] = json.loads(meta.get("dampings", "[]"))
                 out["solver"] = meta.get("solver")
                 self._scores[name] = out
@@ -114,8 +113,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     spec = build(cfg.dataset)
     train, test = spec.load()
     model = build(cfg.model)
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(read_tensors(weights, rerun_command(run_dir))[0])
     model.to(device).eval()
     mpath = run_dir / "metrics.json"
-    metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+    metrics = read_json(mpath, rerun_command(run_dir)) if mpath.exists() else {}
     return Run(run_dir, cfg, model, train, test, metrics)

@@ -3,6 +3,7 @@ prediction and the quality metric are is the task's (:mod:`influencelab.tasks`; 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -11,9 +12,14 @@ import torch
 from torch import nn
 
 from .data.base import LabeledData
-from .errors import check
+from .errors import TrainingDivergedError, check
 from .progress import progress
 from .tasks import Task, resolve_task
+
+log = logging.getLogger("influencelab")
+
+#: training whose epoch loss reaches this multiple of its first batch's has diverged (an order of magnitude up)
+DIVERGED_FACTOR = 10.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,6 +92,7 @@ class Trainer:
             dropped = torch.zeros(len(train), dtype=torch.bool)
             dropped[torch.as_tensor(exclude, dtype=torch.long)] = True
         torch.manual_seed(self.seed)
+        start: float | None = None  # the loss of the first batch: the untrained model's
         for epoch in progress(range(self.epochs), desc="epochs"):
             model.train()
             total, terms, loss_sum = 0, None, 0.0
@@ -100,23 +107,48 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    value = loss.item()
+                    if start is None:
+                        start = value
+                    if not math.isfinite(value):
+                        raise TrainingDivergedError(
+                            f"training diverged: the loss became {value} at epoch {epoch + 1} (it started at "
+                            f"{start:.4g}); {self._fix()}")
                     total += len(y)
-                    loss_sum += loss.item() * len(y)
+                    loss_sum += value * len(y)
                     t = task.metric_terms(out.detach(), y).cpu()
                     terms = t if terms is None else terms + t
                 if sched is not None:
                     sched.step()
             if not math.isfinite(loss_sum):
-                from .errors import InfluenceLabError
-
-                raise InfluenceLabError(f"training diverged at epoch {epoch + 1} (loss {loss_sum}); "
-                                        f"lower trainer.lr (now {self.lr})")
+                raise TrainingDivergedError(f"training diverged at epoch {epoch + 1} (loss {loss_sum}); {self._fix()}")
             history["loss"].append(loss_sum / max(total, 1))
+            self._check_health(start, history["loss"])
             history[f"train_{metric}"].append(task.metric_value(terms) if terms is not None else float("nan"))
             if test is not None:
                 history[f"test_{metric}"].append(evaluate(model, test, self.batch_size * 4, device, task)[metric])
         model.eval()
         return history
+
+    def _fix(self) -> str:
+        return (f"lower trainer.lr (now {self.lr:g}; try trainer.lr={self.lr / 10:g})"
+                + (" or use trainer.optimizer=adam" if self.optimizer == "sgd" else ""))
+
+    def _check_health(self, start: float | None, losses: list[float]) -> None:
+        """After each epoch: an error when the epoch's mean loss is :data:`DIVERGED_FACTOR` times the first batch's
+        or more (a blown-up model, which would be cached and attributed as if trained); a warning when the last
+        epoch ends above the start (the model learnt nothing)."""
+        if start is None or not losses:
+            return
+        epoch, last = len(losses), losses[-1]
+        if last > DIVERGED_FACTOR * max(start, 1e-12):
+            raise TrainingDivergedError(
+                f"training diverged: the loss rose from {start:.4g} (first batch) to {last:.4g} (epoch {epoch}'s "
+                f"mean), {last / max(start, 1e-12):.2g} times; {self._fix()}")
+        if epoch == self.epochs and last > start:
+            log.warning("training did not reduce the loss: it ended at %.4g (last epoch's mean) above its start "
+                        "%.4g (first batch); the model is probably no better than untrained: %s, or train longer",
+                        last, start, self._fix())
 
 
 @torch.no_grad()

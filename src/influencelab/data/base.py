@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from ..errors import ConfigError, check
+from ..errors import ConfigError, NonFiniteError, check
 
 
 class LabeledData(Dataset):
@@ -102,11 +102,14 @@ class LabeledData(Dataset):
         if self.in_memory:
             for s in range(0, n, batch_size):
                 pos = order[s:s + batch_size]
-                yield self.x[pos], self.targets[pos], pos
+                x, y = self.x[pos], self.targets[pos]
+                check_finite(x, y, pos, self.indices)
+                yield x, y, pos
             return
         loader = DataLoader(_Positions(self), batch_size=batch_size, sampler=order.tolist(),
                             num_workers=num_workers)
         for x, y, pos in loader:
+            check_finite(x, y, pos, self.indices)
             yield x, y, pos
 
 
@@ -137,6 +140,26 @@ def batch_tensors(batch: Batch) -> list[torch.Tensor]:
     if isinstance(batch, (tuple, list)):
         return [t for v in batch for t in batch_tensors(v)]
     return []
+
+
+def check_finite(x: Batch, y: Batch, pos: torch.Tensor, indices: torch.Tensor) -> None:
+    """A one-line :class:`~influencelab.errors.NonFiniteError` naming the first example of a batch (``pos``: its
+    positions; ``indices``: the data's indices) whose input or target holds NaN or inf: before it reaches the model
+    (where it would end as a NaN loss or a failed Fisher sampling far from its cause)."""
+    for what, part in (("input", x), ("target", y)):
+        for t in batch_tensors(part):
+            if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
+                continue
+            bad = ~torch.isfinite(t.reshape(len(t), -1))
+            rows = bad.any(1).nonzero().flatten()
+            j = int(rows[0])
+            p = int(pos[j])
+            value = t.reshape(len(t), -1)[j][bad[j]][0].item()
+            more = f" (and {len(rows) - 1} more in its batch)" if len(rows) > 1 else ""
+            raise NonFiniteError(
+                f"example at position {p} (index {int(indices[p])}) has a non-finite {what} ({value}, "
+                f"{int(bad[j].sum())} of its {bad.shape[1]} values){more}: repair or remove such examples (e.g. "
+                f"keep those where torch.isfinite(x).all(1), or impute the missing values) and rerun")
 
 
 def index_batch(batch: Batch, idx: Any) -> Batch:
@@ -209,7 +232,9 @@ class BatchData(Dataset):
         for s in range(0, len(order), batch_size):
             pos = order[s:s + batch_size]
             b = index_batch(self.batch, pos)
-            yield self.task.inputs(b), self.task.targets(b), pos
+            x, y = self.task.inputs(b), self.task.targets(b)
+            check_finite(x, y, pos, self.indices)
+            yield x, y, pos
 
     def digest_tensors(self) -> list[torch.Tensor]:
         """What identifies the data in cache keys: every tensor of it."""
