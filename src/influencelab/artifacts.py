@@ -31,6 +31,7 @@ from torch import nn
 from . import distributed
 from .cache import Cache, Snapshots, config_hash
 from .data.base import LabeledData
+from .errors import NonFiniteError
 from .progress import progress
 from .solvers.base import Damping, Solver
 
@@ -59,6 +60,41 @@ def data_digest(data: LabeledData) -> str:
     if data.in_memory:
         return digest(data.x, data.targets)
     return f"{len(data)}-" + digest(data.targets, data.images(range(min(8, len(data)))))
+
+
+#: curvature factors with an entry this large are absurd (a diverged model; float32 products overflow near 3e38)
+ABSURD_FACTOR = 1e18
+
+
+def check_parameters(model: nn.Module) -> None:
+    """A one-line error naming the first parameter of ``model`` holding NaN or inf (a diverged or corrupt model),
+    before curvature is fitted on it."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            n = int((~torch.isfinite(p)).sum())
+            raise NonFiniteError(f"the model's parameter {name} holds {n} NaN/inf values (of {p.numel()}): it has "
+                                 f"diverged or its weights are corrupt; retrain it (a lower learning rate) or reload "
+                                 f"its weights")
+
+
+def check_factors(label: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Curvature factors must be finite (else a one-line error: the model's gradients overflow) and not absurdly
+    large (a warning: scores from them are rounding noise or overflow float32)."""
+    for k, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            raise NonFiniteError(
+                f"{source} gave {label} curvature factors with NaN/inf values ({k}: {int((~finite).sum())} of "
+                f"{t.numel()}): the model's gradients overflow (a diverged model?); check its training loss, or "
+                f"use solver.dtype=float64" + (" (and delete that cache entry)" if "cache" in source else ""))
+        biggest = float(t.abs().max())
+        if biggest > ABSURD_FACTOR:
+            log.warning("%s gave absurdly large %s curvature factors (%s: max |value| %.3g): the model has probably "
+                        "diverged (check its training loss); its scores may overflow float32 (solver.dtype=float64)",
+                        source, label, k, biggest)
+            return
 
 
 @dataclass
@@ -134,6 +170,7 @@ class Artifacts:
         and resumes from them when killed. Its :meth:`~Solver.components` (a preconditioner) are fitted or loaded
         first, each under its own key (a preconditioning EK-FAC reuses a ``solver=ekfac`` run's fit); the returned
         seconds include theirs."""
+        check_parameters(model)
         parts = 0.0
         for sub in solver.components():
             if sub.layout is None:
@@ -147,6 +184,7 @@ class Artifacts:
         fit_cfg = {"model": model_key, "solver": solver.fit_config()}
         hit = self.cache.get("factors", key) if self.cache is not None else None
         if hit is not None:
+            check_factors(solver.label, hit[0], f"the cached entry {self.cache.paths('factors', key)[0]}")
             solver.load_state_dict({k: v.to(solver.device) for k, v in hit[0].items()})
             solver.bind(model, data)
             seconds = float(hit[1].get("fit_s", 0.0))
@@ -158,8 +196,16 @@ class Artifacts:
             snapshots = Snapshots(self.cache, name, self.checkpoint_s)
         t0 = time.perf_counter()
         with distributed.collective():
-            solver.fit(model, data, snapshots=snapshots)
+            try:
+                solver.fit(model, data, snapshots=snapshots)
+            except RuntimeError as e:
+                if "inf" not in str(e) or "nan" not in str(e):
+                    raise
+                raise NonFiniteError(f"fitting {solver.label} failed on non-finite numbers ({str(e).splitlines()[0]})"
+                                     f": the model's outputs overflow on the training data; check the model "
+                                     f"(its training loss, its weights) or use solver.dtype=float64") from None
         seconds = time.perf_counter() - t0
+        check_factors(solver.label, solver.state_dict(), "the fit")
         if self.cache is not None and distributed.is_main():
             self.cache.put("factors", key, solver.state_dict(), fit_cfg, {"fit_s": seconds})
         distributed.barrier()

@@ -27,6 +27,8 @@ from .errors import CorruptFileError, FileFaultError
 
 #: written into every safetensors file's metadata; a file with another value is from an incompatible version
 FORMAT_KEY, FORMAT_VERSION = "influencelab_format", "1"
+#: the SHA-256 of a safetensors file's tensors (:func:`tensors_digest`), in its metadata: a flipped bit is found
+DIGEST_KEY = "influencelab_sha256"
 #: the most bytes a safetensors header may have (the library's own limit)
 MAX_HEADER = 100_000_000
 
@@ -142,12 +144,27 @@ def atomic_write_text(path: str | Path, text: str, where: str | None = None) -> 
     atomic_write_bytes(path, text.encode(), where)
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and raw bytes (names sorted)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The safetensors serialisation of ``tensors`` (on the CPU, contiguous), stamped with :data:`FORMAT_KEY`."""
+    """The safetensors serialisation of ``tensors`` (on the CPU, contiguous), stamped with :data:`FORMAT_KEY` and
+    the tensors' digest (:data:`DIGEST_KEY`, verified by :func:`read_tensors`)."""
     from safetensors.torch import save
 
-    meta = {**(metadata or {}), FORMAT_KEY: FORMAT_VERSION}
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**(metadata or {}), FORMAT_KEY: FORMAT_VERSION, DIGEST_KEY: tensors_digest(tensors)}
+    return save(tensors, metadata=meta)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -206,7 +223,10 @@ def read_tensors(path: str | Path, regenerate: str | None = None
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta.pop(FORMAT_KEY, None)
-            return tensors, meta
+            expected = meta.pop(DIGEST_KEY, None)
+            if expected is None or tensors_digest(tensors) == expected:
+                return tensors, meta
+            problem = "corrupt (its tensors do not match the checksum written with them)"
     except FileNotFoundError:
         raise
     except OSError as e:
