@@ -169,3 +169,64 @@ def self_influence_grid(images: torch.Tensor, given: Sequence[str], true: Sequen
     fig.suptitle(title or f"top-{n} self-influence training images (red: flipped label)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+#: the one legend text of the convergence markers (report figures, the ihvp figure, the notebook)
+HOLLOW = "hollow: its reference did not converge"
+CROSS = "X: the solver itself did not converge"
+
+
+def convergence_marker(solver_converged: bool, reference_converged: bool = True) -> dict[str, Any]:
+    """Scatter keywords of a point by the one convention of every figure: an ``X`` where the solver itself did
+    not converge (else a circle), hollow where the reference it is measured against did not (else filled)."""
+    return {"marker": "o" if solver_converged else "X", "filled": reference_converged}
+
+
+def agreement_figure(table):
+    """Rank agreement of a sweep's solvers against damping (:func:`influencelab.compare.compare`'s table): one
+    column per pass (pairwise, self), rows Spearman ρ and top-k overlap, one line per pair of solvers ``a vs b``
+    (``b`` the more accurate; solid where ``b`` is the damping's reference, dotted otherwise); markers by
+    :func:`convergence_marker` (``X``: ``a`` did not converge; hollow: ``b`` did not)."""
+    import pandas as pd
+
+    t = table.assign(_x=pd.to_numeric(table["damping"], errors="coerce")).dropna(subset=["_x"])
+    passes = [p for p in ("pairwise", "self") if p in set(t["pass"])]
+    fig, axes = plt.subplots(2, len(passes), figsize=(4.6 * len(passes) + 2.6, 6.2), squeeze=False,
+                             layout="constrained")
+    pairs = list(dict.fromkeys(zip(t["a"], t["b"], strict=True)))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(pairs)}
+    for j, name in enumerate(passes):
+        sub = t[t["pass"] == name]
+        for row, (col, ylabel) in enumerate((("spearman", "Spearman ρ"), ("top_k_overlap", "top-k overlap"))):
+            ax = axes[row, j]
+            for pair in pairs:
+                sel = sub[(sub["a"] == pair[0]) & (sub["b"] == pair[1])].sort_values("_x")
+                if sel.empty:
+                    continue
+                ref = bool(sel["b_is_reference"].astype(bool).all())
+                ax.plot(sel["_x"], sel[col], color=colors[pair], ls="-" if ref else ":", lw=1.5 if ref else 1.0,
+                        label=f"{pair[0]} vs {pair[1]}" + (" (reference)" if ref else ""))
+                for r in sel.to_dict("records"):
+                    m = convergence_marker(bool(r["a_converged"]), bool(r["b_converged"]))
+                    ax.scatter([r["_x"]], [r[col]], marker=m["marker"], s=36, zorder=3, edgecolors=colors[pair],
+                               facecolors=colors[pair] if m["filled"] else "none")
+            ax.set_xscale("log")
+            ax.set_ylim(min(0.0, float(sub[col].min()) - 0.05) if len(sub) else 0.0, 1.02)
+            ax.grid(alpha=0.3)
+            k = int(sub["k"].iloc[0]) if len(sub) else 0
+            what = "mean over queries" if name == "pairwise" else "over training points"
+            ax.set(xlabel="damping λ", ylabel=ylabel if col == "spearman" else f"top-{k} overlap",
+                   title=f"{name} scores: {ylabel} ({what})" if col == "spearman" else
+                   f"{name} scores: top-{k} overlap (share of the {k} highest both give)")
+    seen: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    gray = {"color": "gray", "s": 36}
+    seen["circle, filled: both solves converged (or direct)"] = axes[0, 0].scatter([], [], marker="o", **gray)
+    seen[CROSS] = axes[0, 0].scatter([], [], marker="X", **gray)
+    seen[HOLLOW] = axes[0, 0].scatter([], [], marker="o", facecolors="none", edgecolors="gray", s=36)
+    fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize=8,
+               title="a vs b (b: the more accurate)", title_fontsize=8)
+    fig.suptitle("Do the solvers rank the training points alike? (jobs sharing one trained model)", fontsize=10)
+    return fig

@@ -21,10 +21,58 @@ if TYPE_CHECKING:
 
 
 def find_jobs(root: Path) -> list[Path]:
-    """Job directories under ``root`` (itself included), sorted naturally: those with ``metrics.json`` and those
-    that stopped on bad input before writing any (``error.txt``)."""
+    """Job directories under ``root`` (itself included), sorted naturally: those with ``metrics.json``, those
+    that stopped on bad input before writing any (``error.txt``), and those that stopped before any stage
+    finished (killed, crashed, or still running: Hydra's ``.hydra/config.yaml`` and the job's log, no metrics)."""
     jobs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob("error.txt")}
+    jobs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml") if any(p.parent.parent.glob("*.log"))}
     return sorted(jobs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(root).parts])
+
+
+def _job_config(job: Path) -> dict[str, Any]:
+    path = job / ".hydra" / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def unfinished_stages(job: Path, metrics: dict[str, Any] | None = None) -> list[str]:
+    """The configured stages (``.hydra/config.yaml``'s ``stages``) that the job did not finish: every finished
+    stage logs ``mem/<stage>_peak_rss_mb`` (the CLI's loop, after the stage) or ``time/<stage>_s``. ``[]`` for a
+    job that finished, one with no config, and a ``score.partition`` job (it stops after caching its share)."""
+    cfg = _job_config(job)
+    if (cfg.get("score") or {}).get("partition") not in (None, "", "null"):
+        return []
+    m = job_metrics(job) if metrics is None else metrics
+    return [s for s in cfg.get("stages") or []
+            if f"mem/{s}_peak_rss_mb" not in m and f"time/{s}_s" not in m]
+
+
+#: a log line worth quoting for a job that stopped: an error, a traceback's last line, a kill
+_ERROR_LINE = re.compile(r"\[(ERROR|CRITICAL)\]|Traceback|\w+(Error|Exception)\b|\bKilled\b|^error:")
+
+
+def last_error_line(job: Path) -> str | None:
+    """The last line of the job's log (``*.log``, Hydra's ``<job name>.log``) that reads as an error (``[ERROR]``,
+    an exception's name, ``Killed``), else its last line; ``None`` without a log."""
+    lines = [ln.strip() for log in sorted(job.glob("*.log")) for ln in log.read_text(errors="replace").splitlines()
+             if ln.strip()]
+    if not lines:
+        return None
+    return next((ln for ln in reversed(lines) if _ERROR_LINE.search(ln)), lines[-1])
+
+
+def job_status(job: Path, metrics: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """``("ok", None)``, ``("failed", message)`` (stopped on bad input: ``error.txt``) or ``("incomplete",
+    message)``: a job that did not finish its configured stages (killed, crashed, or still running), the message
+    naming the stage it stopped in and its log's last error line (or last line)."""
+    m = job_metrics(job) if metrics is None else metrics
+    if m.get("error"):
+        return "failed", str(m["error"])
+    left = unfinished_stages(job, m)
+    if not left:
+        return "ok", None
+    line = last_error_line(job)
+    return "incomplete", (f"did not finish: stopped in stage {left[0]} (killed, crashed or still running)"
+                          + (f"; last log line: {line}" if line else ""))
 
 
 def job_overrides(job: Path) -> dict[str, str]:
@@ -153,8 +201,9 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True, missing: Any = MI
     Columns: ``job`` (its directory relative to ``sweep_dir``: ``"0"``, ``"1"``, ...), the job's overrides
     (``.hydra/overrides.yaml``, one column per key, values as written), its config-group choices (``dataset``,
     ``model``, ``solver``, ``experiment``, ... from ``.hydra/hydra.yaml``), ``damping``, every metric of its
-    ``metrics.json``, and ``error`` (the message of a job that stopped on bad input, which has no metrics; NaN
-    for the others).
+    ``metrics.json``, and ``error`` (the message of a job that stopped on bad input, which has no metrics, or of
+    one that did not finish its stages: killed, crashed or still running, :func:`job_status`; NaN for the
+    others).
 
     A job that scored several dampings (a ``solver.damping`` list; metrics named ``prefix/name@<damping>``, e.g.
     ``ihvp/rel_error@0.001``, ``solver/iterations@0.01``, ``mislabel/self_influence@1.0/recall@10``) has one row
@@ -179,7 +228,8 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True, missing: Any = MI
     records, okeys, ckeys, mkeys, firsts = [], [], [], [], []
     for job in jobs:
         o, c, m = job_overrides(job), job_choices(job), job_metrics(job)
-        error = m.pop("error", None)
+        error = job_status(job, m)[1]  # bad input (error.txt), or stopped before its last stage (killed, crashed)
+        m.pop("error", None)
         okeys += [k for k in o if k not in okeys]
         ckeys += [k for k in c if k not in ckeys and k not in okeys]
         mkeys += [k for k in m if k not in mkeys]
