@@ -103,6 +103,8 @@ run select_digits_grid experiment=quickstart 'stages=[train,fit,self,mislabel]' 
 # selector never reads it; the best λ of run lds / lds_damping is the oracle to compare with). ~5 min for
 # lds_holdout (21 trainings of ~8-16 s), ~1 min for spectrum; with no cached ground truth add run lds's ~15-35 min
 run select_lds experiment=select_lds select.objective=lds_holdout,spectrum
+# the oracle for it: LDS of every candidate λ on the same ground truth (one fit, the cached model and retrainings)
+run select_lds_grid experiment=lds solver=ekfac 'solver.damping=[1e-5,1e-4,1e-3,1e-2,0.1,auto]'
 # issue 27 item 3: how many points to fix, estimated (unlearn.size=auto) beside the true count (144) and half and
 # double it: sensitivity of detect-then-fix to the size (8 jobs, a gold-standard retraining each ~30 s, the
 # calibration retraining once ~30-240 s): ~8-12 min

@@ -1,0 +1,324 @@
+"""Gram: the damped curvature's inverse *exactly*, at every damping from one decomposition, for models of any size
+trained on few points (Woodbury; issue 29).
+
+The curvature is a mean of per-example terms of rank at most ``C`` (the outputs of one example)::
+
+    G = A^T A / n,   A = [a_1; ...; a_n],   a_i = H_i^(1/2) J_i   (fisher / GGN: J_i [C, P] the output Jacobian,
+                                                                   H_i the loss Hessian in the outputs)
+                                            a_i = g_i^T           (empirical_fisher: the loss gradient, C = 1)
+
+so ``G`` has rank at most ``n C``. With the ``n C x n C`` Gram matrix ``K = A A^T = U diag(s) U^T`` (float64,
+decomposed once), the Woodbury identity gives, for every damping ``λ > 0`` at once::
+
+    (G + λI)^-1 v = (v - A^T U diag(1 / (s + nλ)) U^T A v) / λ
+
+with no iteration to converge: the cost of a solve is two passes over the rows of ``A`` (``A v``, then
+``A^T w``), whatever ``λ``, and ``A v`` is shared by every damping of :meth:`precondition_all`. This is the
+reference the IHVP comparison needs where CG does not converge (small ``λ`` on a large model).
+
+The rows are never all in memory unless they fit in ``keep_gb``: the Gram is formed block by block, an outer
+block of ``A`` held while the later examples' rows are recomputed and multiplied into it (``block_gb`` bounds one
+block); the fit is resumable (snapshots of ``K`` after each outer block). ``block_diagonal=True`` keeps one Gram
+per tracked layer instead (the exact block-diagonal GGN: the approximation ladder's step between the exact GGN and
+K-FAC), from the same rows at the same cost.
+
+Every solve's relative residual ``||(G + λI) x - v|| / ||v||`` is measured (``residual=true``) with curvature
+products that do not use the rows (jvp/vjp through the network, :class:`~.curvature.Curvature`; for
+``block_diagonal`` the rows themselves) and recorded like an iterative solver's (:meth:`diagnostics`,
+``converged`` at ``tol``), so a reference's exactness is a measurement, not an assumption. (At a tiny damping the
+measurement has a floor of its own: ``x`` has a null-space part ``||v_perp|| / λ`` whose product ``G x`` cancels to
+zero only up to the products' float64 rounding; on the tests' tiny CNN that floor is ~1e-4 at λ = 1e-8 and below
+1e-6 from λ = 1e-6, where the solve itself agrees with a dense solve to 1e-5 and 1e-9.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.base import LabeledData, batch_to
+from ..errors import ConfigError
+from ..progress import progress
+from .base import Convergence, Damping, Solver, merge_diagnostics
+from .curvature import Curvature
+from .grads import per_sample_grads
+
+log = logging.getLogger(__name__)
+
+
+class Gram(Solver):
+    name = "gram"
+    curvatures = ("fisher", "empirical_fisher")
+
+    def __init__(self, *args: Any, max_rank: int = 20_000, block_gb: float = 2.0, keep_gb: float = 4.0,
+                 block_diagonal: bool = False, residual: bool = True, tol: float = 1e-6, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for key, val in (("solver.block_gb", block_gb), ("solver.keep_gb", keep_gb)):
+            if not (isinstance(val, (int, float)) and val >= 0):
+                raise ConfigError(f"{key}={val!r} is invalid: give a number of GiB >= 0")
+        if not (isinstance(max_rank, int) and max_rank >= 1):
+            raise ConfigError(f"solver.max_rank={max_rank!r} is invalid: give an integer >= 1")
+        self.max_rank, self.block_gb, self.keep_gb = max_rank, float(block_gb), float(keep_gb)
+        self.block_diagonal, self.residual, self.tol = bool(block_diagonal), bool(residual), float(tol)
+        self._eig: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per part: (s, U)
+        self._model: nn.Module | None = None
+        self._data: LabeledData | None = None
+        self._curv: Curvature | None = None
+        self._rows_kept: torch.Tensor | None = None
+        self._av: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (key of v, A v) for the last v
+        self._convergence: dict[Damping, Convergence] = {}
+        self._outputs: int | None = None
+
+    def fit_config(self) -> dict[str, Any]:
+        cfg = super().fit_config()
+        for k in ("block_gb", "keep_gb", "residual", "tol"):  # (where rows live and what is measured, not the fit)
+            cfg.pop(k, None)
+        return cfg
+
+    # -- the parts: the whole parameter vector, or one per tracked layer ---------------------------------------
+    def _parts(self) -> list[slice]:
+        assert self.layout is not None
+        if self.block_diagonal:
+            return [b.slice for b in self.layout.blocks]
+        return [slice(0, self.layout.size)]
+
+    # -- rows of A ----------------------------------------------------------------------------------------------
+    def bind(self, model: nn.Module, data: LabeledData) -> None:
+        layout = self.layout or self.setup(model)
+        self._model, self._data = model, data
+        self._curv = Curvature(model, layout, self.curvature if self.curvature == "fisher" else "fisher", self.task)
+        self._rows_kept, self._av = None, None
+
+    def _rows(self, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """The rows of ``A`` of one batch, ``[b C, P]`` (float64)."""
+        assert self._model is not None and self.layout is not None and self._curv is not None
+        if self.curvature == "empirical_fisher":
+            return per_sample_grads(self._model, self.layout, batch_to(x, self.device, self.dtype), y.to(self.device),
+                                    self.task.loss,
+                                    self.task).double()
+        J, out = self._curv.output_jacobian(x)  # [b, C, P]
+        H = self.task.loss_hessian(out, y.to(out.device)).double()  # [b, C, C]
+        e, Q = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)
+        root = (Q * e.clamp_min(0).sqrt().unsqueeze(1)) @ Q.transpose(1, 2)
+        return torch.bmm(root, J.double()).reshape(-1, J.shape[-1])
+
+    def _outputs_per_example(self) -> int:
+        if self._outputs is None:
+            assert self._data is not None
+            x, y, _ = next(iter(self._data.batches(1)))
+            self._outputs = len(self._rows(x, y))
+        return self._outputs
+
+    def _examples_per_block(self) -> int:
+        assert self.layout is not None
+        per = self._outputs_per_example() * self.layout.size * 8
+        return max(1, min(self.batch_size, int(self.block_gb * 2**30 // per)))
+
+    def _fits_in_memory(self) -> bool:
+        assert self._data is not None and self.layout is not None
+        return len(self._data) * self._outputs_per_example() * self.layout.size * 8 <= self.keep_gb * 2**30
+
+    def _row_blocks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows)`` of ``A`` for the examples from ``start`` on, block by block (or the kept rows)."""
+        assert self._data is not None
+        c = self._outputs_per_example()
+        if self._rows_kept is None and self._fits_in_memory():
+            self._rows_kept = torch.cat([self._rows(x, y) for x, y, _ in self._data.batches(self._examples_per_block())])
+        if self._rows_kept is not None:
+            yield start * c, self._rows_kept[start * c:]
+            return
+        data = self._data if start == 0 else self._data.subset(torch.arange(start, len(self._data)))
+        row = start * c
+        for x, y, _ in data.batches(self._examples_per_block()):
+            rows = self._rows(x, y)
+            yield row, rows
+            row += len(rows)
+
+    # -- fit: the Gram matrix (per part) and its eigendecomposition ----------------------------------------------
+    def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
+        self.layout or self.setup(model)
+        self.bind(model, data)
+        self._snapshots = snapshots
+        n, c = len(data), self._outputs_per_example()
+        r = n * c
+        if r > self.max_rank:
+            raise ConfigError(f"solver=gram on {n:,} points x {c} outputs is invalid: its Gram matrix would be "
+                              f"{r:,} x {r:,} (solver.max_rank={self.max_rank:,}); use fewer training points "
+                              f"(dataset.subset) or solver=cg")
+        parts = self._parts()
+        t0 = time.perf_counter()
+        sums = {"K": torch.zeros(len(parts), r, r, dtype=torch.float64)}
+        m = n if self._fits_in_memory() else self._examples_per_block()
+        starts = list(range(0, n, m))
+        done = self._resume("gram", sums, None)
+        K = sums["K"]
+        for i in progress(range(done, len(starts)), desc="gram matrix (outer blocks)", total=len(starts),
+                          initial=done):
+            a0 = starts[i]
+            a1 = min(a0 + m, n)
+            rows_a = torch.cat([rw for _, rw in self._rows_range(a0, a1)])
+            for p, sl in enumerate(parts):
+                K[p, a0 * c:a1 * c, a0 * c:a1 * c] = rows_a[:, sl] @ rows_a[:, sl].T
+            for row, rows_b in (self._row_blocks(a1) if a1 < n else ()):  # the later examples, streamed
+                for p, sl in enumerate(parts):
+                    blk = rows_a[:, sl] @ rows_b[:, sl].T
+                    K[p, a0 * c:a1 * c, row:row + len(rows_b)] = blk
+                    K[p, row:row + len(rows_b), a0 * c:a1 * c] = blk.T
+            self._snapshot("gram", i + 1, sums, None, final=i + 1 == len(starts))
+        self._eig = []
+        for p in range(len(parts)):
+            s, U = torch.linalg.eigh((K[p] + K[p].T) / 2)
+            self._eig.append((s.clamp_min(0), U))
+        log.info("gram fit: %d x %d Gram%s in %.1fs (%s rows in memory)", r, r,
+                 f" x {len(parts)} layers" if len(parts) > 1 else "", time.perf_counter() - t0,
+                 "all" if self._rows_kept is not None else f"blocks of {m} examples")
+
+    def _rows_range(self, a0: int, a1: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows of the examples ``a0 .. a1 - 1``."""
+        c = self._outputs_per_example()
+        if self._rows_kept is not None or self._fits_in_memory():
+            for row, rows in self._row_blocks(a0):
+                yield row, rows[: (a1 - a0) * c]
+            return
+        assert self._data is not None
+        x_sub = self._data.subset(torch.arange(a0, a1))
+        for x, y, _ in x_sub.batches(a1 - a0):
+            yield a0 * c, self._rows(x, y)
+
+    # -- solves ----------------------------------------------------------------------------------------------------
+    def _apply_a(self, V: torch.Tensor) -> torch.Tensor:
+        """``A_p v_p`` per part: ``[parts, n C, k]`` for ``V [k, P]`` (float64); memoised for the last ``V``."""
+        key = (V.data_ptr(), tuple(V.shape), V._version, float(V.double().sum()))
+        if self._av is not None and self._av[0] == key:
+            return self._av[1]
+        parts = self._parts()
+        assert self._eig is not None
+        r = self._eig[0][0].numel()
+        out = torch.zeros(len(parts), r, len(V), dtype=torch.float64)
+        Vd = V.double()
+        for row, rows in self._row_blocks(0):
+            for p, sl in enumerate(parts):
+                out[p, row:row + len(rows)] = rows[:, sl] @ Vd[:, sl].T
+        self._av = (key, out)
+        return out
+
+    def _apply_at(self, W: torch.Tensor) -> torch.Tensor:
+        """``A_p^T w_p`` per part, as ``[k, P]`` rows, for ``W [parts, n C, k]``."""
+        assert self.layout is not None
+        out = torch.zeros(W.shape[-1], self.layout.size, dtype=torch.float64)
+        for row, rows in self._row_blocks(0):
+            for p, sl in enumerate(self._parts()):
+                out[:, sl] += W[p, row:row + len(rows)].T @ rows[:, sl]
+        return out
+
+    def _check(self, lams: Sequence[float]) -> None:
+        if self._eig is None:
+            raise RuntimeError("fit the solver first")
+        if self._model is None:
+            raise RuntimeError("solver=gram needs its model and data: call bind(model, data) after loading a fit")
+        for lam in lams:
+            if not lam > 0:
+                raise ConfigError(f"solver.damping={lam:g} is invalid for solver=gram: the Woodbury identity needs "
+                                  "λ > 0 (use solver=exact for λ = 0 on a tiny model)")
+
+    def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        return self.precondition_all(v, [damping])[0]
+
+    def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
+        lams = [self.resolve_damping(d) for d in dampings]
+        self._check(lams)
+        assert self._eig is not None and self._data is not None
+        t0 = time.perf_counter()
+        n = len(self._data)
+        AV = self._apply_a(v)  # [parts, r, k]
+        k = v.shape[0]
+        W = torch.zeros(AV.shape[0], AV.shape[1], k * len(lams), dtype=torch.float64)
+        for p, (s, U) in enumerate(self._eig):
+            UtAV = U.T @ AV[p]
+            for j, lam in enumerate(lams):
+                W[p, :, j * k:(j + 1) * k] = U @ (UtAV / (s + n * lam)[:, None])
+        AtW = self._apply_at(W).reshape(len(lams), k, -1)
+        lam_t = torch.tensor(lams, dtype=torch.float64)[:, None, None]
+        X = (v.double().unsqueeze(0) - AtW) / lam_t
+        solve_s = time.perf_counter() - t0
+        if self.residual:
+            self._measure(v, X, dampings, lams, solve_s)
+        return X.to(v.dtype)
+
+    def _measure(self, v: torch.Tensor, X: torch.Tensor, dampings: Sequence[Damping], lams: Sequence[float],
+                 solve_s: float) -> None:
+        """Record ``||(G + λI) x - v|| / ||v||`` per damping (worst and mean over the vectors)."""
+        t0 = time.perf_counter()
+        assert self._curv is not None and self._data is not None
+        L, k, P = X.shape
+        flat = X.reshape(L * k, P)
+        if self.block_diagonal:  # (its own operator: the rows, per layer)
+            AX = torch.zeros(len(self._parts()), self._eig[0][0].numel(), L * k, dtype=torch.float64)
+            for row, rows in self._row_blocks(0):
+                for p, sl in enumerate(self._parts()):
+                    AX[p, row:row + len(rows)] = rows[:, sl] @ flat[:, sl].T
+            GX = self._apply_at(AX) / len(self._data)
+            on = "rows of A per layer (block-diagonal G)"
+        else:
+            curv = self._curv if self.curvature == "fisher" else Curvature(self._model, self.layout,
+                                                                          "empirical_fisher", self.task)
+            GX = torch.cat([curv.mean_product(chunk, self._data, self.batch_size).double()
+                            for chunk in flat.split(max(1, k))])
+            on = "all training points (jvp/vjp products)"
+        V = v.double().repeat(L, 1)
+        lam_rows = torch.tensor(list(lams), dtype=torch.float64).repeat_interleave(k)[:, None]
+        vnorm = V.norm(dim=1).clamp_min(1e-300)
+        res = ((GX + lam_rows * flat - V).norm(dim=1) / vnorm).reshape(L, k)
+        measure_s = time.perf_counter() - t0
+        for j, d in enumerate(dampings):
+            worst = float(res[j].max())
+            accept = self.tol
+            conv = Convergence(damping=float(lams[j]), iterations=0, rel_residual_max=worst,
+                               rel_residual_mean=float(res[j].mean()), tol=accept,
+                               converged=bool(worst <= accept) and math.isfinite(worst), n_vectors=k,
+                               residual_on=on, measure_s=measure_s / L, solve_s=solve_s / L)
+            self._convergence = merge_diagnostics(self._convergence, {d: conv})
+            if not conv.converged:
+                log.warning("gram at damping %g: relative residual %.3g > solver.tol=%g. At a tiny damping the "
+                            "measurement's own rounding can exceed it (x has a null-space part ||v_perp|| / λ whose "
+                            "product G x cancels to ~0 only up to float64 rounding); compare the solve with a larger "
+                            "damping's, or check that the rows are the curvature's", float(lams[j]), worst, accept)
+
+    def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       dampings: Sequence[Damping]) -> torch.Tensor:
+        """``g^T (G + λI)^-1 g`` per example and damping, every damping from one ``A g`` pass."""
+        g = self.train_grads(model, x, y)
+        return (self.precondition_all(g, dampings) * g.unsqueeze(0)).sum(-1)
+
+    # -- damping="auto", diagnostics, cache ---------------------------------------------------------------------
+    def mean_eigenvalue(self) -> float:
+        """``trace(G) / P = trace(K) / (n P)``, exactly."""
+        assert self._eig is not None and self._data is not None and self.layout is not None, "fit the solver first"
+        return float(sum(s.sum() for s, _ in self._eig)) / (len(self._data) * self.layout.size)
+
+    def diagnostics(self) -> dict[Damping, Convergence]:
+        return dict(self._convergence)
+
+    def reset_diagnostics(self) -> None:
+        self._convergence = {}
+
+    def set_diagnostics(self, record) -> None:
+        self._convergence = dict(record)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        assert self._eig is not None
+        out: dict[str, torch.Tensor] = {}
+        for p, (s, U) in enumerate(self._eig):
+            out[f"s.{p}"], out[f"U.{p}"] = s, U
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        parts = len({k.split(".")[1] for k in state})
+        self._eig = [(state[f"s.{p}"].double(), state[f"U.{p}"].double()) for p in range(parts)]
+        self._mean_eig = None

@@ -1,0 +1,119 @@
+"""solver=gram (Woodbury on the n C x n C Gram matrix) against dense float64 solves built independently with
+torch.func (test_solvers.Reference), down to λ = 1e-8; its block-diagonal variant, its streamed (recomputed-rows)
+path and its recorded residuals."""
+# ruff: noqa: F811  (the tests take test_solvers' imported module fixture ``setup`` as an argument)
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencelab.errors import ConfigError
+from influencelab.solvers.gram import Gram
+from influencelab.solvers.layout import ParamLayout
+from test_solvers import F64, from_param_order, setup, to_param_order  # noqa: F401, F811 (setup: the shared fixture)
+
+DAMPINGS = [1e-8, 1e-6, 1e-4, 1e-2, 1.0]
+
+
+def _fit(model, train, **kw):
+    solver = Gram(**{**F64, "batch_size": 16, **kw})
+    solver.fit(model, train)
+    return solver
+
+
+def _dense_solve(G: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
+    return torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype), v.T).T
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("curvature", ["fisher", "empirical_fisher"])
+def test_gram_equals_dense_solve_at_every_damping(setup, kind, curvature):
+    model, ref, train, x, y, qg = setup[kind]
+    solver = _fit(model, train, curvature=curvature)
+    G = ref.dense(curvature, x, y)
+    v = from_param_order(solver.layout, model, qg)
+    out = solver.precondition_all(v, DAMPINGS)  # one A v pass for all five
+    for lam, got in zip(DAMPINGS, out, strict=True):
+        want = _dense_solve(G, qg, lam)
+        # the dense solve itself loses ~cond x eps: at λ = 1e-8 the condition number is ~1e8-1e9
+        assert _rel(to_param_order(solver.layout, model, got), want) < (1e-5 if lam < 1e-5 else 1e-9), lam
+    # every solve measured with jvp/vjp products (not the rows) and recorded
+    diag = solver.diagnostics()
+    assert set(diag) == set(DAMPINGS)
+    assert all(c.n_vectors == len(qg) for c in diag.values())
+    # from λ = 1e-6 up the residual is at most 1e-6; at 1e-8 the products' own float64 rounding (a null-space part
+    # of x of size ||v_perp|| / λ that G x cancels) floors the measurement, while the solve agrees with the dense one
+    assert all(c.converged and c.rel_residual_max <= 1e-6 for d, c in diag.items() if d >= 1e-6)
+    assert diag[1e-8].rel_residual_max < 1e-3
+    # trace(G) / P exactly, for damping=auto
+    assert solver.mean_eigenvalue() == pytest.approx(float(torch.trace(G)) / len(G), rel=1e-10)
+    # a training gradient lies in the row space of A: its self-influence (no null-space part) is right too
+    g = solver.train_grads(model, x[:4], y[:4])
+    si = solver.self_influence(model, x[:4], y[:4], [1e-6, 1e-2])
+    gp = to_param_order(solver.layout, model, g)
+    for j, lam in enumerate([1e-6, 1e-2]):
+        want = (_dense_solve(G, gp, lam) * gp).sum(1)
+        assert torch.allclose(si[j], want, rtol=1e-6), lam
+
+
+def test_gram_streamed_rows_equal_kept_rows(setup):
+    """keep_gb=0 with tiny blocks: the Gram built by streaming recomputed rows past held outer blocks is the one
+    built from all rows at once, and the solves agree."""
+    model, ref, train, x, y, qg = setup["cnn"]
+    kept = _fit(model, train)
+    per_example = 10 * kept.layout.size * 8 / 2**30
+    streamed = _fit(model, train, keep_gb=0, block_gb=per_example * 5.5)  # outer blocks of 5 examples
+    assert streamed._rows_kept is None and streamed._examples_per_block() == 5
+    for (s1, _), (s2, _) in zip(kept._eig, streamed._eig, strict=True):
+        assert torch.allclose(s1, s2, rtol=1e-10, atol=1e-12)
+    v = from_param_order(kept.layout, model, qg)
+    assert _rel(streamed.precondition(v, 1e-4), kept.precondition(v, 1e-4)) < 1e-9
+
+
+def test_gram_block_diagonal_is_the_per_layer_inverse(setup):
+    model, ref, train, x, y, qg = setup["mlp"]
+    solver = _fit(model, train, block_diagonal=True)
+    G = ref.dense("fisher", x, y)
+    # the dense G in the solver's layout, its off-diagonal layer blocks zeroed
+    layout = solver.layout
+    M = to_param_order(layout, model, torch.eye(layout.size, dtype=torch.float64))  # v_param = v_layout @ M
+    G_layout = M @ G @ M.T
+    mask = torch.zeros_like(G_layout)
+    for b in layout.blocks:
+        mask[b.slice, b.slice] = 1
+    v = from_param_order(layout, model, qg)
+    for lam in (1e-6, 1e-2):
+        want = _dense_solve(G_layout * mask, v, lam)
+        assert _rel(solver.precondition(v, lam), want) < 1e-7, lam
+        # and it is not the full inverse (the layers are coupled in G)
+        assert _rel(solver.precondition(v, lam), _dense_solve(G_layout, v, lam)) > 1e-2
+    assert all(c.converged for c in solver.diagnostics().values())
+
+
+def test_gram_refuses_what_it_cannot_do(setup):
+    model, ref, train, x, y, qg = setup["mlp"]
+    with pytest.raises(ConfigError, match="solver.max_rank"):
+        _fit(model, train, max_rank=100)
+    solver = _fit(model, train)
+    with pytest.raises(ConfigError, match="λ > 0"):
+        solver.precondition(from_param_order(solver.layout, model, qg), 0.0)
+    with pytest.raises(ConfigError, match="solver.keep_gb"):
+        Gram(keep_gb=-1)
+
+
+def test_gram_cached_state_reloads(setup):
+    """The cached state (eigenpairs) plus bind() reproduce the fitted solver's solves."""
+    model, ref, train, x, y, qg = setup["mlp"]
+    solver = _fit(model, train)
+    other = Gram(**F64, batch_size=16)
+    other.setup(model)
+    other.load_state_dict(solver.state_dict())
+    other.bind(model, train)
+    v = from_param_order(solver.layout, model, qg)
+    assert _rel(other.precondition(v, 1e-3), solver.precondition(v, 1e-3)) < 1e-12
+    assert isinstance(other.layout, ParamLayout)
