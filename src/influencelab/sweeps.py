@@ -26,7 +26,8 @@ def find_jobs(root: Path) -> list[Path]:
     finished (killed, crashed, or still running: Hydra's ``.hydra/config.yaml`` and the job's log, no metrics)."""
     jobs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob("error.txt")}
     jobs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml") if any(p.parent.parent.glob("*.log"))}
-    return sorted(jobs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(root).parts])
+    # numbers in order (2 before 10), then other names (a second sweep's x0 in the same folder)
+    return sorted(jobs, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.relative_to(root).parts])
 
 
 def _job_config(job: Path) -> dict[str, Any]:
