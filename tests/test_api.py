@@ -149,7 +149,7 @@ def test_one_fitted_solver_scores_two_query_sets_of_the_same_shape_and_an_in_pla
     torch.testing.assert_close(attr.pairwise(TensorDataset(qa, y[4:8])), second)
 
 
-@pytest.mark.parametrize("solver", ["ekfac", "kfac", "lissa", "cg", "exact", "identity"])
+@pytest.mark.parametrize("solver", ["ekfac", "kfac", "lissa", "cg", "exact", "identity", "arnoldi"])
 def test_every_solver_is_reachable_by_name(solver):
     net, x, y = _trained_tiny(n=32)
     args = {"depth": 20} if solver == "lissa" else {}
