@@ -251,8 +251,11 @@ def read_json(path: str | Path, regenerate: str | None = None) -> Any:
     try:
         return json.loads(text)
     except ValueError as e:
-        cause = "truncated" if text.strip() and e.pos >= len(text.rstrip()) - 1 else "corrupt"  # type: ignore[attr-defined]
-        raise CorruptFileError(f"{path} is {cause} (invalid JSON: {e}){fix}") from None
+        ended = e.pos >= len(text.rstrip()) - 1 or e.msg.startswith("Unterminated")  # type: ignore[attr-defined]
+        cause = f"{'truncated' if text.strip() and ended else 'corrupt'} (invalid JSON: {e})"
+        err = CorruptFileError(f"{path} is {cause}{fix}")
+        err.cause = cause  # type: ignore[attr-defined]
+        raise err from None
 
 
 def rerun_command(run_dir: str | Path, stages: str | None = None) -> str:

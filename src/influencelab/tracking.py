@@ -213,7 +213,8 @@ class Tracker:
             try:
                 self.metrics = read_json(mpath)
             except CorruptFileError as e:  # this run rewrites it; earlier stages' metrics are lost
-                log.warning("%s: starting it afresh (rerun earlier stages for their metrics)", e)
+                log.warning("%s is %s: starting it afresh (rerun earlier stages for their metrics)", mpath,
+                            getattr(e, "cause", "unreadable"))
         mode = self.wandb_mode
         if self.backend == "wandb" and mode != "disabled":
             import wandb

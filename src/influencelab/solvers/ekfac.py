@@ -30,6 +30,7 @@ from .. import distributed
 from ..cache import Snapshots
 from ..data.base import LabeledData
 from ..errors import ConfigError
+from ..health import check_factors
 from ..progress import progress
 from .base import Damping
 from .blocks import BlockGradSolver, Capture
@@ -183,6 +184,8 @@ class EKFAC(BlockGradSolver):
         state: dict[str, torch.Tensor] = {}
         for i, b in enumerate(blocks):
             T = positions[b.name] / n
+            check_factors(self.name, {f"{b.name} input covariance": A[b.name],
+                                      f"{b.name} output-gradient covariance": S[b.name]}, "the fit")
             eva, qa = _eigh(A.pop(b.name) / n)
             evs, qs = _eigh(S.pop(b.name) / n / T)
             state[f"{i}.QA"], state[f"{i}.QS"] = qa.to(self.dtype), qs.to(self.dtype)
