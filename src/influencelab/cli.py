@@ -182,11 +182,16 @@ class FailedJobs(Callback):
 
 
 def main() -> None:
-    """Console-script entry point. Under torchrun, ranks > 0 write no Hydra output directory. Overrides of the
-    typed config sections are type-checked first (one line, exit 2, like every bad input)."""
+    """Console-script entry point. Under torchrun, ranks > 0 write no Hydra output directory. The command line's
+    config is checked first (:mod:`.preflight`): a bad key, group or value is one line, exit 2, and nothing is
+    written."""
+    from .preflight import check_command_line
+
     try:
-        schema.check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+        check_command_line(sys.argv[1:])
     except InfluenceLabError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) > 0:

@@ -4,14 +4,16 @@ second solver (a baseline, a reference)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, InfluenceLabError
+from .errors import InfluenceLabError
+from .keys import UnknownKeyError, did_you_mean, unknown_key
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -27,11 +29,24 @@ def build(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         if isinstance(e.__cause__, TypeError) and "unexpected keyword argument" in str(e.__cause__):
-            target = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
             bad = str(e.__cause__).rsplit("argument", 1)[-1].strip(" '")
-            raise ConfigError(f"{bad} is not a key of {target}; remove it (e.g. ~solver.{bad}) or pick a "
-                              f"config that has it") from None
+            raise unknown_target_key(node, bad) from None
         raise
+
+
+def unknown_target_key(node: Any, bad: str) -> UnknownKeyError:
+    """The error for key ``bad`` of config ``node`` that its ``_target_`` does not take: named by the node's place
+    in the config (``trainer.epoch``), with a did-you-mean from the target's parameters."""
+    target = str(node.get("_target_", "?"))
+    where = node._get_full_key(None) if OmegaConf.is_config(node) else ""
+    path = f"{where}.{bad}" if where else bad
+    try:
+        params = [p.name for p in inspect.signature(get_object(target)).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"]
+    except Exception:  # noqa: BLE001 (no signature: no suggestion)
+        params = []
+    owner = f"{where} ({target.rsplit('.', 1)[-1]})" if where else target.rsplit(".", 1)[-1]
+    return unknown_key(path, owner, params, fix=f"correct or remove it (~{path})")
 
 
 def plain(node: Any) -> Any:
@@ -50,7 +65,8 @@ def solver_node(name: str, overrides: dict[str, Any] | DictConfig | None = None,
     from hydra.core.global_hydra import GlobalHydra
 
     if name not in solver_names():
-        raise ConfigError(f"solver={name!r} is invalid: use one of {', '.join(solver_names())}")
+        raise UnknownKeyError(f"solver={name!r} is not an option of solver:{did_you_mean(name, solver_names())} "
+                              f"options: {', '.join(solver_names())}")
     ov = [f"+solver={name}", f"+seed={int(seed)}"]
     gh = GlobalHydra.instance()
     if gh.is_initialized():  # inside the Hydra app (or a test's initialize): same config search path
@@ -61,7 +77,7 @@ def solver_node(name: str, overrides: dict[str, Any] | DictConfig | None = None,
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     unknown = [k for k in (overrides or {}) if k not in node]
     if unknown:
-        raise ConfigError(f"{unknown[0]} is not a key of solver {name}; its keys: {', '.join(k for k in node if k != '_target_')}")
+        raise unknown_key(str(unknown[0]), f"solver {name}", [str(k) for k in node])
     return OmegaConf.merge(node, overrides or {})
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, check
+from .keys import unknown_key
 from .registry import SECTIONS, STAGES
 from .scores import parse_partition
 
@@ -95,7 +96,7 @@ def type_check(section: str, key: str, value: Any, schema: type) -> None:
     """One-line error unless ``key`` is a field of ``schema`` that accepts ``value``."""
     known = {f.name for f in fields(schema)}
     if key not in known:
-        raise ConfigError(f"{section}.{key} is not a key of {section}; its keys: {', '.join(sorted(known))}")
+        raise unknown_key(f"{section}.{key}", section, known)
     try:
         OmegaConf.merge(OmegaConf.structured(schema), {key: value})
     except OmegaConfBaseException:
