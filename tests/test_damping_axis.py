@@ -48,3 +48,37 @@ def test_damping_plot_of_a_sweep_with_a_job_without_damping(tmp_path):
     rows = [{"job": "0", "solver": "ekfac"}, {"job": "1", "solver": "identity"}]
     figs = report_figure(tmp_path, rows, tmp_path / "figs")
     assert [p.name for p in figs] == ["mislabel_vs_damping.png"] and figs[0].stat().st_size > 0
+
+
+def test_one_damping_keeps_its_axis_in_files_load_run_and_the_api(run_pipeline):
+    """With one damping, the score files' ``scores_by_damping``, ``load_run``'s ``*_by_damping`` and the API all
+    are ``[1, ...]`` and hold the same numbers; ``scores`` / ``run.pairwise_scores`` / ``run.self_scores`` are
+    the first damping's, without the axis, for one damping as for several."""
+    import torch
+    from safetensors.torch import load_file
+
+    from influencelab import load_run
+
+    for dampings in ("1e-2", "[1e-2,1.0]"):
+        run_dir, _ = run_pipeline(["dataset.subset=200", "model=mlp", "trainer.epochs=1", "query.n=3",
+                                   f"solver.damping={dampings}", "stages=[train,fit,pairwise,self]"],
+                                  name=f"run{dampings}")
+        n = 1 if dampings == "1e-2" else 2
+        pw = load_file(str(run_dir / "scores" / "pairwise.safetensors"))
+        si = load_file(str(run_dir / "scores" / "self.safetensors"))
+        assert pw["scores_by_damping"].shape == (n, 3, 200) and pw["scores"].shape == (3, 200)
+        assert si["scores_by_damping"].shape == (n, 200) and si["scores"].shape == (200,)
+        run = load_run(run_dir)
+        assert torch.equal(run.pairwise_by_damping, pw["scores_by_damping"])
+        assert torch.equal(run.self_by_damping, si["scores_by_damping"])
+        assert torch.equal(run.pairwise_scores, run.pairwise_by_damping[0])
+        assert torch.equal(run.self_scores, run.self_by_damping[0])
+        attr = run.attributor()
+        api_self = attr.self_influence()
+        qpos = torch.searchsorted(run.test.indices, pw["query_indices"])
+        api_pw = attr.pairwise(run.test.subset(qpos))
+        assert api_self.shape == run.self_by_damping.shape and api_pw.shape == run.pairwise_by_damping.shape
+        torch.testing.assert_close(api_self, run.self_by_damping, rtol=1e-4,
+                                   atol=1e-5 * float(api_self.abs().max()))
+        torch.testing.assert_close(api_pw, run.pairwise_by_damping, rtol=1e-4,
+                                   atol=1e-5 * float(api_pw.abs().max()))

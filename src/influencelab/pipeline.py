@@ -261,12 +261,12 @@ class Context:
         return attr.self_influence(dampings=attr.dampings[:1])[0]
 
     def save_scores(self, name: str, scores: torch.Tensor, extra: dict[str, torch.Tensor]) -> Path:
-        """``scores/<name>.safetensors``: ``scores`` for the first damping (+ ``scores_by_damping``); metadata:
+        """``scores/<name>.safetensors``: ``scores_by_damping`` ``[n_damping, ...]`` (the API's shape, the damping
+        axis kept for one damping too) and ``scores``, the first damping's ``[...]``; metadata:
         ``dampings``, ``solver``, ``ensemble`` and ``convergence`` (JSON: per damping label, the fields of
         :class:`~influencelab.solvers.base.Convergence`; ``{}`` for direct solvers)."""
-        tensors = {"scores": scores[0].clone(), "train_indices": self.train_data.indices, **extra}
-        if scores.shape[0] > 1:
-            tensors["scores_by_damping"] = scores
+        tensors = {"scores": scores[0].clone(), "scores_by_damping": scores, "train_indices": self.train_data.indices,
+                   **extra}
         meta = {"dampings": json.dumps(self.solver.dampings), "solver": self.solver.label,
                 "ensemble": str(self.score.ensemble),
                 # per damping: how converged an iterative solver's scores are ({} for direct solvers)

@@ -49,17 +49,37 @@ class Run:
                 self._scores[name] = out
         return self._scores[name]
 
+    def by_damping(self, name: str) -> torch.Tensor | None:
+        """``scores/<name>.safetensors``'s scores with the damping axis first, ``[n_damping, ...]`` whatever the
+        number of dampings (the shape of the :class:`~influencelab.api.Attributor`'s ``pairwise`` and
+        ``self_influence``); runs written before the files always held ``scores_by_damping``: one damping."""
+        s = self.scores(name)
+        if s is None:
+            return None
+        return s["scores_by_damping"] if "scores_by_damping" in s else s["scores"].unsqueeze(0)
+
     @property
     def pairwise_scores(self) -> torch.Tensor | None:
-        """``[n_query, n_train]`` (first damping); query/train indices in ``scores('pairwise')``."""
+        """``[n_query, n_train]``: the first damping's (:attr:`pairwise_by_damping` has every damping); query/train
+        indices in ``scores('pairwise')``."""
         s = self.scores("pairwise")
         return None if s is None else s["scores"]
 
     @property
+    def pairwise_by_damping(self) -> torch.Tensor | None:
+        """``[n_damping, n_query, n_train]``, like ``attributor().pairwise(queries)``."""
+        return self.by_damping("pairwise")
+
+    @property
     def self_scores(self) -> torch.Tensor | None:
-        """``[n_train]`` self-influence (first damping)."""
+        """``[n_train]`` self-influence: the first damping's (:attr:`self_by_damping` has every damping)."""
         s = self.scores("self")
         return None if s is None else s["scores"]
+
+    @property
+    def self_by_damping(self) -> torch.Tensor | None:
+        """``[n_damping, n_train]``, like ``attributor().self_influence()``."""
+        return self.by_damping("self")
 
 
     def attributor(self, solver: str | None = None, cache_dir: str | None = None, **solver_args: Any):
