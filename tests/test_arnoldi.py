@@ -99,7 +99,7 @@ def test_short_iteration_finds_the_top_eigenpairs_and_reports_their_residuals(ti
 
 def test_one_fit_serves_every_damping_and_the_cached_state_reproduces_it(tiny):
     """Fitting with a list of dampings gives, at each, what a separate fit at that damping gives; the fit key
-    holds no damping; a solver loaded from the state dict (not fitted) preconditions identically; the specialised
+    holds no damping (and is the same unfitted); a solver loaded from the state dict (not fitted) preconditions identically; the specialised
     self-influence equals g^T precondition(g)."""
     model, train, G, e, V, rank, q = tiny
     for complement in ("drop", "damping"):
@@ -111,6 +111,7 @@ def test_one_fit_serves_every_damping_and_the_cached_state_reproduces_it(tiny):
             torch.testing.assert_close(out[i], alone.precondition(q, lam), rtol=0, atol=0)
         loaded = Arnoldi(**F64, top_k=20, complement=complement, damping=[1e-1, 1e-3])
         loaded.setup(model)
+        assert loaded.fit_config() == both.fit_config()  # the cache key is the same before and after fitting
         loaded.load_state_dict(both.state_dict())
         torch.testing.assert_close(loaded.precondition_all(q, loaded.dampings), out, rtol=0, atol=0)
         x, y = train.x[:5].double(), train.targets[:5]

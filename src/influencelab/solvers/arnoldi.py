@@ -68,11 +68,23 @@ class Arnoldi(Solver):
         self.n_iters = n_iters if n_iters is not None else 2 * top_k  # resolved: null and 2k share a fit key
         self.complement = complement  # (in the fit key: the score caches derive their keys from it)
         self._jacobian_cache_gb = jacobian_cache_gb  # (not in fit_config: it changes the speed, not the result)
-        self.eigenvalues: torch.Tensor | None = None  # [k] float64, by |s| descending
-        self.eigenvectors: torch.Tensor | None = None  # [k, P] in self.dtype, orthonormal rows
-        self.ritz_residuals: torch.Tensor | None = None  # [k] ||G u - s u|| (float64)
+        # the fit (a dict: never part of fit_config, fitted or not): eigenvalues [k] float64 by |s| descending,
+        # eigenvectors [k, P] in self.dtype (orthonormal rows), ritz_residuals [k] ||G u - s u|| (float64)
+        self.state: dict[str, torch.Tensor] = {}
         self._curv: Curvature | None = None
         self._data: LabeledData | None = None
+
+    @property
+    def eigenvalues(self) -> torch.Tensor | None:
+        return self.state.get("eigenvalues")
+
+    @property
+    def eigenvectors(self) -> torch.Tensor | None:
+        return self.state.get("eigenvectors")
+
+    @property
+    def ritz_residuals(self) -> torch.Tensor | None:
+        return self.state.get("ritz_residuals")
 
     # -- fitting ----------------------------------------------------------------------------------------------
     def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
@@ -83,10 +95,11 @@ class Arnoldi(Solver):
         evals, evecs = torch.linalg.eigh(T)
         k = min(self.top_k, len(evals))
         order = evals.abs().argsort(descending=True, stable=True)[:k]
-        self.eigenvalues = evals[order].to(self.device)
-        self.eigenvectors = evecs[:, order].T.to(Q.device, Q.dtype) @ Q
         # Lanczos' residual of each Ritz pair: ||G u - s u|| = |beta_m| |last component of its eigenvector of T|
-        self.ritz_residuals = (beta * evecs[-1, order].abs()).to(self.device)
+        self.state = {"eigenvalues": evals[order].to(self.device),
+                      "eigenvectors": evecs[:, order].T.to(Q.device, Q.dtype) @ Q,
+                      "ritz_residuals": (beta * evecs[-1, order].abs()).to(self.device)}
+        del Q
         self._mean_eig = None
         self.bind(model, data)
         scale = float(self.eigenvalues.abs().max()) if k else 0.0
@@ -216,12 +229,11 @@ class Arnoldi(Solver):
 
     # -- caching --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        assert self.eigenvalues is not None and self.eigenvectors is not None and self.ritz_residuals is not None
-        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors,
-                "ritz_residuals": self.ritz_residuals}
+        assert self.state, "fit the solver first"
+        return dict(self.state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.eigenvalues = state["eigenvalues"].to(self.device, torch.float64)
-        self.eigenvectors = state["eigenvectors"].to(self.device, self.dtype)
-        self.ritz_residuals = state["ritz_residuals"].to(self.device, torch.float64)
+        self.state = {"eigenvalues": state["eigenvalues"].to(self.device, torch.float64),
+                      "eigenvectors": state["eigenvectors"].to(self.device, self.dtype),
+                      "ritz_residuals": state["ritz_residuals"].to(self.device, torch.float64)}
         self._mean_eig = None
