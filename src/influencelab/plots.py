@@ -71,26 +71,54 @@ def _show(ax, img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     ax.set_yticks([])
 
 
+def score_text(s: float) -> str:
+    """The one number format of influence scores in figures: signed, 3 significant digits, scientific
+    (``+1.48e+03``, ``-2.31e-01``)."""
+    return f"{s:+.2e}"
+
+
+def attribution_caption(solver: str | None = None, damping: Any = None, n_train: int | None = None) -> str:
+    """What an attribution grid's titles mean (its caption): the labels, the score, its units, the damping."""
+    how = ", ".join(x for x in (f"solver {solver}" if solver else "",
+                                f"damping λ = {float(damping):g}" if isinstance(damping, (int, float))
+                                else f"damping λ = {damping}" if damping is not None else "") if x)
+    removal = f"n = {n_train:,}" if n_train else "n training points"
+    return ("Each row: a test image (titled with its label) and the training images with the highest (green: "
+            "helpful) and lowest (red: harmful) influence on its loss. Above each training image: the label it was "
+            "trained with, '(true X)' where label noise flipped it from X, and its score "
+            "I(z, z_q) = ∇L(z_q)ᵀ (G + λI)⁻¹ ∇L(z)" + (f" ({how})" if how else "") + ", in units of the test "
+            "loss (nats): upweighting z by ε lowers the test image's loss by about ε × score; removing z raises "
+            f"it by about score / n ({removal}).")
+
+
 def attribution_grid(queries: torch.Tensor, query_labels: Sequence[str], helpful: list[list[tuple]],
-                     harmful: list[list[tuple]], mean: Sequence[float], std: Sequence[float]):
+                     harmful: list[list[tuple]], mean: Sequence[float], std: Sequence[float],
+                     caption: str | None = None):
     """Rows = test images; columns = the query, its top-k helpful and top-k harmful training images.
 
-    ``helpful[i]``/``harmful[i]`` are lists of ``(image, label_text, score)`` for query ``i`` (paper Fig. 2).
+    ``helpful[i]``/``harmful[i]`` are lists of ``(image, label_text, score)`` for query ``i`` (paper Fig. 2);
+    ``label_text`` is the training label, with ``(true X)`` where it was flipped. Scores are written by
+    :func:`score_text`; ``caption`` (default: :func:`attribution_caption` without the solver and damping) is
+    printed under the grid.
     """
+    import textwrap
+
     k = max(len(helpful[0]), 1)
     n = len(queries)
-    fig, axes = plt.subplots(n, 1 + 2 * k, figsize=(1.6 * (1 + 2 * k), 1.9 * n), squeeze=False)
+    width = 1.6 * (1 + 2 * k)
+    fig, axes = plt.subplots(n, 1 + 2 * k, figsize=(width, 1.9 * n + 0.8), squeeze=False, layout="constrained")
     for i in range(n):
         _show(axes[i, 0], queries[i], mean, std)
-        axes[i, 0].set_title(f"test: {query_labels[i]}", fontsize=8)
+        axes[i, 0].set_title(f"test image\nlabel {query_labels[i]}", fontsize=7)
         for j, (img, lab, s) in enumerate(helpful[i]):
             _show(axes[i, 1 + j], img, mean, std)
-            axes[i, 1 + j].set_title(f"+ {lab}\n{s:.3g}", fontsize=7, color="green")
+            axes[i, 1 + j].set_title(f"{lab}\n{score_text(s)}", fontsize=7, color="green")
         for j, (img, lab, s) in enumerate(harmful[i]):
             _show(axes[i, 1 + k + j], img, mean, std)
-            axes[i, 1 + k + j].set_title(f"- {lab}\n{s:.3g}", fontsize=7, color="red")
+            axes[i, 1 + k + j].set_title(f"{lab}\n{score_text(s)}", fontsize=7, color="red")
     fig.suptitle(f"test image | top-{k} most helpful | top-{k} most harmful training images", fontsize=9)
-    fig.tight_layout()
+    text = textwrap.fill(caption if caption is not None else attribution_caption(), width=int(width * 17))
+    fig.supxlabel(text, fontsize=6, x=0.01, ha="left", multialignment="left")
     return fig
 
 
@@ -164,7 +192,7 @@ def self_influence_grid(images: torch.Tensor, given: Sequence[str], true: Sequen
             ax.axis("off")
             continue
         _show(ax, images[i], mean, std)
-        ax.set_title(f"#{i + 1} given {given[i]} / true {true[i]}\n{scores[i]:.3g}", fontsize=7,
+        ax.set_title(f"#{i + 1} given {given[i]} / true {true[i]}\n{score_text(scores[i])}", fontsize=7,
                      color="red" if given[i] != true[i] else "black")
     fig.suptitle(title or f"top-{n} self-influence training images (red: flipped label)", fontsize=9)
     fig.tight_layout()

@@ -18,7 +18,8 @@ def needs_class_images(ctx: Context) -> None:
 
 @stage("attribution", precheck=needs_class_images)
 def attribution_stage(ctx: Context) -> None:
-    """Grid of the most helpful / harmful training images for (up to) 3 query test images (paper Fig. 2)."""
+    """Grid of the most helpful / harmful training images for (up to) 3 query test images (paper Fig. 2), at the
+    first damping, with a caption saying what its titles mean (:func:`~influencelab.plots.attribution_caption`)."""
     if ctx.pairwise is None:  # a partition job
         return
     scores = ctx.pairwise[0]
@@ -32,11 +33,14 @@ def attribution_stage(ctx: Context) -> None:
         rows = []
         for order in (top[:k], top.flip(0)[:k]):
             imgs = train.images(order)
-            rows.append([(imgs[j], names[int(train.targets[t])] + (f" (true {names[int(train.clean_targets[t])]})" if train.flipped[t] else ""),
+            rows.append([(imgs[j], f"label {names[int(train.targets[t])]}"
+                          + (f" (true {names[int(train.clean_targets[t])]})" if train.flipped[t] else ""),
                           float(scores[i, t])) for j, t in enumerate(order.tolist())])
         helpful.append(rows[0])
         harmful.append(rows[1])
     qimgs = test.images(qpos)
     labels = [names[int(test.targets[p])] for p in qpos]
-    fig = plots.attribution_grid(qimgs, labels, helpful, harmful, ctx.dataset_spec.mean, ctx.dataset_spec.std)
+    caption = plots.attribution_caption(ctx.solver.label, ctx.solver.dampings[0], len(train))  # the first damping's
+    fig = plots.attribution_grid(qimgs, labels, helpful, harmful, ctx.dataset_spec.mean, ctx.dataset_spec.std,
+                                 caption=caption)
     ctx.tracker.figure("attribution", fig)

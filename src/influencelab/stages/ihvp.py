@@ -21,6 +21,7 @@ from ..api import Attributor
 from ..errors import ConfigError, check
 from ..metric_names import metric_name
 from ..pipeline import Context
+from ..progress import activity
 from ..registry import report_plot, stage
 from ..scores import query_gradients
 from ..solvers.base import Convergence, parse_dampings
@@ -184,7 +185,8 @@ def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: 
         conv = hit[1]["convergence"]
         return hit[0]["ihvp"].to(grads), None if conv is None else Convergence(**conv)
     ref.solver.reset_diagnostics()
-    out = ref.solver.precondition(grads, damping)
+    with activity(f"ihvp reference {ref.solver.label} at damping {damping:g}"):  # named in the heartbeat lines
+        out = ref.solver.precondition(grads, damping)
     conv = ref.solver.diagnostics().get(damping)
     if cache is not None:
         cache.put("ihvp_reference", key, {"ihvp": out}, {"damping": damping},
@@ -199,7 +201,7 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
     so."""
     import matplotlib
 
-    from ..plots import pyplot
+    from ..plots import HOLLOW, pyplot  # hollow means the same in every figure
 
     plt = pyplot()
     out: list[Path] = []
@@ -217,7 +219,7 @@ def report_figure(root: Path, rows: list[dict[str, Any]], fig_dir: Path) -> list
                         ax.scatter([p[xi] for p in part], [p[2] for p in part], edgecolors=line.get_color(),
                                    facecolors=line.get_color() if valid else "none", zorder=3)
         if any(not p[4] for p in pts):
-            a1.scatter([], [], edgecolors="gray", facecolors="none", label="hollow: reference unconverged")
+            a1.scatter([], [], edgecolors="gray", facecolors="none", label=HOLLOW)
         a1.set(xscale="log", yscale="log", xlabel=axis_label, ylabel="relative error vs CG",
                title=f"error vs {axis_label.split()[0]}")
         a2.set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="relative error", title="error vs time")
