@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from influencelab import progress as progress_mod
@@ -143,3 +144,83 @@ def test_slurm_site_local_overrides_the_launcher_file(tmp_path):
     (conf / "hydra/launcher/site/local.yaml").write_text("partition: gpu\ntimeout_min: 999\nmax_num_timeout: 1\n")
     launcher = _launcher(conf)
     assert (launcher.partition, launcher.timeout_min, launcher.max_num_timeout) == ("gpu", 999, 1)
+
+
+HEARTBEAT = re.compile(r"^step: running for \d\d:\d\d(; (.+) for \d\d:\d\d)?$")
+
+
+def test_heartbeat_fills_silence_names_the_activity_and_stops(not_a_tty, caplog):
+    """Nothing logged for the interval: a line naming the step and the innermost activity; none after exit."""
+    from influencelab.progress import activity, heartbeat
+
+    caplog.set_level(logging.INFO, logger="influencelab")
+    threads = threading.active_count()
+    with heartbeat("step", interval=0.05):
+        with activity("reference cg at damping 0.001"):
+            time.sleep(0.4)
+        time.sleep(0.15)
+    assert threading.active_count() == threads  # its thread is gone
+    lines = [s for s in _lines(caplog) if HEARTBEAT.match(s)]
+    assert len(lines) >= 4, _lines(caplog)
+    assert HEARTBEAT.match(lines[0]).group(2) == "reference cg at damping 0.001"
+    assert HEARTBEAT.match(lines[-1]).group(2) is None  # the activity ended
+    n = len(_lines(caplog))
+    time.sleep(0.15)
+    assert len(_lines(caplog)) == n
+
+
+def test_heartbeat_is_quiet_while_the_log_is_not(not_a_tty, caplog):
+    """Other lines at a shorter interval than the heartbeat's: it adds none (a child logger counts too)."""
+    from influencelab.progress import heartbeat
+
+    caplog.set_level(logging.INFO, logger="influencelab")
+    child = logging.getLogger("influencelab.solvers.cg")
+    with heartbeat("step", interval=0.5):
+        for i in range(8):
+            child.info("working %d", i)
+            time.sleep(0.05)
+    assert not [s for s in _lines(caplog) if s.startswith("step:")], _lines(caplog)
+
+
+def test_cg_iterations_report_progress(not_a_tty, monkeypatch, caplog):
+    """CG logs its iteration count off a terminal (every iteration here: interval ~0), and a last line."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from influencelab import Attributor
+    from influencelab.solvers.cg import CG
+
+    monkeypatch.setenv(progress_mod.ENV, "1e-9")
+    caplog.set_level(logging.INFO, logger="influencelab")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    attr = Attributor(net, solver=CG(damping=1e-2, tol=1e-10, max_iter=50, dtype="float64")).fit(TensorDataset(x, y))
+    attr.precondition(attr.query_gradients(TensorDataset(x[:2], y[:2])))
+    (conv,) = attr.solver.diagnostics().values()
+    iters = conv.iterations
+    lines = [s for s in _lines(caplog) if s.startswith("cg at damping 0.01: ")]
+    counts = [int(re.match(r"cg at damping 0\.01: (\d+) iter", s).group(1)) for s in lines]
+    assert counts and counts == sorted(counts) and counts[-1] == iters > 1, _lines(caplog)
+    assert lines[-1].endswith("done")
+
+
+def test_every_stage_time_in_the_summary_and_silent_stages_heartbeat(run_pipeline, monkeypatch, caplog):
+    """A stage that logs nothing for longer than the interval gets heartbeat lines naming it; the run summary's
+    time line lists every stage, those that log no time of their own too."""
+    from influencelab.cli import summary
+    from influencelab.registry import STAGES, Stage
+
+    def silent(ctx) -> None:
+        time.sleep(0.5)
+
+    monkeypatch.setitem(STAGES, "silent", Stage("silent", silent))
+    monkeypatch.setenv(progress_mod.ENV, "0.1")
+    caplog.set_level(logging.INFO, logger="influencelab")
+    run_dir, metrics = run_pipeline(["dataset.subset=100", "model=linear", "trainer.epochs=1",
+                                     "stages=[train,silent]"])
+    assert len([s for s in _lines(caplog) if s.startswith("stage silent: running for ")]) >= 2, _lines(caplog)
+    assert metrics["time/silent_s"] >= 0.5
+    (line,) = [s for s in summary(metrics, run_dir).splitlines() if s.startswith("time: ")]
+    assert re.fullmatch(r"time: train [\d.]+s, silent [\d.]+s", line), line

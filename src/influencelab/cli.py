@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import schema
 from .compose import CONFIG_DIR, build
 from .errors import InfluenceLabError
+from .progress import heartbeat
 from .stages import load_all
 from .tracking import RunInfo, Tracker, run_info
 
@@ -58,11 +59,15 @@ def run(cfg: DictConfig, run_dir: Path, job_name: str = "run", group: str | None
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            STAGES[name].fn(ctx)
+            with heartbeat(f"stage {name}"):  # a line at least every 30 s off a terminal, however long a step
+                STAGES[name].fn(ctx)
             if ctx.partition_pending:  # a score.partition job has cached its share: nothing more to do
                 break
             tracker.log(peak_memory(name))
-            log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            if f"time/{name}_s" not in tracker.metrics:  # every stage's time in the summary (ihvp, mislabel, ...)
+                tracker.log({f"time/{name}_s": elapsed})
+            log.info("stage %s done in %.1fs", name, elapsed)
     finally:
         tracker.finish()
     return tracker.metrics

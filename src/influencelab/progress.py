@@ -1,10 +1,16 @@
-"""Progress for long loops (training epochs, curvature passes, score chunks, LiSSA steps).
+"""Progress for long loops (training epochs, curvature passes, score chunks, LiSSA and CG iterations), and a
+heartbeat for long steps without a loop of their own (a reference solve, a retraining).
 
 On a terminal: a tqdm bar, as before. Anywhere else (SLURM and joblib logs, pipes, CI): no bar, but a plain line
 through the ``influencelab`` logger every :data:`INTERVAL_S` seconds (``INFLUENCELAB_PROGRESS_S`` overrides it;
 0 turns the lines off) with the count, total, rate and ETA, and a last line when the loop ends -- only for loops
 that ran that long, so short loops stay silent. The lines are made by tqdm itself (a subclass that logs instead of
 drawing), so its timing (``mininterval``, ``delay``) and rate arithmetic apply; no extra thread is started.
+
+:func:`heartbeat` (around each stage of a run) guarantees the log is never silent longer than that interval: when
+nothing has been logged for :func:`interval_s` seconds, one line says what is running and for how long (the
+innermost :func:`activity`, e.g. ``ihvp reference cg at damping 0.001``). On a terminal it stays quiet while a bar
+is drawn.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as _std_tqdm
@@ -109,3 +119,77 @@ def progress(iterable, **kwargs):
     if every <= 0:
         return tqdm(iterable, disable=True, leave=False, dynamic_ncols=True, **kwargs)
     return LogProgress(iterable, interval=every, **kwargs)
+
+
+#: what is running now, innermost last: ``(description, start time)`` (see :func:`activity`)
+_activities: list[tuple[str, float]] = []
+
+
+@contextmanager
+def activity(desc: str) -> Iterator[None]:
+    """Name what runs inside (``ihvp reference cg at damping 0.001``) for :func:`heartbeat`'s lines."""
+    _activities.append((desc, time.monotonic()))
+    try:
+        yield
+    finally:
+        _activities.pop()
+
+
+class _LastRecord(logging.Handler):
+    """Remembers when the ``influencelab`` logger (or a child) last logged anything."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.last = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = time.monotonic()
+
+
+def _bars_drawn() -> bool:
+    """Whether a tqdm bar is being drawn (on a terminal: the user sees progress without log lines)."""
+    return any(not isinstance(b, LogProgress) and not b.disable for b in list(getattr(tqdm, "_instances", [])))
+
+
+def heartbeat_line(desc: str, start: float, now: float) -> str:
+    """``desc: running for 01:30[; <activity> for 00:40]``."""
+    line = f"{desc}: running for {_std_tqdm.format_interval(now - start)}"
+    try:
+        what, since = _activities[-1]
+    except IndexError:
+        return line
+    return f"{line}; {what} for {_std_tqdm.format_interval(now - since)}"
+
+
+@contextmanager
+def heartbeat(desc: str, interval: float | None = None) -> Iterator[None]:
+    """While inside, a line in the log (:func:`heartbeat_line`) whenever the ``influencelab`` logger has been silent
+    for ``interval`` seconds (default :func:`interval_s`; 0 = never), from a daemon thread stopped on exit."""
+    every = interval_s() if interval is None else interval
+    if every <= 0:
+        yield
+        return
+    logger = logging.getLogger("influencelab")
+    watcher = _LastRecord()
+    logger.addHandler(watcher)
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(min(1.0, every / 4)):
+            now = time.monotonic()
+            if now - watcher.last >= every:
+                if sys.stderr.isatty() and _bars_drawn():
+                    watcher.last = now
+                    continue
+                log.info("%s", heartbeat_line(desc, start, now))
+                watcher.last = now  # (also when the logger's level drops the line)
+
+    thread = threading.Thread(target=beat, name="influencelab-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        logger.removeHandler(watcher)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..data.base import LabeledData
 from ..errors import SolverDivergedError, check
+from ..progress import progress
 from .base import Convergence, Damping
 from .iterative import IterativeSolver
 
@@ -86,6 +87,7 @@ class CG(IterativeSolver):
         tol = self._effective_tol(b.dtype)
         target = tol * bn
         iterations, restarts, measure_s = 0, 0, 0.0
+        bar = progress(None, desc=f"{self.label} at damping {lam:g}", unit="iter")  # off a terminal: a line per 30 s
         while True:
             z = M(r)
             p, rz = z.clone(), (r * z).sum(1)
@@ -94,6 +96,7 @@ class CG(IterativeSolver):
                 if not active.any():
                     break
                 iterations += 1
+                bar.update()
                 Ap = self._curv.mean_product(p, self._data, self.batch_size) + lam * p
                 pAp = (p * Ap).sum(1)
                 if not torch.isfinite(pAp).all() or (pAp[active] <= 0).any():
@@ -118,6 +121,7 @@ class CG(IterativeSolver):
             restarts += 1
             r = b - (self._curv.mean_product(x, self._data, self.batch_size) + lam * x)
             target = torch.minimum(target, 0.5 * tol * bn)
+        bar.close()
         conv = dataclasses.replace(conv, measure_s=measure_s, solve_s=time.perf_counter() - t0 - measure_s,
                                    preconditioner=self.preconditioner_name)
         self._record(damping, conv)

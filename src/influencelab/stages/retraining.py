@@ -18,6 +18,7 @@ from torch import nn
 from ..artifacts import digest
 from ..data.base import LabeledData
 from ..pipeline import Context
+from ..progress import activity
 from ..tasks import Task, resolve_task
 
 
@@ -56,7 +57,8 @@ def retrained(ctx: Context, data: LabeledData, seed: int, key: dict[str, Any], k
             trainer = dataclasses.replace(trainer, epochs=int(warm[0]), lr=trainer.lr * float(warm[1]))
         else:
             model = ctx.build_model(seed)
-        trainer.fit(model, data, exclude=exclude, task=ctx.task)
+        with activity(f"retraining ({kind}, {len(data)} points, trainer.seed={seed})"):  # named in heartbeat lines
+            trainer.fit(model, data, exclude=exclude, task=ctx.task)
         model.eval()
         if keep is not None:
             return keep(model)
