@@ -108,6 +108,9 @@ def test_reference_rule_without_exact(sweep):
         lissa_converged = r["a_converged"] if r["a"] == "lissa" else r["b_converged"]
         assert r["b"] == ("lissa" if lissa_converged else "ekfac")
         assert r["reference_kind"] == ("accuracy" if lissa_converged else "agreement")
+    # one solver setting on two models (a sweep over something else): nothing to compare, nothing to say
+    t, notes = compare(root, [root / j for j in ("1", "x1")])
+    assert t.empty and notes == []
 
 
 def test_compact_table_and_flagged_jobs(sweep):

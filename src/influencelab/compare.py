@@ -22,7 +22,7 @@ Figures mark convergence one way everywhere (the notebook's and the ihvp figure'
 point is measured against did not converge (the number is not a valid accuracy); an **X** marker = the compared
 solver itself did not converge; a filled circle = every solve behind the point converged (or was direct).
 
-Jobs are compared only when they share the trained model (``model.safetensors``' model key; for jobs without one,
+Jobs are compared only when their solver settings differ (:func:`solver_setting`) and they share the trained model (``model.safetensors``' model key; for jobs without one,
 the config sections the model depends on: dataset, model, trainer, task, seed) and the same training and query
 points; :func:`comparison_notes` says which jobs could not be compared and why.
 """
@@ -204,6 +204,15 @@ def collect_scores(root: Path, jobs: list[Path]) -> dict[str, list[JobScores]]:
     return out
 
 
+def solver_setting(js: JobScores) -> tuple:
+    """What the scores depend on besides the model and the damping: the solver and the job's ``solver.*`` and
+    ``score.*`` overrides. Two jobs of one setting (a sweep over something else) give the same scores: they are
+    not compared."""
+    keys = sorted((k, v) for k, v in js.overrides.items()
+                  if (k.startswith("solver.") and k != "solver.damping") or k.startswith("score."))
+    return js.solver, tuple(keys)
+
+
 def _groups(found: list[JobScores]) -> list[list[JobScores]]:
     groups: dict[tuple[str, str], list[JobScores]] = {}
     for js in found:
@@ -223,7 +232,7 @@ def compare(root: Path, jobs: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     rows, notes = [], []
     for name, found in collect_scores(root, jobs).items():
         groups = _groups(found)
-        if len(groups) > 1:
+        if len(groups) > 1 and len({solver_setting(js) for js in found}) > 1:
             desc = "; ".join(f"jobs {', '.join(js.job for js in g)}" for g in groups)
             notes.append(f"{name} scores: the jobs do not all share one trained model and set of points, so only "
                          f"jobs within a group are compared ({desc})")
@@ -237,6 +246,8 @@ def compare(root: Path, jobs: list[Path]) -> tuple[pd.DataFrame, list[str]]:
                 ref = have[0]
                 kind = "accuracy" if standing(ref, d)[0] <= TIERS["lissa"] else "agreement"
                 for b, a in combinations(have, 2):  # b ranks above a
+                    if solver_setting(a) == solver_setting(b):
+                        continue
                     rows.append({"pass": name, "damping": d, "a": a.label, "b": b.label, "job_a": a.job,
                                  "job_b": b.job, **agreement(a.scores[d], b.scores[d]),
                                  "a_converged": a.converged(d), "b_converged": b.converged(d),
