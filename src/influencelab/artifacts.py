@@ -154,7 +154,8 @@ class Artifacts:
             solver.load_state_dict({k: v.to(solver.device) for k, v in hit[0].items()})
             solver.bind(model, data)
             seconds = float(hit[1].get("fit_s", 0.0))
-            log.info("reusing cached %s factors %s (fitted in %.1fs)", solver.name, key, seconds)
+            log.info("reusing cached %s %s %s (fitted in %.1fs)", solver.label, fitted_what(solver, hit[0]), key,
+                     seconds)
             return FitInfo(key, seconds, True)
         snapshots = None
         if self.cache is not None:
@@ -195,6 +196,7 @@ class Artifacts:
         ``metas`` receives every chunk's, computed now or read from the cache (``{}`` where none was stored)."""
         part, n_parts = partition
         workers, me = n_parts * distributed.world_size(), part * distributed.world_size() + distributed.rank()
+        computed = 0
         chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
         ckeys = [f"{key}/chunk{i:05d}_{s}_{e}" for i, (s, e) in enumerate(chunks)]
         done: dict[int, torch.Tensor] = {}
@@ -204,6 +206,7 @@ class Artifacts:
             if hit is not None:
                 done[i], info[i] = hit[0]["scores"], hit[1].get("meta", {})
                 continue
+            computed += 1
             s, e = chunks[i]
             done[i] = compute(s, e)
             info[i] = meta() if meta is not None else {}
@@ -219,6 +222,17 @@ class Artifacts:
                     return None
                 done[i], info[i] = hit[0]["scores"], hit[1].get("meta", {})
             parts.append(done[i])
+        if computed < len(chunks):  # (a damping sweep's other jobs read the pass its first job scored)
+            log.info("reusing cached %s scores %s (%d of %d chunks computed earlier)", kind, key,
+                     len(chunks) - computed, len(chunks))
         if metas is not None:
             metas.extend(info[i] for i in range(len(chunks)))
         return torch.cat(parts, dim=-1)
+
+
+def fitted_what(solver: Solver, state: dict[str, torch.Tensor]) -> str:
+    """What a solver's cached fit holds, for the log: ``factors`` (EK-FAC, K-FAC, ...), or for an iterative solver
+    (no factors) its fitted tensors (LiSSA's ``scale``), or ``setup (nothing fitted)`` (CG)."""
+    if solver.iteration_key is None:
+        return "factors"
+    return f"fit ({', '.join(state)})" if state else "setup (nothing fitted)"

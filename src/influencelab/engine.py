@@ -141,6 +141,8 @@ def for_own_dampings(compute: Callable[[list[Damping]], torch.Tensor | None], ow
     whoever owns that damping gets the error when scoring it)."""
     if dampings == own:
         return compute(own)
+    log.info("damping %s scored in the sweep's shared pass over dampings %s (one cached pass: the first job scores "
+             "it, the others reuse it)", ", ".join(map(damping_label, own)), ", ".join(map(damping_label, dampings)))
     try:
         scores = compute(dampings)
     except SolverDivergedError as e:

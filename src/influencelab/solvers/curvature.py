@@ -33,11 +33,24 @@ from .layout import ParamLayout
 KINDS = ("fisher", "empirical_fisher", "hessian")
 
 
+def load_jvp_decompositions() -> None:
+    """Load what torch's forward-mode AD (``jvp``) loads on its first use, with that load's one warning silenced:
+    ``torch._decomp.decompositions_for_jvp`` scripts its decompositions with ``torch.jit.script``, which warns
+    (``FutureWarning: torch.jit.script is deprecated``) from inside torch in every LiSSA/CG run. Only that message
+    from that import is filtered; later imports are no-ops."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from torch._decomp import decompositions_for_jvp  # noqa: F401
+
+
 class Curvature:
     """Curvature products and dense blocks of ``model`` on the tracked parameters of ``layout``."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, kind: str, task: Task | None = None,
                  jacobian_cache_bytes: float = 0):
+        load_jvp_decompositions()  # (before the first jvp: else torch's import warns about torch.jit.script)
         assert kind in KINDS, kind
         self.model, self.layout, self.kind = model, layout, kind
         self.jacobian_cache_bytes = jacobian_cache_bytes
