@@ -12,7 +12,7 @@ at every damping both scored (a damping list in one job, or one damping per job,
 Each pair is written with its more accurate member second (``b``, the pair's reference), and at each damping and
 pass one job is *the* reference: the most accurate one that scored it, by :func:`standing`:
 
-    exact (dense solve) > CG converged > LiSSA converged > EK-FAC > K-FAC > another direct solver
+    exact or gram (dense solves) > CG converged > LiSSA converged > EK-FAC > K-FAC > another direct solver
     > CG or LiSSA not converged (the lower residual first) > identity (no curvature)
 
 ("converged": the score file's convergence record for that pass and damping; a preconditioned CG or LiSSA counts as
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 PASSES = ("pairwise", "self")
 
 #: the order of :func:`standing` (lower = more accurate); a solver not named here: ``OTHER_DIRECT`` / iterative
-TIERS = {"exact": 0, "cg": 1, "lissa": 2, "ekfac": 3, "kfac": 4, "identity": 7}
+TIERS = {"exact": 0, "gram": 0, "cg": 1, "lissa": 2, "ekfac": 3, "kfac": 4, "identity": 7}
 OTHER_DIRECT, UNCONVERGED, OTHER_CONVERGED = 5, 6, 2.5
 
 
@@ -86,7 +86,7 @@ def standing(js: JobScores, d: Any) -> tuple[float, float]:
     relative residual (the lower first)."""
     base = js.solver.split("+")[0]
     iterative = js.convergence.get(d) is not None
-    if base == "exact":
+    if TIERS.get(base) == 0:  # a dense solve (exact, gram)
         tier: float = 0
     elif iterative:
         tier = (TIERS[base] if base in ("cg", "lissa") else OTHER_CONVERGED) if js.converged(d) else UNCONVERGED

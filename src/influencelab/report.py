@@ -166,7 +166,7 @@ def _agreement_md(table: pd.DataFrame, notes: list[str]) -> str:
     text = ("\n## Do the solvers agree?\n\nRank agreement of each job's scores with the reference at the same "
             "damping: Spearman ρ over the training points (pairwise: the mean over queries, and the worst query) "
             "and the overlap of the top k scores. The reference is the most accurate job that scored that pass "
-            "and damping: exact > CG converged > LiSSA converged > EK-FAC > K-FAC > unconverged CG/LiSSA > "
+            "and damping: exact or gram > CG converged > LiSSA converged > EK-FAC > K-FAC > unconverged CG/LiSSA > "
             "identity (influencelab.compare). Every pair of jobs: report_agreement.csv.\n")
     if "agreement" in kinds:
         text += ("\n**No exact or converged iterative solver scored some dampings** (reference_kind = agreement "
