@@ -239,9 +239,9 @@ def check_command_line(argv: Sequence[str]) -> None:
     schema.check_overrides(overrides)  # types of the typed sections, each value of a sweep too
     all_jobs = jobs(overrides, parsed, bool(args.multirun))
     if len(all_jobs) > MAX_CHECKED_JOBS:  # one job per combination of the swept config groups
-        seen: dict[tuple, list[str]] = {}
+        groups, seen = group_keys(parsed), {}
         for job in all_jobs:
-            seen.setdefault(tuple(o for o in job if o.partition("=")[0].lstrip("+") in group_keys(parsed)), job)
+            seen.setdefault(tuple(o for o in job if o.partition("=")[0].lstrip("+") in groups), job)
         all_jobs = list(seen.values())
     dampings = next((list(o.sweep_iterator()) for o in parsed
                      if o.key_or_group == "solver.damping" and o.is_discrete_sweep()), [])
@@ -252,7 +252,12 @@ def check_command_line(argv: Sequence[str]) -> None:
         composer.values = {o.key_or_group: (o.input_line or "").partition("=")[2] for o in parsed
                            if o.is_sweep_override()}
         for job in all_jobs:
-            cfg = composer.job(job)
+            try:  # a job that does not compose would stop a sweep midway: an error whatever it is
+                cfg = composer.job(job)
+            except InfluenceLabError:
+                raise
+            except Exception:  # noqa: BLE001 (not a config error: the run reports it as it always has)
+                return
             if not running:
                 continue
             try:
