@@ -88,7 +88,8 @@ def plots(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 #: the metrics of the compact table, in order (shell patterns; those no job logged are left out)
 KEY_METRICS = ("train/test_accuracy", "train/test_r2", "time/*", "solver/solve_s", "solver/converged",
-               "solver/rel_residual_max", "solver/iterations", "ihvp/rel_error", "ihvp/time_s", "ihvp/ref_converged",
+               "solver/rel_residual_max", "solver/iterations", "ihvp/rel_error", "ihvp/time_s", "ihvp/rel_residual",
+               "ihvp/ref_converged",
                "mislabel/self_influence/recall@10", "mislabel/self_influence/roc_auc", "mislabel/loss/recall@10",
                "lds/mean", "lds_margin/mean", "loo/spearman", "unlearn/edited/test_accuracy",
                "unlearn/retrained/test_accuracy", "select/damping", "select/modules", "agree/reference",

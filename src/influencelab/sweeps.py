@@ -172,7 +172,8 @@ def split_dampings(frame: pd.DataFrame, first: Any = None) -> pd.DataFrame:
     rest.loc[known, plain] = None  # placed on the first damping's row above: not repeated on the others
     per = per.reset_index()  # columns _row, damping, the per-damping metrics; the job's other columns below
     split = per.combine_first(rest.loc[per["_row"]].reset_index(drop=True))
-    out = pd.concat([split, rest.drop(index=split_rows).reset_index()], ignore_index=True)
+    out = pd.concat([split, rest.drop(index=split_rows).copy().reset_index()], ignore_index=True)  # (.copy(): one
+    # block, else reset_index's insert warns of a fragmented frame)
     if "damping" not in out:
         out["damping"] = float("nan")
     # a job with one damping (no per-damping metrics): its row is at that damping (the job's solver.damping)
