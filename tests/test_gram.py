@@ -61,18 +61,22 @@ def test_gram_equals_dense_solve_at_every_damping(setup, kind, curvature):
         assert torch.allclose(si[j], want, rtol=1e-6), lam
 
 
-def test_gram_streamed_rows_equal_kept_rows(setup):
-    """keep_gb=0 with tiny blocks: the Gram built by streaming recomputed rows past held outer blocks is the one
-    built from all rows at once, and the solves agree."""
+def test_gram_row_paths_agree(setup):
+    """torch.func rows, kept or streamed (keep_gb=0, outer blocks of 5 examples held while the later ones are
+    recomputed), and the hooks' per-layer factors: the same Gram and the same solves."""
     model, ref, train, x, y, qg = setup["cnn"]
-    kept = _fit(model, train)
+    kept = _fit(model, train, capture=False)
     per_example = 10 * kept.layout.size * 8 / 2**30
-    streamed = _fit(model, train, keep_gb=0, block_gb=per_example * 5.5)  # outer blocks of 5 examples
+    streamed = _fit(model, train, capture=False, keep_gb=0, block_gb=per_example * 5.5)  # outer blocks of 5
     assert streamed._rows_kept is None and streamed._examples_per_block() == 5
     for (s1, _), (s2, _) in zip(kept._eig, streamed._eig, strict=True):
         assert torch.allclose(s1, s2, rtol=1e-10, atol=1e-12)
     v = from_param_order(kept.layout, model, qg)
     assert _rel(streamed.precondition(v, 1e-4), kept.precondition(v, 1e-4)) < 1e-9
+    factored = _fit(model, train)  # (the default: hooks, each layer direct or factored by cost)
+    assert factored._factors is not None and set(factored._factors.kind.values()) == {"direct", "factored"}
+    assert torch.allclose(factored._eig[0][0], kept._eig[0][0], rtol=1e-9, atol=1e-10)
+    assert _rel(factored.precondition(v, 1e-4), kept.precondition(v, 1e-4)) < 1e-9
 
 
 def test_gram_block_diagonal_is_the_per_layer_inverse(setup):
