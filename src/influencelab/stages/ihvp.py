@@ -32,10 +32,14 @@ log = logging.getLogger("influencelab")
 
 @dataclass
 class IHVPConfig:
-    """``reference``: the reference solver (a name of the ``solver`` group); ``reference_args``: its keys."""
+    """``reference``: the reference solver (a name of the ``solver`` group: ``gram`` is exact at every damping where
+    ``n x classes`` is small; ``cg`` otherwise); ``reference_args``: its keys; ``scores``: see below."""
 
     reference: str = "cg"
     reference_args: dict[str, Any] = field(default_factory=dict)
+    #: also score every training point against each query with the solver's and the reference's IHVP and record
+    #: the per-query Spearman correlation (``ihvp/spearman*``): one pass of training gradients per damping
+    scores: bool = True
 
     def __post_init__(self) -> None:
         from ..compose import solver_names
@@ -93,6 +97,7 @@ def ihvp_stage(ctx: Context) -> None:
     ref = ctx.attributor_for(ctx.model, ctx.model_key, ctx.new_solver(reference_node(ctx)))
     rows, metrics, per_query = [], {}, []
     nan = float("nan")
+    scored = ctx.section("ihvp").scores
     for d in solver.dampings:
         target, ref_conv = reference_ihvp(ctx, ref, grads, float(d))
         solver.reset_diagnostics()
@@ -112,9 +117,13 @@ def ihvp_stage(ctx: Context) -> None:
         errs = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).double().cpu()
         coss = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).cpu()
         err, cos = errs.mean().item(), coss.mean().item()
-        per_query += [[solver.label, float(d), int(q), e, c] for q, e, c in
-                      zip(ctx.query_positions.tolist(), errs.tolist(), coss.tolist(), strict=True)]
+        rhos = score_agreement(ctx, x, target) if scored else torch.full_like(errs, nan)
+        per_query += [[solver.label, float(d), int(q), e, c, r] for q, e, c, r in
+                      zip(ctx.query_positions.tolist(), errs.tolist(), coss.tolist(), rhos.tolist(), strict=True)]
         metrics.update(spread(errs.numpy(), "ihvp/rel_error", d) | spread(coss.numpy(), "ihvp/cosine", d))
+        if scored:
+            metrics.update(spread(rhos.numpy(), "ihvp/spearman", d))
+            metrics[metric_name("ihvp/spearman", d)] = float(rhos.mean())
         total = attr.fit_seconds + prec_s
         ref_ok = ref_conv is None or ref_conv.converged
         reach = []
@@ -147,14 +156,34 @@ def ihvp_stage(ctx: Context) -> None:
                 metrics[f"ihvp/{k}"] = metrics[metric_name(f"ihvp/{k}", rows[0][1])]
     ctx.tracker.log(metrics)
     ctx.tracker.table("ihvp", COLUMNS, rows)
-    ctx.tracker.table("ihvp_queries", ["solver", "damping", "query", "rel_error", "cosine"], per_query)
+    ctx.tracker.table("ihvp_queries", ["solver", "damping", "query", "rel_error", "cosine", "spearman"], per_query)
+
+
+def score_agreement(ctx: Context, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per query, the Spearman correlation over the training set of the solver's pairwise scores ``x^T g_z`` with
+    the reference's ``target^T g_z`` (``g_z``: the run solver's training gradients, in batches: what users see)."""
+    from scipy.stats import spearmanr
+
+    attr = ctx.attributor
+    solver = attr.solver
+    mine, ref = [], []
+    for xb, yb, _ in ctx.train_data.batches(ctx.score.batch_size):
+        g = solver.train_grads(attr.model, xb, yb).double()
+        mine.append(x.double() @ g.T)
+        ref.append(target.double() @ g.T)
+    a, b = torch.cat(mine, 1).cpu().numpy(), torch.cat(ref, 1).cpu().numpy()
+    return torch.tensor([spearmanr(a[q], b[q]).statistic for q in range(len(a))], dtype=torch.float64)
 
 
 def spread(values: np.ndarray, name: str, damping: Any) -> dict[str, float]:
-    """The spread over queries of a per-query value: ``<name>_min``, ``_max`` and a 95% percentile-bootstrap
+    """The spread over queries of a per-query value: ``<name>_min``, ``_max``, quartiles ``_q25`` / ``_median`` /
+    ``_q75``, and a 95% percentile-bootstrap
     interval of its mean, ``_ci_low`` / ``_ci_high`` (resampling queries; seeded), each per damping."""
+    q25, q50, q75 = np.quantile(values, [0.25, 0.5, 0.75])
     out = {metric_name(f"{name}_min", damping): float(values.min()),
-           metric_name(f"{name}_max", damping): float(values.max())}
+           metric_name(f"{name}_max", damping): float(values.max()),
+           metric_name(f"{name}_q25", damping): float(q25), metric_name(f"{name}_median", damping): float(q50),
+           metric_name(f"{name}_q75", damping): float(q75)}
     lo = hi = float(values.mean())
     if len(values) > 1 and np.ptp(values) > 0:
         ci = bootstrap((values,), np.mean, n_resamples=1000, confidence_level=0.95, method="percentile",
