@@ -65,8 +65,8 @@ def solver_node(name: str, overrides: dict[str, Any] | DictConfig | None = None,
     from hydra.core.global_hydra import GlobalHydra
 
     if name not in solver_names():
-        raise UnknownKeyError(f"solver={name!r} is not an option of solver:{did_you_mean(name, solver_names())} "
-                              f"options: {', '.join(solver_names())}")
+        raise UnknownKeyError(f"solver={name!r} is invalid: not an option of solver:"
+                              f"{did_you_mean(name, solver_names())} options: {', '.join(solver_names())}")
     ov = [f"+solver={name}", f"+seed={int(seed)}"]
     gh = GlobalHydra.instance()
     if gh.is_initialized():  # inside the Hydra app (or a test's initialize): same config search path
