@@ -133,11 +133,15 @@ class EKFAC(BlockGradSolver):
     name = "ekfac"
     correct: bool = True
 
-    def __init__(self, *args: Any, fisher_samples: int = 1, **kwargs: Any):
+    def __init__(self, *args: Any, fisher_samples: int = 1, max_examples: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not isinstance(fisher_samples, int) or fisher_samples < 1:
             raise ConfigError(f"solver.fisher_samples={fisher_samples!r} is invalid: must be an integer >= 1")
+        if max_examples is not None and not (isinstance(max_examples, int) and max_examples >= 1):
+            raise ConfigError(f"solver.max_examples={max_examples!r} is invalid: must be an integer >= 1 or null")
         self.fisher_samples = fisher_samples
+        if max_examples is not None:  # (absent from the fit key when null: existing fits keep their keys)
+            self.max_examples = max_examples
         self.state: dict[str, torch.Tensor] = {}
 
     # -- fitting ------------------------------------------------------------------------------------------
@@ -151,6 +155,10 @@ class EKFAC(BlockGradSolver):
     def _fit(self, model: nn.Module, data: LabeledData) -> None:
         if self.layout is None:
             self.setup(model)
+        m = getattr(self, "max_examples", None)
+        if m is not None and m < len(data):  # factors fitted on a seeded sample (the ladder's "how many points")
+            g = torch.Generator().manual_seed(self.seed)
+            data = data.subset(torch.randperm(len(data), generator=g)[:m].sort().values)
         assert self.layout is not None
         blocks = self.layout.blocks
         gen = torch.Generator().manual_seed(self.seed)
