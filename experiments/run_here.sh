@@ -136,6 +136,10 @@ run ihvp_cnn_exact experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.refere
   'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=ekfac,kfac,cg_ekfac
 run ihvp_cnn_exact_arnoldi experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
   'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=arnoldi solver.top_k=50,200
+# the same on the reduced ResNet-18 (256 points, 11.2M parameters; 16 queries): solver=gram's Gram is 2,560 x 2,560,
+# its rows kept per layer as inputs x output gradients (~3.5 GB); five dampings across 1e-6 ... 10
+run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=16 \
+  ihvp.reference=gram 'ihvp.reference_args={}' 'solver.damping=[1e-6,1e-4,1e-2,1,10]' solver=ekfac,kfac,arnoldi
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers
