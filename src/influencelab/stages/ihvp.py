@@ -49,7 +49,9 @@ class IHVPConfig:
 
 
 def explicit_dampings(ctx: Context) -> None:
-    """The comparison is at explicit dampings (``auto`` means a different λ for each solver)."""
+    """The comparison is at explicit dampings (``auto`` means a different λ for each solver), and the reference's
+    config composes (its keys checked before anything is trained)."""
+    reference_node(ctx)
     if "auto" in parse_dampings(ctx.cfg.solver.get("damping", 1e-3)):
         raise ConfigError("solver.damping=auto is invalid for stage ihvp: compare at explicit values, "
                           "e.g. solver.damping=[1e-4,1e-3,1e-2]")
@@ -195,10 +197,14 @@ def spread(values: np.ndarray, name: str, damping: Any) -> dict[str, float]:
 
 def reference_node(ctx: Context):
     """The reference solver's config: the ``solver`` group's ``ihvp.reference`` with the run's seed, modules,
-    dtype and curvature, then ``ihvp.reference_args``."""
+    dtype (the more precise of the run's and the reference's own) and curvature, then ``ihvp.reference_args``."""
+    from ..compose import solver_node
+
     c = ctx.section("ihvp")
     keys = {"curvature": ctx.cfg.solver.get("curvature", "fisher")} if ctx.cfg.solver.get(
         "curvature", "fisher") in ("fisher", "empirical_fisher", "hessian") else {}
+    if "dtype" not in c.reference_args and solver_node(c.reference).get("dtype") == "float64":
+        keys["dtype"] = "float64"  # a float64 reference (gram, exact) stays float64 under a float32 run
     return ctx.solver_node(c.reference, **keys, **c.reference_args)
 
 
