@@ -132,14 +132,27 @@ run ihvp_solvers experiment=ihvp_cnn dataset.subset=500 solver.damping=1e-5,1e-4
 # Gram matrix of the 500 points' GGN rows, float64, residual measured per damping), 16 queries, the Spearman of
 # each solver's pairwise scores against the reference's; Arnoldi with 50 and 200 eigenpairs (complement dropped,
 # as in the paper). Damping as a list: one fit per solver serves every λ.
-run ihvp_cnn_exact experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+run ihvp_cnn_exact experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=ekfac,kfac,cg_ekfac
-run ihvp_cnn_exact_arnoldi experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+run ihvp_cnn_exact_arnoldi experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=arnoldi solver.top_k=50,200
+# the approximation ladder on the same model, queries and reference (issue 29 item 5): exact GGN (the reference) ->
+# exact block-diagonal per layer -> K-FAC -> EK-FAC (ihvp_cnn_exact), with EK-FAC's Monte Carlo Fisher samples per
+# point (1 there, 10, 100 here), the empirical Fisher (exact and EK-FAC) against the true one, and EK-FAC fitted on
+# fewer points
+L='solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]'
+run ihvp_cnn_ladder_blockdiag experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' "$L" solver=gram solver.block_diagonal=true
+run ihvp_cnn_ladder_empirical experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' +ihvp.reference_args.curvature=fisher "$L" solver=gram,ekfac solver.curvature=empirical_fisher
+run ihvp_cnn_ladder_samples experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' "$L" solver=ekfac,kfac solver.fisher_samples=10,100
+run ihvp_cnn_ladder_points experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' "$L" solver=ekfac solver.max_examples=50,150
 # the same on the reduced ResNet-18 (256 points, 11.2M parameters; 16 queries): solver=gram's Gram is 2,560 x 2,560,
 # its rows kept per layer as inputs x output gradients (~3.5 GB); five dampings across 1e-6 ... 10
 run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=16 \
-  ihvp.reference=gram 'ihvp.reference_args={}' 'solver.damping=[1e-6,1e-4,1e-2,1,10]' solver=ekfac,kfac,arnoldi
+  ihvp.reference=gram '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-4,1e-2,1,10]' solver=ekfac,kfac,arnoldi
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers

@@ -205,7 +205,7 @@ def reference_node(ctx: Context):
         "curvature", "fisher") in ("fisher", "empirical_fisher", "hessian") else {}
     if "dtype" not in c.reference_args and solver_node(c.reference).get("dtype") == "float64":
         keys["dtype"] = "float64"  # a float64 reference (gram, exact) stays float64 under a float32 run
-    return ctx.solver_node(c.reference, **keys, **c.reference_args)
+    return ctx.solver_node(c.reference, **{**keys, **c.reference_args})  # (reference_args win: curvature too)
 
 
 def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: float
