@@ -63,7 +63,7 @@ from influencelab.metric_names import metric_name
 __all__ = ["MISSING", "NUMBERS", "RESULTS_MD", "ROOT", "TABLES", "Cell", "Job", "JobFile", "Number", "Ref", "Row",
            "Section", "SpecError", "Sweep", "Table", "cell", "current", "exists", "fmt", "job", "load", "load_specs",
            "load_text", "main", "markers", "number_text", "numbers_in", "paired", "path", "ph", "problems", "reading_from", "ref",
-           "ref1", "render", "select"]
+           "ref1", "render", "select", "timing"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RESULTS_MD = ROOT / "experiments" / "RESULTS.md"
@@ -186,6 +186,18 @@ def _select(src: str, where: tuple[tuple[str, Any], ...]) -> pd.DataFrame:
             raise KeyError(f"{src}: no column {k!r} to select {k}={v} by")
         keep &= _matches(text[k], v)
     return df[keep.to_numpy()]
+
+
+TIMINGS = "experiments/results/timings.txt"  # run_here.sh appends "NAME: SECONDS s ..." per sweep
+
+
+def timing(name: str, src: str = TIMINGS) -> float:
+    """The wall time in seconds of sweep ``name`` as ``run_here.sh`` last appended it to ``timings.txt`` (its last
+    line ``NAME: <seconds> s ...``; a rerun appends a new line, which then wins)."""
+    hits = re.findall(rf"^{re.escape(name)}: ([0-9.]+) s\b", path(src).read_text(), re.MULTILINE)
+    if not hits:
+        raise LookupError(f"{src}: no line for {name}")
+    return float(hits[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
