@@ -5,7 +5,10 @@ the same model, queries and ground truth (its kronfluence ``ekfac`` entry)."""
 
 from __future__ import annotations
 
-from tables_engine import Cell, Job, Ref, Section, Sweep, cell, job, paired, ref
+from collections.abc import Callable
+
+import pandas as pd
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, paired, ref, select
 
 SECTION = Section("4. Linear Datamodeling Score")
 
@@ -114,3 +117,62 @@ for _stat in ("max", "mean"):
                    cell("{:s2}", _LDS(f"solver/rel_residual_{_stat}@0.001", solver="lissa_ekfac")))
     SECTION.number(f"lds_pcg_residual_{_stat}",
                    cell("{:s2}", Sweep("lds_pcg")(f"solver/rel_residual_{_stat}@0.001", solver="cg_ekfac")))
+
+_PAIRED = _LDS.file("lds_paired.csv")
+
+
+def _auto_minus_1e3(k: str) -> Ref:
+    """EK-FAC at λ = auto minus EK-FAC at 1e-3 (one job of run lds, paired over queries in its lds_paired.csv,
+    written as 1e-3 minus auto: read negated)."""
+    def get(df: pd.DataFrame) -> float:
+        n = _LDS.number(EKFAC)
+        row = select(_PAIRED, [("measurement", "loss"), ("job_a", n), ("damping_a", "0.001"), ("job_b", n),
+                               ("damping_b", "auto")])
+        if len(row) != 1:
+            raise LookupError(f"{_PAIRED}: {len(row)} rows pair EK-FAC at 1e-3 with auto, not 1")
+        return -row[{"diff": "diff", "ci_low": "ci_high", "ci_high": "ci_low"}[k]].iloc[0]
+    return Ref(_PAIRED, get, via=(_LDS.report,))
+
+
+def _ratio(a: Ref, b: Ref) -> Callable[[], str]:
+    return lambda: fmt(a.value() / b.value(), ".1")
+
+
+SECTION.number("lds_test_acc", cell("{:.3}", _LDS("train/test_accuracy", EKFAC)))
+SECTION.number("lds_ekfac", cell("{:.3}", _LDS("lds/mean", EKFAC)))
+SECTION.number("lds_kronfluence", cell("{:.3}", _peer("lds/mean")))
+SECTION.number("lds_ekfac_minus_kronfluence", cell("{:.3} [{:.3}, {:.3}]", _peer("paired/lds/diff"),
+                                                   _peer("paired/lds/ci_low"), _peer("paired/lds/ci_high")))
+SECTION.number("lds_ekfac_spearman_kronfluence", cell("{:.3}", ref(
+    "benchmarks/results/ekfac.csv", lambda df: min(df["spearman_self"].min(), df["spearman_pairwise"].min()),
+    impl="kronfluence")))
+SECTION.number("lds_ekfac_minus_identity", paired(_LDS, EKFAC, IDENTITY))
+SECTION.number("lds_ekfac_over_identity", _ratio(_LDS("lds/mean", EKFAC), _LDS("lds/mean", IDENTITY)))
+SECTION.number("lds_ekfac_minus_kfac", paired(_LDS, EKFAC, KFAC))
+SECTION.number("lds_lissa_ekfac", cell("{:.3}", _LDS("lds/mean", job(solver="lissa_ekfac"))))
+SECTION.number("lds_ekfac_minus_lissa_ekfac", paired(_LDS, EKFAC, job(solver="lissa_ekfac")))
+SECTION.number("lds_ekfac_minus_lissa_ekfac_auto", cell("{:.3}", _LDS.every_job(
+    lambda df: (df.loc[df["solver"] == "ekfac", "lds/mean@auto"].squeeze()
+                - df.loc[df["solver"] == "lissa_ekfac", "lds/mean@auto"].squeeze()))))
+_PCG = Sweep("lds_pcg")
+SECTION.number("lds_pcg", cell("{:.3}", _PCG("lds/mean", solver="cg_ekfac")))
+SECTION.number("lds_ekfac_minus_pcg", cell("{:.3}", ref(_LDS_PCG_PAIRED, "diff", measurement="loss",
+                                                        damping="0.001")))
+SECTION.number("lds_ekfac_minus_pcg_ci", _PCG_VS_EKFAC)
+SECTION.number("lds_ekfac_minus_pcg_auto_ci", cell("{:.3} [{:.3}, {:.3}]", *(
+    ref(_LDS_PCG_PAIRED, k, measurement="loss", damping="auto") for k in ("diff", "ci_low", "ci_high"))))
+for _d in ("0.001", "auto"):
+    SECTION.number(f"lds_pcg_solve_s_{_d}", cell("{:d}", _PCG(f"solver/solve_s@{_d}", solver="cg_ekfac")))
+SECTION.number("lds_flat_range", lambda: (lambda v: f"{fmt(min(v), '.3')}–{fmt(max(v), '.3')}")(
+    [_LD("lds/mean", job("solver.damping=1e-4")).value(), _LDS("lds/mean", EKFAC).value(),
+     _LD("lds/mean", job("solver.damping=auto")).value()]))
+SECTION.number("lds_auto_minus_1e-3", cell("{:.3} [{:.3}, {:.3}]", *(_auto_minus_1e3(k)
+                                                                     for k in ("diff", "ci_low", "ci_high"))))
+SECTION.number("lds_seeds_gain", paired(_LSEEDS, _seeds(EKFAC, 2), _seeds(EKFAC, 1), template="{:.3}"))
+SECTION.number("lds_seeds_gain_ci", paired(_LSEEDS, _seeds(EKFAC, 2), _seeds(EKFAC, 1),
+                                           template="[{1:.3}, {2:.3}]"))
+SECTION.number("lds_seeds_identity_loss", paired(_LSEEDS, _seeds(IDENTITY, 1), _seeds(IDENTITY, 2),
+                                                 damping="0.0"))
+SECTION.number("lds_ensemble8_minus_1", paired(_ENS, _k(EKFAC, 8), _k(EKFAC, 1)))
+SECTION.number("lds_ensemble8_minus_1_signed", paired(_ENS, _k(EKFAC, 8), _k(EKFAC, 1),
+                                                      template="{:+.3} [{:.3}, {:.3}]"))
