@@ -109,6 +109,10 @@ run select_lds_grid experiment=lds solver=ekfac 'solver.damping=[1e-5,1e-4,1e-3,
 # double it: sensitivity of detect-then-fix to the size (8 jobs, a gold-standard retraining each ~30 s, the
 # calibration retraining once ~30-240 s): ~8-12 min
 run select_clean_pipeline experiment=select_clean_pipeline unlearn.mode=repair,remove unlearn.size=auto,72,144,288
+# the same with three training seeds (trainer.seed: initialisation and batch order; data and flips fixed), so 5c's
+# intervals include training-seed variance (issue 27 item 5)
+run select_clean_pipeline_seeds experiment=select_clean_pipeline unlearn.mode=repair,remove \
+  unlearn.size=auto,72,144,288 trainer.seed=0,1,2
 # Sec. 6.2: IHVP error against CG and wall time across damping (CNN on CPU; ResNet-18 needs a GPU).
 # The CG reference (8 queries, exact GGN products over all 500 points) costs minutes per damping value.
 run ihvp_cnn experiment=ihvp_cnn dataset.subset=500 solver=ekfac,kfac,lissa solver.damping=1e-3,1e-2,1e-1,1,10
