@@ -233,3 +233,75 @@ SECTION.table("resnet18_ekfac", ["ekfac.py", "train s / epoch", "fit s", "self s
                                  "covariances / eigh / correction s", "Spearman vs before"],
               [r18_row("before (2c92a3e)", "before"), r18_row("after", "after")],
               "6: EK-FAC fit + self on ResNet-18, FashionMNIST 2,000 points, before/after #18")
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
+
+
+def _ek(n: int, denormals: str, key: Callable[[pd.DataFrame], Any]) -> Ref:
+    return ref(_EK, key, n=n, strategy="ekfac", denormals=denormals)
+
+
+for _n in (20000, 60000):
+    for _d in ("keep", "flush"):
+        SECTION.number(f"ekfac_pairwise_ratio_{_n // 1000}k_{_d}", cell("{:.2}", _ek(_n, _d, peer_ratio("pairwise_s"))))
+for _d, _tag in (("flush", "flush"), ("keep", "keep")):
+    SECTION.number(f"ekfac_pairwise_per_point_{_tag}", lambda d=_d: fmt(
+        (_ek(60000, d, impl_value("influencelab", "pairwise_s")).value() / 60000)
+        / (_ek(20000, d, impl_value("influencelab", "pairwise_s")).value() / 20000), ".2"))
+
+
+def _runs_spread(df: pd.DataFrame) -> str:
+    """The range over every measurement of (slowest − fastest) / fastest of its repeated pairwise runs."""
+    runs = df["pairwise_runs_s"].dropna().str.split(";").map(lambda v: [float(x) for x in v])
+    spread = runs.map(lambda v: (max(v) - min(v)) / min(v))
+    return f"{fmt(spread.min(), 'p0')}–{fmt(spread.max(), '%0')}"
+
+
+SECTION.number("ekfac_pairwise_runs_spread", cell("{}", ref(_EK, _runs_spread)))
+SECTION.number("ekfac_pairwise_peak_range", cell("{}", ref(_EK, lambda df: (lambda v: f"{fmt(v.min(), ',0')}–"
+                                                                                     f"{fmt(v.max(), ',0')}")(
+    df["peak_pairwise_mb"]), impl="influencelab")))
+
+SECTION.number("lissa_scale", cell("{:.1}", ref(_LI, lambda df: df["scale"].iloc[0] if df["scale"].nunique() == 1
+                                                 else math.nan)))
+SECTION.number("lissa_ratio_shared", cell("{:.2}", _li("ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev",
+                                                       "shared")))
+SECTION.number("lissa_ratio_per_query", cell("{:.2}", _li("ratio_vs_dattri_fastest", "influencelab", "fwd-over-rev",
+                                                          "per-query")))
+SECTION.number("lissa_power_iteration_s", cell("{:.1}", _li("fit_seconds", "influencelab", "fwd-over-rev", "shared")))
+SECTION.number("lissa_dattri_rel_diff", cell("{:.2}", ref(_LI, lambda df: df["rel_diff"].max(),
+                                                          implementation="dattri 0.3.0")))
+SECTION.number("lissa_seed1_rel_diff", cell("{:.2}", _li("rel_diff", "influencelab (seed 1)", "fwd-over-rev",
+                                                         "shared")))
+SECTION.number("lissa_per_query_rel_diff", cell("{:e1}", _li("rel_diff", "influencelab", "fwd-over-rev",
+                                                             "per-query")))
+SECTION.number("lissa_hvp_rel_diff", cell("{:e1}", ref(_LI, lambda df: df["hvp_rel_diff"].max(),
+                                                       implementation="dattri 0.3.0")))
+SECTION.number("lissa_residual_max", cell("{:.1}", _li("rel_residual_max", "influencelab", "fwd-over-rev",
+                                                       "shared")))
+for _name, _impl in (("ours", "influencelab"), ("seed1", "influencelab (seed 1)"), ("dattri", "dattri 0.3.0")):
+    SECTION.number(f"lissa_full_residual_{_name}", cell("{:.1}", ref(_LI, lambda df: df["rel_residual_full_max"].max(),
+                                                                     implementation=_impl)))
+
+
+def _per_point_max(df: pd.DataFrame) -> float:
+    base = df.loc[df["n_train"].idxmin()]
+    return max(((df[f"{st}_s"] / df["n_train"]) / (base[f"{st}_s"] / base["n_train"])).max()
+               for st in ("fit", "self", "pairwise"))
+
+
+SECTION.number("scaling_per_point_max", cell("{:.2}", ref(_SC, _per_point_max)))
+SECTION.number("scaling_pairwise_20k_60k", lambda: fmt(ref(_SC, _per_point("pairwise", 60000)).value()
+                                                       / ref(_SC, _per_point("pairwise", 20000)).value(), ".2"))
+SECTION.number("scaling_rss_growth", cell("{:,0}", ref(_SC, lambda df: df.loc[df["n_train"].idxmax(), "peak_rss_mb"]
+                                                       - df.loc[df["n_train"].idxmin(), "peak_rss_mb"])))
+SECTION.number("cg_products_pays_off_8", cell("{:d}", ref(_CGP, "break_even_products", k=8)))
+SECTION.number("cg_products_speedup_8", cell("{:.1}", ref(_CGP, "speedup", k=8)))
+SECTION.number("cg_products_speedup_100", cell("{:d}", ref(_CGP, "speedup", k=100)))
+_PLM = [ref(_PL, key, measurement="pairwise_peak_memory", n_train=n) for key in ("peak_rss_mb",)
+        for n in (500, 1000, 2000)]
+SECTION.number("pipeline_peak_rss", cell("{:,0} / {:,0} / {:,0}", *_PLM))
+SECTION.number("pipeline_n_x_params", cell("{:d} → {:d}", *(ref(_PL, "n_train_x_params_mb",
+                                                                measurement="pairwise_peak_memory", n_train=n)
+                                                            for n in (500, 2000))))
