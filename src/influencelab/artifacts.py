@@ -35,6 +35,7 @@ from .errors import NonFiniteError
 from .health import check_factors, check_parameters
 from .progress import progress
 from .solvers.base import Damping, Solver
+from .train import checkpoint_tensors, set_checkpoints, split_checkpoints
 
 log = logging.getLogger("influencelab")
 
@@ -113,7 +114,9 @@ class Artifacts:
             distributed.barrier()
         hit = self.cache.get("models", key) if self.cache is not None else None
         if hit is not None:
-            model.load_state_dict(hit[0])
+            state, checkpoints = split_checkpoints(hit[0])  # (trainer.checkpoints: kept in the model's entry)
+            model.load_state_dict(state)
+            set_checkpoints(model, checkpoints)
             log.info("reusing cached model %s (trained in %.1fs)", key, hit[1]["train_s"])
             info = {**hit[1], "cached": True}
         else:
@@ -121,7 +124,7 @@ class Artifacts:
             history = train(model)
             info = {"train_s": time.perf_counter() - t0, "history": history, "cached": False}
             if self.cache is not None:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()} | checkpoint_tensors(model)
                 self.cache.put("models", key, state, config, {"train_s": info["train_s"], "history": history})
         if distributed.is_main():
             distributed.barrier()

@@ -120,13 +120,19 @@ class Context:
         return {"dataset": self.dataset_spec.cache_key(), "model": plain(self.cfg.model),
                 "trainer": (trainer or self.trainer).cache_key(), **task_key(self.task)}
 
+    def model_entry_config(self, trainer: Trainer | None = None) -> dict[str, Any]:
+        """The cached model entry's key: :meth:`model_config`, plus ``trainer.checkpoints`` when the entry also holds
+        training checkpoints (solver=tracin); retraining keys keep :meth:`model_config` (the weights are the same)."""
+        n = (trainer or self.trainer).checkpoints
+        return {**self.model_config(trainer), **({"checkpoints": n} if n else {})}
+
     @cached_property
     def model_key(self) -> str:
-        return self.artifacts.key(self.model_config())
+        return self.artifacts.key(self.model_entry_config())
 
     def trained(self, trainer: Trainer, model: nn.Module | None = None) -> tuple[nn.Module, str, dict[str, Any]]:
         """A model trained by ``trainer`` on the run's data (from the cache or trained now): model, key, info."""
-        config = self.model_config(trainer)
+        config = self.model_entry_config(trainer)
         key = self.artifacts.key(config)
         model = model if model is not None else self.build_model(trainer.seed)
 

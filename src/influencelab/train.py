@@ -21,6 +21,63 @@ log = logging.getLogger("influencelab")
 #: training whose epoch loss reaches this multiple of its first batch's has diverged (an order of magnitude up)
 DIVERGED_FACTOR = 10.0
 
+#: the attribute of a trained model holding its training checkpoints (``trainer.checkpoints``; solver=tracin reads it)
+CHECKPOINTS_ATTR = "influencelab_checkpoints"
+#: prefix of the checkpoints' tensors in a cached model entry: ``@checkpoint/<i>/<state key>``, ``.../@lr``, ``.../@step``
+CHECKPOINT_PREFIX = "@checkpoint/"
+
+
+@dataclass
+class Checkpoint:
+    """The model's state after optimizer step ``step`` (1-based; the last one is the trained model) and the learning
+    rate that step used (the optimizer's ``lr``: Adam's too, as TracIn implementations take it)."""
+
+    step: int
+    lr: float
+    state: dict[str, torch.Tensor]
+
+
+def checkpoint_steps(steps: int, n: int) -> list[int]:
+    """The steps (1-based) after which ``n`` evenly spaced checkpoints of a ``steps``-step run are saved: ``ceil(steps
+    (i + 1) / n)`` for ``i < n``, the last one the end of training."""
+    return [math.ceil(steps * (i + 1) / n) for i in range(n)]
+
+
+def get_checkpoints(model: nn.Module) -> list[Checkpoint]:
+    """The training checkpoints a model carries (``[]`` when it was trained with ``trainer.checkpoints=0``)."""
+    return list(getattr(model, CHECKPOINTS_ATTR, None) or [])
+
+
+def set_checkpoints(model: nn.Module, checkpoints: list[Checkpoint] | None) -> None:
+    """Attach ``checkpoints`` to ``model`` (API users with their own training loop: ``Checkpoint(step, lr,
+    state_dict)`` each); none removes them."""
+    if checkpoints:
+        object.__setattr__(model, CHECKPOINTS_ATTR, list(checkpoints))
+    elif hasattr(model, CHECKPOINTS_ATTR):
+        object.__delattr__(model, CHECKPOINTS_ATTR)
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's checkpoints as flat tensors (stored in its cache entry beside its state dict)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, c in enumerate(get_checkpoints(model)):
+        out.update({f"{CHECKPOINT_PREFIX}{i}/{k}": v.detach().cpu().contiguous() for k, v in c.state.items()})
+        out[f"{CHECKPOINT_PREFIX}{i}/@lr"] = torch.tensor([c.lr], dtype=torch.float64)
+        out[f"{CHECKPOINT_PREFIX}{i}/@step"] = torch.tensor([c.step], dtype=torch.int64)
+    return out
+
+
+def split_checkpoints(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[Checkpoint]]:
+    """The inverse of a state dict updated with :func:`checkpoint_tensors`: ``(state dict, checkpoints)``."""
+    state = {k: v for k, v in tensors.items() if not k.startswith(CHECKPOINT_PREFIX)}
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith(CHECKPOINT_PREFIX):
+            i, _, name = k[len(CHECKPOINT_PREFIX):].partition("/")
+            parts.setdefault(int(i), {})[name] = v
+    cps = [Checkpoint(int(p.pop("@step")[0]), float(p.pop("@lr")[0]), p) for _, p in sorted(parts.items())]
+    return state, cps
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a one-line error."""
@@ -46,6 +103,10 @@ class Trainer:
     schedule: str = "constant"
     seed: int = 0
     device: str = "auto"
+    #: save this many evenly spaced checkpoints (with their learning rates) on the trained model, for solver=tracin
+    #: (0: none). They do not change the weights, so the trainer's cache key leaves them out; the CLI's model key
+    #: adds them when > 0 (pipeline.Context.trained), and the cached model entry holds them.
+    checkpoints: int = 0
 
     def __post_init__(self) -> None:
         check(isinstance(self.epochs, int) and self.epochs >= 1, "trainer.epochs", self.epochs, "must be an integer >= 1")
@@ -55,12 +116,16 @@ class Trainer:
               "must be an integer >= 1")
         check(self.optimizer in ("sgd", "adam", "adamw"), "trainer.optimizer", self.optimizer, "use sgd, adam or adamw")
         check(self.schedule in ("constant", "cosine"), "trainer.schedule", self.schedule, "use constant or cosine")
+        check(isinstance(self.checkpoints, int) and not isinstance(self.checkpoints, bool) and self.checkpoints >= 0,
+              "trainer.checkpoints", self.checkpoints, "must be an integer >= 0 (0: none; N: N evenly spaced "
+              "checkpoints for solver=tracin)")
         resolve_device(self.device)
 
     def cache_key(self) -> dict[str, Any]:
         """What the trained weights depend on (the device is left out: same run on CPU or GPU)."""
         d = asdict(self)
         d.pop("device")
+        d.pop("checkpoints")  # (saved on the side: the weights are the same)
         return d
 
     def fit(self, model: nn.Module, train: LabeledData, test: LabeledData | None = None,
@@ -85,6 +150,9 @@ class Trainer:
         else:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         steps = self.epochs * math.ceil(len(train) / self.batch_size)
+        check(self.checkpoints <= steps, "trainer.checkpoints", self.checkpoints,
+              f"training takes only {steps} steps; save at most that many checkpoints")
+        save_at, saved, step = set(checkpoint_steps(steps, self.checkpoints)), [], 0
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if self.schedule == "cosine" else None
         history: dict[str, list[float]] = {"loss": [], f"train_{metric}": [], f"test_{metric}": []}
         dropped = None
@@ -118,6 +186,10 @@ class Trainer:
                     loss_sum += value * len(y)
                     t = task.metric_terms(out.detach(), y).cpu()
                     terms = t if terms is None else terms + t
+                step += 1
+                if step in save_at:  # (the lr this step used: read before the schedule moves it)
+                    saved.append(Checkpoint(step, float(opt.param_groups[0]["lr"]),
+                                            {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
                 if sched is not None:
                     sched.step()
             if not math.isfinite(loss_sum):
@@ -128,6 +200,7 @@ class Trainer:
             if test is not None:
                 history[f"test_{metric}"].append(evaluate(model, test, self.batch_size * 4, device, task)[metric])
         model.eval()
+        set_checkpoints(model, saved)
         return history
 
     def _fix(self) -> str:
