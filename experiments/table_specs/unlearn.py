@@ -310,3 +310,35 @@ def _lissa_residuals(df: pd.DataFrame) -> str:
 
 
 SECTION.number("unlearn_lissa_residuals", cell("{}", _USC.every_job(_lissa_residuals)))
+
+# 5c's prose: experiments/results/clean_pipeline_summary.csv (and 5a/5b's one-seed runs' noisy model)
+_FM = "FashionMNIST"
+
+
+def _cp(data: str, key: str | Callable[[pd.DataFrame], Any], mode: str = "repair", rule: str | None = "prediction") -> Ref:
+    return ref1(_CP, key, data=data, mode=mode, **({"repair_to": rule} if rule else {}))
+
+
+def _cp_ci(data: str, model: str, rule: str | None = "prediction", mode: str = "repair") -> Cell:
+    return cell("{:.3} [{:.3}, {:.3}]", *(_cp(data, f"{model}{x}", mode, rule) for x in ("", "_ci_low", "_ci_high")))
+
+
+for _data, _tag in (("digits", "digits"), (_FM, "fmnist")):
+    SECTION.number(f"cp_{_tag}_noisy", cell("{:.3}", _cp(_data, "original")))
+    for _rule in ("prediction", "crossval"):
+        SECTION.number(f"cp_{_tag}_{_rule}_flipped", cell("{:d} of the {:d}" if (_tag, _rule) == ("digits", "prediction")
+                                                          else "{:d} of {:d}", _cp(_data, "n_flipped", rule=_rule),
+                                                          _cp(_data, "n_points", rule=_rule)))
+        SECTION.number(f"cp_{_tag}_{_rule}_true", cell("{:d}", _cp(_data, "n_true_label", rule=_rule)))
+    SECTION.number(f"cp_{_tag}_prediction_clean", cell("{:d}", _cp(_data, lambda df: (df["n_points"]
+                                                                                      - df["n_flipped"]).iloc[0])))
+SECTION.number("seed0_digits_noisy", cell("{:.3}", _UR.every_job(
+    lambda df: df["unlearn/original/test_accuracy"].unique().item())))
+SECTION.number("seed0_fmnist_noisy", cell("{:.3}", _UF.every_job(
+    lambda df: df["unlearn/original/test_accuracy"].unique().item())))
+SECTION.number("cp_edited_range", cell("{}", ref(_CP, lambda df: f"{fmt(df['edited'].min(), '.2')}–"
+                                                                 f"{fmt(df['edited'].max(), '.2')}")))
+SECTION.number("cp_fmnist_oracle_retrained", _cp_ci(_FM, "retrained", "oracle"))
+SECTION.number("cp_fmnist_noisy_ci", _cp_ci(_FM, "original"))
+SECTION.number("cp_fmnist_prediction_retrained", _cp_ci(_FM, "retrained"))
+SECTION.number("cp_fmnist_oracle_retrained_short", cell("{:.3}", _cp(_FM, "retrained", rule="oracle")))
