@@ -32,6 +32,7 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
     # and the ihvp stage's per-damping rows (fit and solve time apart, iterations to each error level)
     if [ -f "$d/ihvp.csv" ]; then cp "$d/ihvp.csv" "experiments/results/$name/job$(basename "$d")_ihvp.csv"; fi
     if [ -f "$d/ihvp_queries.csv" ]; then cp "$d/ihvp_queries.csv" "experiments/results/$name/job$(basename "$d")_ihvp_queries.csv"; fi
+    if [ -f "$d/ihvp_trace.csv" ]; then cp "$d/ihvp_trace.csv" "experiments/results/$name/job$(basename "$d")_ihvp_trace.csv"; fi
     # and the LDS stage's per-query values (what the paired intervals resample)
     if [ -f "$d/lds.csv" ]; then cp "$d/lds.csv" "experiments/results/$name/job$(basename "$d")_lds.csv"; fi
   done

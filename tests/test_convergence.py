@@ -217,6 +217,11 @@ def test_ihvp_stage_reports_the_references_residual_and_the_plot_marks_it(run_pi
     assert m["ihvp/rel_error_max@0.001"] == pytest.approx(q["rel_error"].max(), rel=1e-12)
     assert m["ihvp/rel_error_ci_low@0.001"] <= m["ihvp/rel_error@0.001"] <= m["ihvp/rel_error_ci_high@0.001"]
     assert q["cosine"].mean() == pytest.approx(m["ihvp/cosine@0.001"], rel=1e-12)
+    # the iterative solver's error after every step, and when (the time-matched comparison's input): its last step
+    # is the reported error, the times grow
+    t = pd.read_csv(run_dir / "ihvp_trace.csv")
+    assert len(t) >= 5 and t["time_s"].is_monotonic_increasing
+    assert t["rel_error"].iloc[-1] == pytest.approx(m["ihvp/rel_error@0.001"], rel=1e-6)
 
 
 def test_ihvp_plot_axes_follow_the_sweep():

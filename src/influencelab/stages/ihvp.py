@@ -73,6 +73,7 @@ class ErrorTrace:
     def __init__(self, target: torch.Tensor):
         self.target, self.tnorm = target, target.norm(dim=1).clamp_min(1e-30)
         self.errors: list[float] = []
+        self.times: list[float] = []  # solving time (s) when each error was reached
         self.reached: dict[float, tuple[int, float]] = {}
         self.t0 = time.perf_counter()
         self.paused = 0.0
@@ -81,6 +82,7 @@ class ErrorTrace:
         t = time.perf_counter()
         err = ((x.to(self.target) - self.target).norm(dim=1) / self.tnorm).mean().item()
         self.errors.append(err)
+        self.times.append(t - self.t0 - self.paused)
         for e in ERROR_LEVELS:
             if err <= e and e not in self.reached:
                 self.reached[e] = (iteration, t - self.t0 - self.paused)
@@ -100,6 +102,7 @@ def ihvp_stage(ctx: Context) -> None:
     rows, metrics, per_query = [], {}, []
     nan = float("nan")
     scored = ctx.section("ihvp").scores
+    trace_rows: list[list[Any]] = []  # an iterative solver's mean error after each iteration, and when
     for d in solver.dampings:
         target, ref_conv = reference_ihvp(ctx, ref, grads, float(d))
         solver.reset_diagnostics()
@@ -114,6 +117,8 @@ def ihvp_stage(ctx: Context) -> None:
             if iterative:
                 solver.set_monitor(None)
         own = solver.diagnostics().get(d)
+        trace_rows += [[solver.label, float(d), i + 1, attr.fit_seconds + t, e]
+                       for i, (t, e) in enumerate(zip(trace.times, trace.errors, strict=True))]
         # (solving, not measuring residuals or tracing errors)
         prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0) - trace.paused
         errs = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).double().cpu()
@@ -158,6 +163,8 @@ def ihvp_stage(ctx: Context) -> None:
                 metrics[f"ihvp/{k}"] = metrics[metric_name(f"ihvp/{k}", rows[0][1])]
     ctx.tracker.log(metrics)
     ctx.tracker.table("ihvp", COLUMNS, rows)
+    if trace_rows:  # (what a time-matched comparison reads: the error an iterative solver had at a given time)
+        ctx.tracker.table("ihvp_trace", ["solver", "damping", "iteration", "time_s", "rel_error"], trace_rows)
     ctx.tracker.table("ihvp_queries", ["solver", "damping", "query", "rel_error", "cosine", "spearman"], per_query)
 
 
