@@ -342,3 +342,18 @@ SECTION.number("cp_fmnist_oracle_retrained", _cp_ci(_FM, "retrained", "oracle"))
 SECTION.number("cp_fmnist_noisy_ci", _cp_ci(_FM, "original"))
 SECTION.number("cp_fmnist_prediction_retrained", _cp_ci(_FM, "retrained"))
 SECTION.number("cp_fmnist_oracle_retrained_short", cell("{:.3}", _cp(_FM, "retrained", rule="oracle")))
+
+# 5d and "What this answers": unlearn_solvers (one seed)
+for _n in (10, 100):
+    for _m, _f in (("test_accuracy", ".3"), ("set_loss", "s3")):
+        for _model in ("retrained", "original") if (_n, _m) != (100, "test_accuracy") else ("retrained",):
+            SECTION.number(f"us_{_model}_{_m}_{_n}", cell("{:" + _f + "}", _US(f"unlearn/{_model}/{_m}", _us(_n))))
+    SECTION.number(f"us_cg_set_loss_{_n}", cell("{:.1}", _US("unlearn/edited/set_loss", _us(_n, "cg", "1e-2"))))
+    SECTION.number(f"us_retrained_set_loss_{_n}_short", cell("{:.1}", _US("unlearn/retrained/set_loss", _us(_n))))
+SECTION.number("us_cg_test_acc_100", cell("{:.3}", _US("unlearn/edited/test_accuracy", _us(100, "cg", "1e-2"))))
+SECTION.number("us_cg_agreement_kl_100", cell("{:.3} and KL {:.2}", _US("unlearn/edited/agreement", _us(100, "cg", "1e-2")),
+                                              _US("unlearn/edited/kl_to_retrained", _us(100, "cg", "1e-2"))))
+SECTION.number("us_original_agreement_kl_100", cell("{:.3} / {:.2}", _US("unlearn/original/agreement", _us(100)),
+                                                    _US("unlearn/original/kl_to_retrained", _us(100))))
+SECTION.number("us_ekfac_set_loss_10_1e-2", cell("{:.2}", _US("unlearn/edited/set_loss", _us(10, "ekfac", "1e-2"))))
+SECTION.number("us_ekfac_test_acc_100_1", cell("{:.2}", _US("unlearn/edited/test_accuracy", _us(100, "ekfac", "1"))))
