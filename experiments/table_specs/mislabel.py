@@ -346,3 +346,147 @@ SECTION.number("select_fmnist_vs_spectrum", lambda: (lambda d: f"{fmt(d.min(), '
     load(VALIDATION.format("fmnist"))["selected_minus_spectrum10"]))
 SECTION.number("select_fmnist_loss_gap", lambda: (lambda d: f"{fmt(-d.max(), 'p1')}–{fmt(-d.min(), 'p1')}")(
     load(VALIDATION.format("fmnist"))["selected_minus_loss10"]))
+
+# ---------------------------------------------------------------------------------------------------------------
+# section 1's other prose numbers (1a-1g), from the same sweeps as its tables
+
+
+def _span(refs: Sequence[Ref], f: str, unit: str = "", signed: int = 1) -> Callable[[], str]:
+    """"lo–hi" of the values of ``refs`` (times ``signed``) in format ``f``, ``unit`` after the upper end."""
+    def text() -> str:
+        v = [signed * float(r.value()) for r in refs]
+        return f"{fmt(min(v), f)}–{fmt(max(v), f)}{unit}"
+    return text
+
+
+def _calc(f: Callable[..., float], *refs: Ref) -> Ref:
+    """``f`` of the values of ``refs``, as one value (all of them read when it is)."""
+    return Ref(refs[0].path(), lambda df: f(*(float(r.value()) for r in refs)),
+               via=tuple(sorted({r.path() for r in refs[1:]})))
+
+
+def _diff(a: Ref, b: Ref) -> Ref:
+    return _calc(lambda x, y: x - y, a, b)
+
+
+_STD_R, _MEM, _S1R = Sweep("mislabel_standard"), Sweep("mislabel_memorize"), Sweep("mislabel_damping_seed1")
+SECTION.number("std_test_accuracy", cell("{:.3}", _STD_R("train/test_accuracy", EKFAC)))
+# 1b
+SECTION.number("damping_s0_at_1", cell("{:%1} / {:%1}, ROC AUC {:.3}", *(_D(f"{si(1)}/{m}", TRUE_FISHER)
+                                                                          for m in ("recall@10", "recall@20",
+                                                                                    "roc_auc"))))
+SECTION.number("damping_s1_at_1", cell("{:%0} / {:%0}", *(_S1(f"{si(1)}/{m}", ONLY) for m in ("recall@10",
+                                                                                             "recall@20"))))
+SECTION.number("damping_gain_1_over_1e-3", _span([_diff(_D(f"{si(1)}/recall@10", TRUE_FISHER),
+                                                        _D(f"{si(1e-3)}/recall@10", TRUE_FISHER)),
+                                                  _diff(_S1(f"{si(1)}/recall@10", ONLY),
+                                                        _S1(f"{si(1e-3)}/recall@10", ONLY))], "p0"))
+SECTION.number("damping_identity_top10", _span([_D("mislabel/identity/recall@10", TRUE_FISHER),
+                                                 _S1("mislabel/identity/recall@10", ONLY)], "p0", "%"))
+# 1c: the last layer at λ = 0.1 and 1 on both draws
+_LAST_GOOD = [(S, d) for S in (_M, _MS1) for d in (0.1, 1)]
+SECTION.number("modules_last1_top10", _span([S(f"{si(d)}/recall@10", LAST1) for S, d in _LAST_GOOD], "p1", "%"))
+SECTION.number("modules_last1_top20", _span([S(f"{si(d)}/recall@20", LAST1) for S, d in _LAST_GOOD], "p1", "%"))
+SECTION.number("modules_last1_times", cell("fit {:.0} s and scoring {:.1} s", _M("time/fit_s", LAST1),
+                                           _M("time/self_s", LAST1)))
+SECTION.number("modules_loss_top10", _span([S("mislabel/loss/recall@10", LAST1) for S in (_M, _MS1)], "p0", "%"))
+SECTION.number("modules_gap_narrowed", cell("{:p0}", _diff(_M(f"{si(1)}/recall@10", LAST1),
+                                                          _STD_R("mislabel/self_influence/recall@10", EKFAC))))
+# 1d, partial memorisation
+SECTION.number("memorize_test_accuracy", cell("{:.3}", _MEM("train/test_accuracy", EKFAC)))
+SECTION.number("memorize_train_accuracy", cell("{:.3}", _MEM("train/train_accuracy", EKFAC)))
+SECTION.number("memorize_train_s", cell("{:,0} s", _MEM("time/train_s", EKFAC)))
+SECTION.number("memorize_loss_vs_std", cell("{:%0} vs {:%0}", _MEM("mislabel/loss/recall@10", EKFAC),
+                                            _STD_R("mislabel/loss/recall@10", EKFAC)))
+# 1d, full memorisation: seeds 0 and 1 (_F), the fresh seed 2 (_FR)
+_F0, _F1 = ALL & job(seed=0), ALL & job(seed=1)
+SECTION.number("full_fit", cell("accuracy {:.3} / {:.3} on the noisy training labels, training loss {:e1} / {:e1}; "
+                                "test accuracy {:.3} / {:.3}",
+                                *(_F(m, j) for m in ("train/train_accuracy", "train/train_loss", "train/test_accuracy")
+                                  for j in (_F0, _F1))))
+SECTION.number("full_train_s", cell("{:.0} s and {:.0} s", _F("time/train_s", _F0), _F("time/train_s", _F1)))
+SECTION.number("full_self_s_max", cell("{:s2}", _F.every_job(lambda df: float(df["time/self_s"].max()))))
+SECTION.number("fresh_fit", cell("training {:.0} s, test accuracy {:.3}, training loss {:e1}",
+                                 *(_FR(m, ALL) for m in ("time/train_s", "train/test_accuracy", "train/train_loss"))))
+SECTION.number("full_loss_top10", _span([S("mislabel/loss/recall@10", j) for S, j, _ in _DRAWS], "p0", "%"))
+SECTION.number("fresh_all_1_to_1e-8", cell("{:%1} → {:%1}", _FR(f"{si(1)}/recall@10", ALL),
+                                           _FR(f"{si(1e-8)}/recall@10", ALL)))
+for _k in (10, 20):
+    SECTION.number(f"full_1e-8_minus_loss{_k}", _span([_diff(S(f"{si(1e-8)}/recall@{_k}", j),
+                                                             S(f"mislabel/loss/recall@{_k}", j))
+                                                       for S, j, _ in _DRAWS], "p1"))
+SECTION.number("full_auc_1e-8_vs_loss", lambda: (f"{_span([S(f'{si(1e-8)}/roc_auc', j) for S, j, _ in _DRAWS], '.3')()}"
+                                                 f" vs {_span([S('mislabel/loss/roc_auc', j) for S, j, _ in _DRAWS], '.3')()}"))
+_FRESH_CI = [_FR(f"{si(1e-8)}/recall@10{x}", ALL) for x in ("", "_ci_low", "_ci_high")]
+SECTION.number("fresh_1e-8_ci_halfwidth", cell("±{:p1}", _calc(lambda lo, hi: (hi - lo) / 2, *_FRESH_CI[1:])))
+SECTION.number("fresh_1e-8_top10_ci_pct", cell("{:%1} [{:%1}, {:%1}]", *_FRESH_CI))
+SECTION.number("full_last_1e-7_s01", cell("{:%1}, {:%1}", *(_F(f"{si(1e-7)}/recall@10", LAST1 & job(seed=s))
+                                                           for s in (0, 1))))
+SECTION.number("fresh_last_1e-7", cell("{:%1}", _FR(f"{si(1e-7)}/recall@10", LAST1)))
+SECTION.number("fresh_loss_top10_short", cell("{:%1}", _FR("mislabel/loss/recall@10", ALL)))
+SECTION.number("fresh_all_1e-8_top10_short", cell("{:%1}", _FR(f"{si(1e-8)}/recall@10", ALL)))
+SECTION.number("fresh_last_1_to_1e-8", cell("{:%1} at λ = 1 to {:%1} at 1e-8", _FR(f"{si(1)}/recall@10", LAST1),
+                                            _FR(f"{si(1e-8)}/recall@10", LAST1)))
+SECTION.number("select_memorize_picks_1e-8", lambda: (lambda d: f"{int((d == 1e-8).sum())} of {len(d)}")(
+    load(VALIDATION.format("fmnist_memorize"))["selected_damping"].astype(float)))
+# 1e: LiSSA (mislabel_lissa) against EK-FAC on the same 500-point model (mislabel_small)
+SECTION.number("ml_lissa_test_accuracy", cell("{:.3}", _L("train/test_accuracy", ONLY)))
+
+
+def _lissa_ekfac_gap() -> str:
+    """The largest difference between LiSSA's and EK-FAC's recall (top 10% and 20%, each λ), in flipped points."""
+    n = int(_L("train/n_flipped", ONLY).value())
+    gap = max(abs(float(_L(f"{si(d)}/recall@{k}", ONLY).value()) - float(_SM(f"{si(d)}/recall@{k}", EKFAC).value()))
+              for d in (1e-3, 1) for k in (10, 20))
+    return f"{round(gap * n):d} of the {n} flipped points ({fmt(gap, 'p0')} points of recall)"
+
+
+SECTION.number("ml_lissa_ekfac_gap", _lissa_ekfac_gap)
+
+
+def _lissa_tie10() -> str:
+    """"all three 64%" when LiSSA, EK-FAC (both λ) and the loss find the same share at 10%."""
+    v = {fmt(r.value(), "%0") for r in [_L(f"{si(d)}/recall@10", ONLY) for d in (1e-3, 1)]
+         + [_SM(f"{si(d)}/recall@10", EKFAC) for d in (1e-3, 1)] + [_SM("mislabel/loss/recall@10", EKFAC)]}
+    return f"all three {v.pop()}" if len(v) == 1 else "not all equal: " + ", ".join(sorted(v))
+
+
+SECTION.number("ml_lissa_tie10", _lissa_tie10)
+_LISSA_RATIO = _calc(lambda lissa, fit, self_: lissa / (fit + self_), _L("time/self_s", ONLY),
+                     _SM("time/fit_s", EKFAC), _SM("time/self_s", EKFAC))
+SECTION.number("ml_lissa_cost_ratio", cell("~{:s1}×", _LISSA_RATIO))
+SECTION.number("ml_lissa_hours_20k", cell("~{:s2} h", _calc(lambda s, n, n_full: s * n_full / n / 3600,
+                                                           _L("time/self_s", ONLY), _L("train/n_train", ONLY),
+                                                           _STD_R("train/n_train", EKFAC))))
+# 1f
+SECTION.number("select_memorize_beats_loss", lambda: (lambda df: (lambda w: f"{len(w)} of {len(df)} fresh draws by "
+                                                                             f"{fmt(w.min(), 'p1')}–{fmt(w.max(), 'p1')}"
+                                                                  )(df.loc[df["selected_minus_loss10_ci_low"] > 0,
+                                                                           "selected_minus_loss10"]))(
+    load(VALIDATION.format("fmnist_memorize"))))
+for _regime in _REGIME_NAMES:
+    SECTION.number(f"select_within_2pt_{_regime}", lambda r=_regime: (
+        lambda d: f"{int((d >= -0.02 - 1e-9).sum())} of {len(d)}")(load(VALIDATION.format(r))["selected_minus_oracle10"]))
+# 1g: the standard-regime rows of mislabel_vs_loss (FashionMNIST 1a, MNIST-5k 6b)
+_STD_ROWS = [(S, w, pre) for _, _, S, w, pre in _VS_LOSS if S in (_STDP, _M5P)]
+SECTION.number("vs_loss_std_deficit10", _span([S(f"{pre}/minus_loss_top10", w) for S, w, pre in _STD_ROWS], "p0",
+                                              signed=-1))
+SECTION.number("vs_loss_fmnist_curv_deficit20", _span([_STDP("mislabel/self_influence/minus_loss_top20", w)
+                                                       for w in (EKFAC, KFAC)], "p1", signed=-1))
+SECTION.number("vs_loss_fmnist_gradnorm_deficit20", cell("{:p1}", _calc(lambda x: -x, _STDP(
+    "mislabel/self_influence/minus_loss_top20", IDENTITY))))
+SECTION.number("vs_loss_mnist5k_diff20", lambda: (lambda v: fmt(max(v, key=abs), "+p1"))(
+    [float(_M5P("mislabel/self_influence/minus_loss_top20", w).value()) for w in (EKFAC, IDENTITY)]))
+# the summary: the last layer at λ = 1 on both draws (1c); every non-random ranking of 1d's full memorisation at 10%
+SECTION.number("summary_last1_at_1", _span([S(f"{si(1)}/recall@10", LAST1) for S in (_M, _MS1)], "p1", "%"))
+
+
+def _memorised_all_top10() -> str:
+    """"lo–hi%": recall at 10% of every ranking but random (every λ, both layer sets), over the three draws."""
+    v = [float(x) for S, a, b in _DRAWS for j in (a, b) for r in [S(lambda df: df, j).value()]
+         for c in r.columns if c.startswith("mislabel/") and c.endswith("/recall@10") and "/random/" not in c
+         for x in r[c]]
+    return f"{fmt(min(v), 'p0')}–{fmt(max(v), '%0')}"
+
+
+SECTION.number("summary_memorised_top10", _memorised_all_top10)
