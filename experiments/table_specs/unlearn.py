@@ -357,3 +357,74 @@ SECTION.number("us_original_agreement_kl_100", cell("{:.3} / {:.2}", _US("unlear
                                                     _US("unlearn/original/kl_to_retrained", _us(100))))
 SECTION.number("us_ekfac_set_loss_10_1e-2", cell("{:.2}", _US("unlearn/edited/set_loss", _us(10, "ekfac", "1e-2"))))
 SECTION.number("us_ekfac_test_acc_100_1", cell("{:.2}", _US("unlearn/edited/test_accuracy", _us(100, "ekfac", "1"))))
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5a-5c's other prose numbers, the summary's and "What this answers"'s (the one-seed sweeps, the seed sweeps,
+# select_clean_pipeline)
+
+
+def _range(values: Sequence[float], f: str) -> str:
+    """"lo–hi" in format ``f``, one value where both ends print the same."""
+    lo, hi = fmt(min(values), f), fmt(max(values), f)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _one_seed_digits() -> pd.DataFrame:
+    return pd.concat([load(S.report) for S in (_UR, _UP)], ignore_index=True)
+
+
+def _repair_set_acc(selection: str, model: str = "original") -> Callable[[], str]:
+    """The range of ``model``'s accuracy under the corrected labels over unlearn_repair's ``selection`` jobs."""
+    def text() -> str:
+        df = load(_UP.report)
+        return _range(df.loc[df["unlearn.selection"] == selection, f"unlearn/{model}/set_accuracy"].tolist(), ".2")
+    return text
+
+
+SECTION.number("repair_top_si_orig_set_acc", _repair_set_acc("self_influence"))
+SECTION.number("repair_flipped_orig_set_acc", _repair_set_acc("flipped"))
+SECTION.number("digits_edit_s", lambda: _range(_one_seed_digits()["time/unlearn_edit_s"].tolist(), ".2"))
+SECTION.number("digits_retrain_s", lambda: _range(_one_seed_digits()["time/unlearn_retrain_s"].tolist(), ".0"))
+SECTION.number("digits_finetune_s", lambda: _range(_one_seed_digits()["time/unlearn_finetune_s"].tolist(), ".1"))
+SECTION.number("digits_fit_s", lambda: _range(_one_seed_digits()["time/fit_s"].dropna().nlargest(1).tolist(), ".1"))
+
+
+def _same_repair_points() -> str:
+    """"the same 109 points": what the prediction rule repairs at every size from the true flip count up."""
+    df = load(_SCP.report)
+    rep = df[(df["unlearn.mode"] == "repair") & (df["unlearn.size"].astype(str) != "auto")]
+    n = rep.loc[rep["unlearn.size"].astype(int) >= 144, "unlearn/n_points"].astype(int)
+    return f"the same {n.iloc[0]} points" if n.nunique() == 1 else f"{n.min()}–{n.max()} points"
+
+
+SECTION.number("scp_same_repair_points", _same_repair_points)
+
+
+def _seed_ci(S: Sweep, selection: str, size: int) -> tuple[float, float]:
+    text = seed_diff("unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy")(_seed_jobs(S, selection, size))
+    lo, hi = (float(x) for x in text.split("[")[1].rstrip("]").split(","))
+    return lo, hi
+
+
+def _harm_from(selections: Sequence[str]) -> Callable[[], str]:
+    """The smallest |R| of 5a's removal rows (three seeds) of ``selections`` whose edit − retrain interval is below 0."""
+    def text() -> str:
+        sizes = [n for s in selections for n in (1, 10, 100) if _seed_ci(_URS, s, n)[1] < 0]
+        return str(min(sizes)) if sizes else "none of the sizes"
+    return text
+
+
+SECTION.number("seeds_harm_from_random_flipped", _harm_from(("random", "flipped")))
+SECTION.number("seeds_harm_from_top_si", _harm_from(("self_influence",)))
+
+
+def _seed_set_acc(model: str) -> Callable[[], str]:
+    """``model``'s accuracy under the corrected labels, mean of 3 seeds, over 5a's repair rows of 1 and 10 flipped."""
+    return lambda: _range([seed_mean(f"unlearn/{model}/set_accuracy")(_seed_jobs(_UPS, "flipped", n)) for n in (1, 10)],
+                          ".2")
+
+
+SECTION.number("seeds_repair_small_edit_set_acc", _seed_set_acc("edited"))
+SECTION.number("seeds_repair_small_retrain_set_acc", _seed_set_acc("retrained"))
+SECTION.number("us_cg_param_dist", cell("{:.2} / {:.2}", *(_US("unlearn/edited/param_dist_rel", _us(n, "cg", "1e-2"))
+                                                          for n in (10, 100))))
