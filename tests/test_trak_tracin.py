@@ -317,3 +317,14 @@ def test_cli_multirun_over_both_solvers(tmp_path):
     for job in ("0", "1"):
         s = load_file(str(tmp_path / "sweep" / job / "scores" / "pairwise.safetensors"))["scores"]
         assert s.shape == (4, 60) and torch.isfinite(s).all() and s.abs().max() > 0
+
+
+def test_checkpoints_key_the_model_entry_not_the_weights(tmp_path):
+    """trainer.checkpoints leaves the trainer's key (and so every existing cached model and every retraining key)
+    as it was; only the cached model entry's key, which then holds the checkpoints, adds it."""
+    assert "checkpoints" not in Trainer().cache_key() and Trainer().cache_key() == Trainer(checkpoints=3).cache_key()
+    plain, saved = (Context(make_config(["stages=[train]", *extra], tmp_path / "cache"), tmp_path / "run",
+                            Tracker(backend="none")) for extra in ([], ["trainer.checkpoints=3"]))
+    assert plain.model_config() == saved.model_config()  # (retraining's ground truth is shared)
+    assert plain.model_key != saved.model_key
+    assert saved.model_entry_config() == {**plain.model_config(), "checkpoints": 3}
