@@ -312,7 +312,7 @@ class Gram(Solver):
         t0 = time.perf_counter()
         if self._capturable():
             f = self._build_factors()
-            K = torch.zeros(len(parts), r, r, dtype=torch.float64)
+            K = torch.zeros(len(parts), r, r, dtype=torch.float64, device=self.device)
             for i, blk in enumerate(progress(self.layout.blocks, desc="gram matrix (layers)")):
                 K[i if self.block_diagonal else 0] += f.gram(blk)
             self._decompose(K)
@@ -345,7 +345,8 @@ class Gram(Solver):
     def _decompose(self, K: torch.Tensor) -> None:
         self._eig = []
         for p in range(len(K)):
-            s, U = torch.linalg.eigh((K[p] + K[p].T) / 2)
+            Kp = K[p].to(self.device)  # (on the solver's device, where the rows are: a GPU's eigh)
+            s, U = torch.linalg.eigh((Kp + Kp.T) / 2)
             self._eig.append((s.clamp_min(0), U))
 
     def _rows_range(self, a0: int, a1: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -369,7 +370,7 @@ class Gram(Solver):
         parts = self._parts()
         assert self._eig is not None
         r = self._eig[0][0].numel()
-        out = torch.zeros(len(parts), r, len(V), dtype=torch.float64)
+        out = torch.zeros(len(parts), r, len(V), dtype=torch.float64, device=self.device)
         Vd = V.double()
         if self._capturable():
             f = self._build_factors()
@@ -386,7 +387,7 @@ class Gram(Solver):
     def _apply_at(self, W: torch.Tensor) -> torch.Tensor:
         """``A_p^T w_p`` per part, as ``[k, P]`` rows, for ``W [parts, n C, k]``."""
         assert self.layout is not None
-        out = torch.zeros(W.shape[-1], self.layout.size, dtype=torch.float64)
+        out = torch.zeros(W.shape[-1], self.layout.size, dtype=torch.float64, device=self.device)
         if self._capturable():
             f = self._build_factors()
             for i, blk in enumerate(self.layout.blocks):
@@ -418,13 +419,13 @@ class Gram(Solver):
         n = len(self._data)
         AV = self._apply_a(v)  # [parts, r, k]
         k = v.shape[0]
-        W = torch.zeros(AV.shape[0], AV.shape[1], k * len(lams), dtype=torch.float64)
+        W = torch.zeros(AV.shape[0], AV.shape[1], k * len(lams), dtype=torch.float64, device=AV.device)
         for p, (s, U) in enumerate(self._eig):
             UtAV = U.T @ AV[p]
             for j, lam in enumerate(lams):
                 W[p, :, j * k:(j + 1) * k] = U @ (UtAV / (s + n * lam)[:, None])
         AtW = self._apply_at(W).reshape(len(lams), k, -1)
-        lam_t = torch.tensor(lams, dtype=torch.float64)[:, None, None]
+        lam_t = torch.tensor(lams, dtype=torch.float64, device=AtW.device)[:, None, None]
         X = (v.double().unsqueeze(0) - AtW) / lam_t
         solve_s = time.perf_counter() - t0
         if self.residual:
@@ -439,7 +440,8 @@ class Gram(Solver):
         L, k, P = X.shape
         flat = X.reshape(L * k, P)
         if self.block_diagonal:  # (its own operator: the rows, per layer)
-            AX = torch.zeros(len(self._parts()), self._eig[0][0].numel(), L * k, dtype=torch.float64)
+            AX = torch.zeros(len(self._parts()), self._eig[0][0].numel(), L * k, dtype=torch.float64,
+                             device=self.device)
             for row, rows in self._row_blocks(0):
                 for p, sl in enumerate(self._parts()):
                     AX[p, row:row + len(rows)] = rows[:, sl] @ flat[:, sl].T
@@ -452,7 +454,7 @@ class Gram(Solver):
                             for chunk in flat.split(max(1, k))])
             on = "all training points (jvp/vjp products)"
         V = v.double().repeat(L, 1)
-        lam_rows = torch.tensor(list(lams), dtype=torch.float64).repeat_interleave(k)[:, None]
+        lam_rows = torch.tensor(list(lams), dtype=torch.float64, device=flat.device).repeat_interleave(k)[:, None]
         vnorm = V.norm(dim=1).clamp_min(1e-300)
         res = ((GX + lam_rows * flat - V).norm(dim=1) / vnorm).reshape(L, k)
         measure_s = time.perf_counter() - t0
@@ -500,5 +502,6 @@ class Gram(Solver):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         parts = len({k.split(".")[1] for k in state})
-        self._eig = [(state[f"s.{p}"].double(), state[f"U.{p}"].double()) for p in range(parts)]
+        self._eig = [(state[f"s.{p}"].to(self.device, torch.float64), state[f"U.{p}"].to(self.device, torch.float64))
+                     for p in range(parts)]
         self._mean_eig = None
