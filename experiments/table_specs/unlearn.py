@@ -428,3 +428,15 @@ SECTION.number("seeds_repair_small_edit_set_acc", _seed_set_acc("edited"))
 SECTION.number("seeds_repair_small_retrain_set_acc", _seed_set_acc("retrained"))
 SECTION.number("us_cg_param_dist", cell("{:.2} / {:.2}", *(_US("unlearn/edited/param_dist_rel", _us(n, "cg", "1e-2"))
                                                           for n in (10, 100))))
+
+
+def _unresolved(S: Sweep, sizes: Sequence[int], template: str) -> Callable[[], str]:
+    """The sizes at which both the random and the flipped removal's edit − retrain interval (three seeds) contains 0."""
+    def text() -> str:
+        ok = [n for n in sizes if all(lo <= 0 <= hi for lo, hi in (_seed_ci(S, s, n) for s in ("random", "flipped")))]
+        return template.format(lo=min(ok), hi=max(ok)) if ok else "none"
+    return text
+
+
+SECTION.number("seeds_unresolved_digits", _unresolved(_URS, (1, 10, 100), "{lo}–{hi}"))
+SECTION.number("seeds_unresolved_fmnist", _unresolved(_UFS, (10, 100, 1000), "{hi}"))
