@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs THERE, on the lent GPU machine, after benchmarks/gpu/prepare.sh here; through the device tool:
+#   run(command="bash benchmarks/gpu/sec62.sh", carry=[".gpu_carry"], timeout_s=560)
+# The paper-size Sec. 6.2 run (issue 29 item 7; benchmarks/gpu/sec62_paper.py's docstring has the plan):
+# 1. installs the carried wheels into /tmp/site (hydra-core, omegaconf, antlr4: the solvers' YAML is composed by Hydra);
+# 2. sec62_paper.py with BUDGET seconds (default 480: the call ends inside 9 minutes with the install and the
+#    transfers), ARGS appended (e.g. ARGS="--n-curv 1000" for a quicker reference, "--solvers ekfac,lissa").
+# Writes to $OUT: nvidia-smi.csv, sec62.log, sec62.csv, sec62_queries.csv, reference.csv, env.json (6 files: the
+# tool brings back at most 8). Then, here: cp <files_at>/* experiments/results/ihvp_resnet18_gpu/
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+start=$(date +%s)
+OUT=${OUT:-gpu_out}
+PY=${PY:-python3}
+BUDGET=${BUDGET:-480}
+mkdir -p "$OUT"
+if [ -d .gpu_carry/wheels ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu_carry/wheels/*.whl || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled MPLBACKEND=Agg INFLUENCELAB_DATA=$PWD/.gpu_carry
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+cat "$OUT/nvidia-smi.csv"
+left=$(( BUDGET - ($(date +%s) - start) ))
+# shellcheck disable=SC2086  # ARGS: words on purpose
+"$PY" benchmarks/gpu/sec62_paper.py --out "$OUT" --budget "$left" ${ARGS:-} > "$OUT/sec62.log" 2>&1
+rc=$?
+echo "sec62_paper.py: exit $rc"
+grep -v -i -E "warn|GradScaler|did not reach tol" "$OUT/sec62.log" | tail -n 70
+echo "total $(( $(date +%s) - start )) s"
+exit $rc
