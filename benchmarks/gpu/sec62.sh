@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs THERE, on the lent GPU machine, after benchmarks/gpu/prepare.sh here; through the device tool:
-#   run(command="bash benchmarks/gpu/sec62.sh", carry=[".gpu_carry"], timeout_s=560)
+#   run(command="bash benchmarks/gpu/sec62.sh", carry=[".gpu_carry"], timeout_s=480)
 # The paper-size Sec. 6.2 run (issue 29 item 7; benchmarks/gpu/sec62_paper.py's docstring has the plan):
 # 1. installs the carried wheels into /tmp/site (hydra-core, omegaconf, antlr4: the solvers' YAML is composed by Hydra);
-# 2. sec62_paper.py with BUDGET seconds (default 480: the call ends inside 9 minutes with the install and the
-#    transfers), ARGS appended (e.g. ARGS="--n-curv 1000" for a quicker reference, "--solvers ekfac,lissa").
+# 2. sec62_paper.py with what is left of BUDGET seconds (default 420: the command ends inside 7.5 minutes, the
+#    call, with the machine's start, inside about 9 of the task's 15 device minutes), ARGS appended (e.g. ARGS="--n-curv 1000" for a quicker reference, "--solvers ekfac,lissa").
 # Writes to $OUT: nvidia-smi.csv, sec62.log, sec62.csv, sec62_queries.csv, reference.csv, env.json (6 files: the
 # tool brings back at most 8). Then, here: cp <files_at>/* experiments/results/ihvp_resnet18_gpu/
 set -uo pipefail
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 start=$(date +%s)
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-420}
 mkdir -p "$OUT"
 if [ -d .gpu_carry/wheels ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

@@ -9,13 +9,14 @@ quartiles over the queries, and fit / solve times.
     bash benchmarks/gpu/prepare.sh                          # here (no GPU): wheels + FashionMNIST -> .gpu_carry/
     python benchmarks/gpu/sec62_paper.py --tiny --out DIR   # anywhere, CPU, < 1 min (tests/test_gpu_script.py)
 
-and, through the device tool (one call; about 8 minutes of device time with the start)::
+and, through the device tool (one call; about 9 minutes of device time with the machine's start)::
 
-    run(command="bash benchmarks/gpu/sec62.sh", carry=[".gpu_carry"], timeout_s=560)
+    run(command="bash benchmarks/gpu/sec62.sh", carry=[".gpu_carry"], timeout_s=480)
 
 ``sec62.sh`` installs the carried wheels (hydra-core, omegaconf, antlr4: the solvers' YAML is composed by Hydra)
-into /tmp/site and runs this script with ``--budget 480`` (``BUDGET=...`` to change it; ``ARGS=...`` adds
-arguments), writing to ``$OUT`` (the files come back under the reply's ``files_at``):
+into /tmp/site and runs this script with what is left of ``BUDGET=420`` seconds (``BUDGET=...`` changes it,
+``ARGS=...`` adds arguments, e.g. ``ARGS="--n-curv 1000"`` for a rerun whose reference must be quicker), writing
+to ``$OUT`` (the files come back under the reply's ``files_at``):
 
 * ``sec62.csv``: one row per solver x damping (mean and quartiles of rel_error, cosine, spearman over queries; the
   solver's own residual, iterations, scale and rule where it is iterative; the reference's residual at that
@@ -27,18 +28,25 @@ arguments), writing to ``$OUT`` (the files come back under the reply's ``files_a
 
 Copy them into the repository afterwards, e.g. ``cp <files_at>/* experiments/results/ihvp_resnet18_gpu/``.
 
-**The plan (what fits one ~8-minute call on one H100/H200).** The reference's Gram matrix is ``(n C) x (n C)`` for
-the ``n`` points the curvature ``G`` is taken over (``C = 10`` classes). Over all 5,000 training points that is
+**The plan (what fits one ~7-minute command on one H100/H200).** The reference's Gram matrix is ``(n C) x (n C)``
+for the ``n`` points the curvature ``G`` is taken over (``C = 10`` classes). Over all 5,000 training points that is
 50,000 x 50,000 float64 (20 GB; its eigendecomposition and the per-layer Gram assembly, whose temporaries are as
 large, need ~100 GB and minutes): too much for one call. So the model is trained on all 5,000 points, and the IHVP
 compared is the damped curvature over a seeded sample ``S`` of ``--n-curv 2000`` of them: 20,000 x 20,000 float64
 (3.2 GB; the rows kept per layer as inputs x output gradients, ~10 GB, on the GPU; eigh on the GPU in seconds).
 *Every* solver is fitted on the same ``S`` (so every error is against the exact solution of the same system);
 the pairwise scores whose Spearman correlation is reported are over all 5,000 training points (what users see).
-``--n-curv 5000`` (with ``--budget`` and a call of its own on an H200) runs the full-size system.
-Work is ordered so that a run cut short keeps what matters most: training (~10 s), the reference (the run stops if
-it fails), then EK-FAC, K-FAC, LiSSA, Arnoldi, LiSSA + EK-FAC, CG + EK-FAC (``--solvers``); each solver's rows are
-written as soon as it is done, and one that overruns the budget (an alarm) or fails gets rows with its error.
+This split is why the script drives the Python API (``Attributor`` with each solver by name, its YAML composed by
+Hydra, so the options are the CLI's) rather than ``python -m influencelab experiment=ihvp``: the CLI fits every
+solver on the training set it trains on. ``--n-curv 5000`` (``--budget`` and a call of its own on an H200) runs
+the full-size system. Estimated (not yet measured) on an H100: training ~10 s; the reference ~2-3 min (rows in
+float64, the factored Gram of the 7 x 7 first stage ~1-1.5 min, eigh, the residuals' float64 GGN products); EK-FAC
+and K-FAC seconds; LiSSA and LiSSA + EK-FAC ~1 min each (2,000 recursion steps for 8 dampings x 16 queries = 128
+vectors at once); Arnoldi ~20 s; CG + EK-FAC <= 100 products over S; each solver's scores over 5,000 points a few s.
+Work is ordered so that a run cut short keeps what matters most: training, the reference (the run stops if it
+fails or overruns), then EK-FAC, K-FAC, LiSSA, Arnoldi, LiSSA + EK-FAC, CG + EK-FAC (``--solvers``); each
+solver's rows are written as soon as it is done, and one that overruns the budget (an alarm; ``--solver-cap``
+bounds any one) or fails gets rows with its error.
 The settings (``SOLVERS`` below; ``--set LABEL.KEY=VALUE`` changes one):
 
 * LiSSA and LiSSA + EK-FAC, the documented tuned rule: ``scale=search`` (per damping the smallest of 1, 10, 100, …
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "sec62_out"), help="where the CSVs and env.json go")
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a narrowed ResNet-18, synthetic data)")
     ap.add_argument("--device", default=None, help="default: cuda when available (--tiny: cpu)")
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (alarm-enforced)")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (alarm-enforced)")
     ap.add_argument("--solver-cap", type=float, default=None, help="seconds at most for any one solver")
     ap.add_argument("--n-train", type=int, default=None, help="training points (default 5000; --tiny 96)")
     ap.add_argument("--n-curv", type=int, default=None,
