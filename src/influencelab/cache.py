@@ -3,7 +3,8 @@
 An entry is ``<root>/<kind>/<key>.safetensors`` plus ``<key>.json`` (the config it was built from and the
 SHA-256 of the tensor file). ``key`` hashes exactly the config the stage depends on. Both files are
 written to a temporary name and renamed, tensors first, so a reader sees a complete entry or none; an
-entry whose checksum or format does not verify is reported, deleted and rebuilt, never loaded.
+entry whose checksum or format does not verify is reported, deleted and rebuilt, never loaded. The temporary
+files of writers killed midway are removed when a process first opens the cache (:func:`files.remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: bump when a stage's output format or semantics change, to invalidate old entries
 CACHE_VERSION = 1
+#: cache roots already cleared of stale temp files by this process
+_SWEPT: set[str] = set()
 
 
 def config_hash(payload: Any) -> str:
@@ -58,6 +61,12 @@ class Cache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        swept = str(self.root.absolute())
+        if swept not in _SWEPT:  # once per process: the temp files of writers killed midway (a SIGKILLed job)
+            _SWEPT.add(swept)
+            gone = files.remove_stale_temps(self.root, recursive=True)
+            if gone:
+                log.info("removed %d temporary file(s) of interrupted cache writes under %s", len(gone), self.root)
 
     def key(self, payload: Any) -> str:
         return config_hash(payload)

@@ -5,17 +5,23 @@ a file size limit, permissions, a read-only file system, a file where a director
 other-version file (:class:`~influencelab.errors.CorruptFileError`, with what regenerates it).
 
 A partial write is never read as valid: the final name appears only once the whole file is on disk, and a
-safetensors file is checked against its own header (its length) before it is read.
+safetensors file is checked against its own header (its length) before it is read. The temporary file of a write
+killed midway (SIGKILL, a node lost) names its writer and is removed by the next write of that file, or by
+:func:`remove_stale_temps` (the cache sweeps itself once per process), once that writer is gone.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,8 +134,13 @@ def atomic_write_bytes(path: str | Path, data: bytes, where: str | None = None) 
     path = Path(path)
     _mkdir(path, where)
     with writing(path, len(data), where):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # the temp name carries its writer (host and pid): one left by a killed writer is found and removed
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=TEMP_SUFFIX)
         try:
+            try:  # mkstemp's 0600 would hide a shared cache from the other users
+                os.fchmod(fd, 0o666 & ~_umask())
+            except OSError:  # (a file system without modes)
+                pass
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -138,6 +149,78 @@ def atomic_write_bytes(path: str | Path, data: bytes, where: str | None = None) 
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+    remove_stale_temps(path.parent, path.name)  # an earlier write of this file killed midway (SIGKILL, power)
+
+
+#: every temporary file of :func:`atomic_write_bytes` ends so; its name is ``.<file>.<host>-<pid>.<random>.tmp``
+TEMP_SUFFIX = ".tmp"
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>\w+)-(?P<pid>\d+)\.\w+" + re.escape(TEMP_SUFFIX) + "$")
+#: a temporary file this old is removed whoever wrote it (another host's, or one of an older naming)
+STALE_TEMP_S = 24 * 3600.0
+_UMASK: list[int] = []
+
+
+def _host() -> str:
+    return re.sub(r"\W", "_", socket.gethostname()) or "host"
+
+
+def _owner() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _umask() -> int:
+    if not _UMASK:
+        _UMASK.append(os.umask(0o022))
+        os.umask(_UMASK[0])
+    return _UMASK[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def stale_temp(path: Path, now: float | None = None) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_write_bytes` whose writer is gone: a process of this
+    host that no longer runs (killed mid-write), or any writer's after :data:`STALE_TEMP_S`. A live writer's (this
+    host, its pid running) is never stale before that age."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return False
+    m = _TEMP.match(name)
+    if m and m["host"] == _host() and not _alive(int(m["pid"])):
+        return True
+    try:
+        return (now or time.time()) - path.stat().st_mtime > STALE_TEMP_S
+    except OSError:
+        return False
+
+
+def remove_stale_temps(directory: str | Path, name: str | None = None, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that killed writes left in ``directory`` (of the file ``name`` only, or of
+    any; ``recursive``: in its subdirectories too) and return them. Best effort: a file that cannot be removed
+    (read-only, gone already) is left to the next call."""
+    directory = Path(directory)
+    pattern = f".{glob.escape(name)}.*{TEMP_SUFFIX}" if name else f".*{TEMP_SUFFIX}"
+    removed = []
+    try:
+        found = list(directory.rglob(pattern) if recursive else directory.glob(pattern))
+    except OSError:
+        return removed
+    now = time.time()
+    for p in found:
+        if stale_temp(p, now):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str, where: str | None = None) -> None:

@@ -30,6 +30,47 @@ def find_jobs(root: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.relative_to(root).parts])
 
 
+def launched_jobs(root: Path) -> int | None:
+    """How many jobs the multirun in ``root`` launches, from its ``multirun.yaml`` (Hydra's basic sweeper: the
+    product of the sizes of its sweeps, jobs ``0`` to ``n - 1``); ``None`` when unknown (no such file, another
+    sweeper)."""
+    path = Path(root) / "multirun.yaml"
+    try:
+        hydra_cfg = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+        sweeper = hydra_cfg.get("sweeper") or {}
+        if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return None
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = sweeper.get("params") or {}
+        overrides = [*((hydra_cfg.get("overrides") or {}).get("task") or []), *(f"{k}={v}" for k, v in params.items())]
+        n = 1
+        for o in OverridesParser.create().parse_overrides([str(x) for x in overrides]):
+            if o.is_sweep_override():
+                if not o.is_discrete_sweep():
+                    return None
+                n *= len(list(o.sweep_iterator()))
+        return n
+    except Exception:  # noqa: BLE001 (no file, or one this cannot read: the count is unknown)
+        return None
+
+
+#: the error of a job that a multirun launches but that never started (a sweep stopped before it)
+NEVER_STARTED = ("did not finish: never started (the sweep stopped before launching it: a killed worker, an "
+                 "interrupted command); rerun the same command")
+
+
+def never_started(root: Path, jobs: list[Path] | None = None) -> list[Path]:
+    """The job directories a multirun launches (:func:`launched_jobs`) that :func:`find_jobs` does not find: the
+    jobs of a sweep that stopped before launching them (a SIGKILLed joblib worker stops the whole pool)."""
+    root = Path(root)
+    n = launched_jobs(root)
+    if not n:
+        return []
+    found = {p.relative_to(root).as_posix() for p in (find_jobs(root) if jobs is None else jobs)}
+    return [root / str(i) for i in range(n) if str(i) not in found]
+
+
 def _job_config(job: Path) -> dict[str, Any]:
     path = job / ".hydra" / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
@@ -204,8 +245,8 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True, missing: Any = MI
     (``.hydra/overrides.yaml``, one column per key, values as written), its config-group choices (``dataset``,
     ``model``, ``solver``, ``experiment``, ... from ``.hydra/hydra.yaml``), ``damping``, every metric of its
     ``metrics.json``, and ``error`` (the message of a job that stopped on bad input, which has no metrics, or of
-    one that did not finish its stages: killed, crashed or still running, :func:`job_status`; NaN for the
-    others).
+    one that did not finish its stages: killed, crashed or still running, :func:`job_status`, or that the
+    multirun launches but never started, :data:`NEVER_STARTED`; NaN for the others).
 
     A job that scored several dampings (a ``solver.damping`` list; metrics named ``prefix/name@<damping>``, e.g.
     ``ihvp/rel_error@0.001``, ``solver/iterations@0.01``, ``mislabel/self_influence@1.0/recall@10``) has one row
@@ -225,12 +266,17 @@ def load_sweep(sweep_dir: str | Path, by_damping: bool = True, missing: Any = MI
     if not root.is_dir():
         raise InfluenceLabError(f"{root} is neither a directory of runs nor a report.csv")
     jobs = find_jobs(root)
+    unstarted = set(never_started(root, jobs))
     if not jobs:
         raise InfluenceLabError(f"no runs under {root} (no job directory with metrics.json or error.txt)")
+    if unstarted:  # in their place among the others
+        jobs = sorted([*jobs, *unstarted], key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t)
+                                                          for t in p.relative_to(root).parts])
     records, okeys, ckeys, mkeys, firsts = [], [], [], [], []
     for job in jobs:
         o, c, m = job_overrides(job), job_choices(job), job_metrics(job)
-        error = job_status(job, m)[1]  # bad input (error.txt), or stopped before its last stage (killed, crashed)
+        # bad input (error.txt), stopped before its last stage (killed, crashed), or never started
+        error = NEVER_STARTED if job in unstarted else job_status(job, m)[1]
         m.pop("error", None)
         okeys += [k for k in o if k not in okeys]
         ckeys += [k for k in c if k not in ckeys and k not in okeys]
