@@ -31,6 +31,7 @@ COMPANIONS: dict[tuple[str, str], list[str]] = {
     ("dataset", "image_folder"): ["dataset.root={root}", "dataset.image_size=16"],
     ("model", "vit_b16"): ["dataset.image_size=16"],  # the patch size (digits are upscaled)
     ("solver", "tracin"): ["trainer.checkpoints=2"],  # (the training checkpoints it sums over)
+    ("solver", "exact"): ["model=mlp"],  # (a dense P x P matrix: the default CNN's 13,706 parameters are refused)
 }
 
 
