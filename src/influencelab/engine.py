@@ -154,7 +154,8 @@ def for_own_dampings(compute: Callable[[list[Damping]], torch.Tensor | None], ow
 # -- convergence reporting ------------------------------------------------------------------------------------------
 def convergence_metrics(record: Mapping[Damping, Convergence]) -> dict[str, Any]:
     """``solver/{rel_residual_max,rel_residual_mean,iterations,converged,solve_s}@<damping>`` (and LiSSA's
-    ``solver/scale@<damping>``) of a convergence record."""
+    ``solver/{scale,repeats}@<damping>``, CG's ``solver/floor@<damping>``, the rule applied ``solver/rule@<damping>``
+    and an unconverged solve's ``solver/suggest_<key>@<damping>``) of a convergence record."""
     metrics: dict[str, Any] = {}
     for d, c in record.items():
         metrics.update({metric_name("solver/rel_residual_max", d): c.rel_residual_max,
@@ -164,6 +165,10 @@ def convergence_metrics(record: Mapping[Damping, Convergence]) -> dict[str, Any]
                         metric_name("solver/solve_s", d): c.solve_s})
         if c.scale is not None:
             metrics[metric_name("solver/scale", d)] = c.scale
+        # the rule that chose scale / depth / acceptance (LiSSA's repeats, CG's float floor); what would converge
+        metrics.update({metric_name(f"solver/{k}", d): v for k, v in (("repeats", c.repeats), ("floor", c.floor),
+                                                                     ("rule", c.rule)) if v is not None})
+        metrics.update({metric_name(f"solver/suggest_{k}", d): v for k, v in (c.suggest or {}).items()})
     return metrics
 
 
@@ -177,9 +182,14 @@ def warn_unconverged(what: str, record: Mapping[Damping, Convergence], solver: S
     for d, c in record.items():
         if c.converged:
             continue
+        own = fix
+        if c.suggest:  # (what the solver estimated would converge, e.g. LiSSA's depth from its measured contraction)
+            now = ", ".join(f"{k}={getattr(solver, k, '?')}" for k in c.suggest)
+            own = (f"set {' and '.join(f'{p}{k}={v:g}' for k, v in c.suggest.items())} (estimated from the residuals "
+                   f"measured at half and full depth; now {now}) or raise {p}damping")
         msg = (f"the {what} scores at {p}damping={damping_label(d)} are UNCONVERGED: {solver.label}'s worst relative "
                f"residual ||(G + λI) x - v|| / ||v|| is {c.rel_residual_max:.3g} > {c.tol:g} ({c.iterations} "
-               f"iterations; measured on {c.residual_on}); {fix}")
+               f"iterations; measured on {c.residual_on}); {own}")
         out.append(msg)
         if distributed.is_main():
             log.warning("%s", msg)

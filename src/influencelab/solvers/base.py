@@ -92,15 +92,23 @@ class Convergence:
     measure_s: float = 0.0  # wall time spent measuring the residual (not solving)
     solve_s: float = 0.0  # wall time of the solve itself (summed over merged calls)
     preconditioner: str | None = None  # solver.preconditioner (ekfac, kfac) or None
+    repeats: int | None = None  # LiSSA's repeats (averaged recursions)
+    floor: float | None = None  # CG: the measured precision floor of the relative residual (see cg.py)
+    rule: str | None = None  # how the scale / depth / acceptance were chosen, in words (the documented rule applied)
+    suggest: dict[str, Any] | None = None  # unconverged: settings estimated to converge, e.g. {"depth": 5300}
 
     def merge(self, other: Convergence) -> Convergence:
         n = self.n_vectors + other.n_vectors
         mean = (self.rel_residual_mean * self.n_vectors + other.rel_residual_mean * other.n_vectors) / max(n, 1)
+        suggest = {k: max(v, (other.suggest or {}).get(k, v)) for k, v in (self.suggest or {}).items()} | {
+            k: v for k, v in (other.suggest or {}).items() if k not in (self.suggest or {})}
         return replace(self, iterations=max(self.iterations, other.iterations),
                        rel_residual_max=max(self.rel_residual_max, other.rel_residual_max), rel_residual_mean=mean,
                        converged=self.converged and other.converged, n_vectors=n,
                        measure_s=self.measure_s + other.measure_s, solve_s=self.solve_s + other.solve_s,
-                       residual_on=self.residual_on if self.residual_on == other.residual_on else "mixed")
+                       residual_on=self.residual_on if self.residual_on == other.residual_on else "mixed",
+                       floor=max((f for f in (self.floor, other.floor) if f is not None), default=None),
+                       suggest=suggest or None)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,7 +5,26 @@ dampings of a list, iterate together (one vmapped product per step). ``scale="au
 ``s = 2 * λ_max(G) + λ`` per damping, ``λ_max`` from a few power-iteration steps: the recursion converges when
 ``s`` exceeds the largest eigenvalue of ``G_batch + λI``; the factor 2 covers a mini-batch's larger top eigenvalue,
 and ``+ λ`` the damping, which is exact (without it, any λ above ~3 λ_max diverges). A fixed ``scale`` is used
-as given for every damping; divergence (NaN/inf or norm growth) stops with a suggestion.
+as given for every damping; divergence stops with the scale the measured norm growth calls for (a growth by ``g``
+per step means an eigenvalue ``≈ s (1 + g)`` of ``G_batch + λI``; suggested ``s (1 + g)``).
+
+Diverged means: NaN/inf, or after ``j`` steps an iterate's norm above ``2 (j + 1)`` times the first one's -- a
+recursion whose every step is a contraction (``s >= λ_max(G_batch + λI) / 2``) adds at most ``||h_0||`` per step,
+so only a step that expands can pass that bound. It is checked after every step.
+
+**Tuned as users tune it** (``scale=search``, ``depth=auto``; Koh & Liang's and dattri's practice): per damping,
+the scale is the smallest of ``scale_start x {1, 10, 100, ...}`` (``scale_start`` 1 by default) whose recursion does
+not diverge over the whole solve -- the dampings still searching iterate together, and one that diverges drops out
+and retries at the next scale, so the result is that of the first non-diverging scale, and the time of the scales
+tried counts as the solve's; ``depth=auto`` runs ``ceil(n / repeats)`` steps (depth x repeats ~ n, the training set's
+size), ``repeats`` recursions on their own batch streams averaged. The rule applied -- the scales tried (and where
+each diverged), the one chosen, the depth and repeats -- is recorded with the result per damping
+(:class:`~.base.Convergence` ``rule``, ``scale``, ``iterations``, ``repeats``; ``solver/rule@λ`` and so on).
+
+**An unconverged damping names a setting that would converge** (``Convergence.suggest``, in the warning): from the
+held-out residuals of the iterate after half the depth and after all of it, the late per-step contraction, and the
+depth at which it reaches ``converged_tol``, times 1.5; or, when the residual stopped falling (the recursion's
+sampling noise), the repeats that would average it down (:meth:`LiSSA._suggest`).
 
 Preconditioned (``preconditioner: ekfac | kfac``, ASTRA, arXiv 2507.14740): the same recursion written on the
 iterate, ``x_0 = P^-1 v / s,  x_j = x_{j-1} + P^-1 (v - (G_batch + λI) x_{j-1}) / s`` (with ``P = I`` it is the
@@ -27,8 +46,10 @@ Converged = the worst vector's residual <= ``converged_tol`` (default 0.1: the s
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,32 +67,62 @@ class LiSSA(IterativeSolver):
     iteration_key = "depth"
     #: the held-out set's size, in batches, and the offset of its seed
     HELD_OUT_BATCHES, HELD_OUT_SEED = 8, 104729
+    #: ``scale=search`` tries ``scale_start x SEARCH_FACTOR^k``, k = 0, 1, ... SEARCH_STEPS - 1
+    SEARCH_FACTOR, SEARCH_STEPS = 10.0, 16
+    #: an unconverged solve's suggested depth (or repeats) is the estimate times this margin, rounded up
+    SUGGEST_MARGIN = 1.5
 
-    def __init__(self, *args: Any, depth: int = 200, scale: float | str = "auto", repeats: int = 1,
-                 converged_tol: float = 0.1, preconditioner: Any = None, preconditioner_damping: Any = "same",
-                 **kwargs: Any):
+    def __init__(self, *args: Any, depth: int | str = 200, scale: float | str = "auto", repeats: int = 1,
+                 scale_start: float = 1.0, converged_tol: float = 0.1, preconditioner: Any = None,
+                 preconditioner_damping: Any = "same", **kwargs: Any):
         kwargs.setdefault("batch_size", 32)
         super().__init__(*args, preconditioner=preconditioner, preconditioner_damping=preconditioner_damping,
                          **kwargs)
         self._pscale: dict[float, float] = {}  # preconditioned scale=auto: 2 mu_max per damping
-        check(isinstance(depth, int) and depth >= 1, "solver.depth", depth, "must be an integer >= 1")
+        check(depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1),
+              "solver.depth", depth, "must be an integer >= 1 or auto (ceil(n / solver.repeats))")
         check(isinstance(repeats, int) and repeats >= 1, "solver.repeats", repeats, "must be an integer >= 1")
-        check(scale == "auto" or (isinstance(scale, (int, float)) and scale > 0), "solver.scale", scale,
-              "must be > 0 or auto")
+        check(scale in ("auto", "search") or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                               and scale > 0), "solver.scale", scale, "must be > 0, auto or search")
+        check(isinstance(scale_start, (int, float)) and scale_start > 0, "solver.scale_start", scale_start,
+              "must be > 0 (the first scale solver.scale=search tries)")
         check(isinstance(converged_tol, (int, float)) and converged_tol > 0, "solver.converged_tol", converged_tol,
               "must be > 0")
         self.depth, self.scale, self.repeats = depth, scale, repeats
+        self._scale_start = float(scale_start)  # (in the fit key only with scale=search, see fit_config)
         self._converged_tol = float(converged_tol)  # (private: not part of the fit's cache key)
         self._scale: float | None = None
 
     def fit(self, model: nn.Module, data: LabeledData, snapshots=None) -> None:
         """Keeps the model and data; estimates ``λ_max`` for ``scale=auto`` (preconditioned: ``μ_max`` per damping
-        on first use, once the preconditioner is fitted)."""
+        on first use, once the preconditioner is fitted). ``scale=search`` chooses its scale per damping when
+        solving."""
         self.bind(model, data)
         if self.scale == "auto":  # (preconditioned: the scale is per damping, see _scales)
             self._scale = 2.0 * self._top_eigenvalue() if not self.preconditioned else 0.0
+        elif self.scale == "search":
+            self._scale = 0.0
         else:
             self._scale = float(self.scale)
+
+    def fit_config(self) -> dict[str, Any]:
+        cfg = super().fit_config()
+        if self.scale == "search":  # (other scales keep their existing keys)
+            cfg["scale_start"] = self._scale_start
+        return cfg
+
+    @property
+    def steps(self) -> int:
+        """The recursion depth: ``solver.depth``, or for ``depth=auto`` ``ceil(n / repeats)`` with ``n`` the training
+        set's size (depth x repeats ~ n)."""
+        if self.depth != "auto":
+            return int(self.depth)
+        assert self._data is not None, "fit the solver first"
+        return max(1, math.ceil(len(self._data) / self.repeats))
+
+    def scale_grid(self) -> list[float]:
+        """The scales ``scale=search`` tries, in order: ``scale_start x 10^k``."""
+        return [self._scale_start * self.SEARCH_FACTOR ** i for i in range(self.SEARCH_STEPS)]
 
     def _top_eigenvalue(self, iters: int = 20) -> float:
         assert self._curv is not None and self._data is not None and self.layout is not None
@@ -100,41 +151,118 @@ class LiSSA(IterativeSolver):
 
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         assert self._curv is not None and self._data is not None and self._scale is not None, "fit the solver first"
-        t0 = time.perf_counter()
         k, d = len(v), len(dampings)
         lams = [self.resolve_damping(x) for x in dampings]
-        lam = self.row_dampings(lams, k, self._curv.dtype, self._curv.device)
-        s = self._scales(lams).repeat_interleave(k)[:, None]  # per row, damping-major
+        V = v.to(self._curv.dtype)
+        out = torch.empty(d * k, V.shape[1], dtype=V.dtype, device=V.device)
+        depth = self.steps
+        reps = f"{self.repeats} repeat{'s' if self.repeats > 1 else ''} averaged"
+        how = (f"depth=auto: ceil(n / repeats) = ceil({len(self._data)} / {self.repeats}) = {depth}, {reps}"
+               if self.depth == "auto" else f"depth {depth}, {reps}")
+        if self.scale != "search":
+            scales = self._scales(lams).tolist()
+            t0 = time.perf_counter()
+            run = self._run(V, lams, scales, list(dampings), k, depth)
+            for i, div in enumerate(run.diverged):
+                if div is not None:
+                    raise SolverDivergedError(self._diverged_message(div, scales[i], dampings[i], fixed=True))
+            rule = "scale fixed" if self.scale != "auto" else (
+                "scale=auto: 2 μ_max(P^-1 (G_S + λI))" if self.preconditioned else "scale=auto: 2 λ_max(G_S) + λ")
+            self._record_convergence(run, V, lams, scales, list(dampings), k, [(time.perf_counter() - t0) / d] * d,
+                                     [f"{rule} = {sc:.4g}; {how}" for sc in scales], list(range(d)), out)
+            return out.reshape(d, k, -1).to(v.dtype)
+        # scale=search: per damping, the smallest scale of the grid whose recursion does not diverge (all dampings
+        # still searching iterate together; a damping whose recursion diverges drops out and retries at 10x)
+        grid = self.scale_grid()
+        at, tried, spent = [0] * d, [[] for _ in range(d)], [0.0] * d
+        pending = list(range(d))
+        while pending:
+            scales = [grid[at[i]] for i in pending]
+            t0 = time.perf_counter()
+            run = self._run(V, [lams[i] for i in pending], scales, [dampings[i] for i in pending], k, depth)
+            done = []
+            for pos, i in enumerate(pending):
+                spent[i] += (time.perf_counter() - t0) / len(pending)  # (every scale tried is part of the cost)
+                div = run.diverged[pos]
+                tried[i].append(f"{scales[pos]:g}" + ("" if div is None else f" (diverged at step {div.step})"))
+                if div is None:
+                    done.append(pos)
+                elif at[i] + 1 == len(grid):
+                    raise SolverDivergedError(self._diverged_message(div, scales[pos], dampings[i], fixed=False))
+                else:
+                    at[i] += 1
+            rules = [f"scale=search: tried {', '.join(tried[pending[pos]])}; chose {scales[pos]:g}, the smallest of "
+                     f"{self._scale_start:g} x 10^k whose recursion's norm stayed within 2 (j + 1) ||h_0||; {how}"
+                     for pos in range(len(pending))]
+            self._record_convergence(run, V, [lams[i] for i in pending], scales, [dampings[i] for i in pending], k,
+                                     [spent[i] for i in pending], rules, pending, out, keep=done)
+            pending = [i for pos, i in enumerate(pending) if pos not in done]
+        return out.reshape(d, k, -1).to(v.dtype)
 
-        def M(r: torch.Tensor) -> torch.Tensor:
-            return self._precondition_rows(r, lam)
-
-        V = v.to(self._curv.dtype).repeat(d, 1)  # [d*k, P], damping-major
-        total = torch.zeros_like(V)
-        visited = torch.zeros(len(self._data), dtype=torch.bool)
-        x0 = M(V) / s  # the first step from x = 0
+    def _run(self, V: torch.Tensor, lams: Sequence[float], scales: Sequence[float], dampings: Sequence[Damping],
+             k: int, depth: int) -> _Run:
+        """The recursion for the ``k`` vectors ``V`` at each damping (with its scale), all together, ``repeats``
+        times averaged. A damping whose recursion diverges -- NaN/inf, or an iterate's norm above ``2 (j + 1)`` times
+        the first one's after ``j`` steps: a non-diverging recursion adds at most ``||h_0||`` per step -- stops
+        there (the others go on); its step and per-step norm growth are returned."""
+        assert self._curv is not None and self._data is not None
+        d = len(lams)
+        dt = dict(dtype=V.dtype, device=V.device)
+        lam = self.row_dampings(lams, k, V.dtype, V.device)
+        s = torch.tensor(list(scales), **dt).repeat_interleave(k)[:, None]
+        Vr = V.repeat(d, 1)  # [d*k, P], damping-major
+        x0 = self._precondition_rows(Vr, lam) / s  # the first step from x = 0
         x0norm = x0.norm(dim=1).clamp_min(1e-30)
-        pre = f" (preconditioned by {self.preconditioner_name})" if self.preconditioned else ""
+        total, half = torch.zeros_like(Vr), torch.zeros_like(Vr)
+        mid = depth // 2  # the iterate after mid steps is kept (contraction estimate of an unconverged solve)
+        visited = torch.zeros(len(self._data), dtype=torch.bool)
+        active = torch.ones(d, dtype=torch.bool)
+        diverged: list[_Diverged | None] = [None] * d
         for rep in range(self.repeats):
             x = x0.clone()
+            norms = [x0norm]
             batches = self._stream(rep)
-            for j in progress(range(self.depth), desc=self.label):
+            for j in progress(range(depth), desc=self.label):
+                rows = active.repeat_interleave(k)
                 xb, yb, pos = next(batches)
                 visited[pos] = True
-                x = x + M(V - (self._curv.product(x, xb, yb) + lam * x)) / s
-                if j % 10 == 9 or j == self.depth - 1:
-                    norm = x.norm(dim=1)
-                    if not torch.isfinite(norm).all() or (norm > 2 * (j + 2) * x0norm).any():
-                        raise SolverDivergedError(
-                            f"LiSSA{pre} diverged at step {j + 1} (scale {s.max().item():.3g}, damping {dampings}); "
-                            f"use a larger solver.scale (e.g. {4 * s.max().item():.3g}) or a larger solver.damping")
+                if bool(rows.all()):
+                    x = x + self._precondition_rows(Vr - (self._curv.product(x, xb, yb) + lam * x), lam) / s
+                else:
+                    xa, la = x[rows], lam[rows]
+                    x[rows] = xa + self._precondition_rows(Vr[rows] - (self._curv.product(xa, xb, yb) + la * xa),
+                                                           la) / s[rows]
+                norm = x.norm(dim=1)
+                norms = [*norms[-4:], norm]
+                bad = ((~torch.isfinite(norm)) | (norm > 2 * (j + 2) * x0norm)).reshape(d, k).any(1) & active
+                for i in bad.nonzero().flatten().tolist():
+                    diverged[i] = _Diverged(j + 1, _growth(norms, slice(i * k, (i + 1) * k)))
+                    active[i] = False
+                if not bool(active.any()):
+                    break
                 if self._monitor is not None and self.repeats == 1:
                     for i, damping in enumerate(dampings):
-                        self._monitor(damping, j + 1, x[i * k:(i + 1) * k])
+                        if active[i]:
+                            self._monitor(damping, j + 1, x[i * k:(i + 1) * k])
+                if j + 1 == mid:
+                    half += x
+            if not bool(active.any()):
+                break
             total += x
-        out = total / self.repeats
-        self._record_convergence(out, V, lam, s, visited, dampings, k, time.perf_counter() - t0)
-        return out.reshape(d, k, -1).to(v.dtype)
+        return _Run(total / self.repeats, half / self.repeats, mid, visited, diverged, s, lam)
+
+    def _diverged_message(self, div: _Diverged, scale: float, damping: Damping, fixed: bool) -> str:
+        """The divergence error, with the scale the measured norm growth calls for: a growth by ``g`` per step
+        means an eigenvalue ``μ ≈ s (1 + g)`` of ``G_batch + λI`` (``|1 - μ / s| = g``), and the recursion needs
+        ``s > μ / 2``; suggested ``s (1 + g)`` (twice that, as ``scale=auto``'s factor 2)."""
+        pre = f" (preconditioned by {self.preconditioner_name})" if self.preconditioned else ""
+        need = _round_up(scale * (1 + div.growth)) if div.growth is not None else _round_up(10 * scale)
+        basis = (f"its norm grew {div.growth:.3g}x per step: an eigenvalue near {scale * (1 + div.growth):.3g}"
+                 if div.growth is not None else "no finite growth to measure")
+        what = ("use a larger solver.scale (e.g. {need:.3g}) or solver.scale=search" if fixed else
+                "the largest scale of the search diverged too; use a larger solver.scale_start (e.g. {need:.3g})")
+        return (f"LiSSA{pre} diverged at step {div.step} (scale {scale:.3g}, damping {damping}; {basis}); "
+                f"{what.format(need=need)}, or a larger solver.damping")
 
     def _scales(self, lams: Sequence[float]) -> torch.Tensor:
         """The scale ``s`` (1 / step size) per damping. Plain: ``2 λ_max(G) + λ`` (auto) or the fixed scale.
@@ -186,26 +314,94 @@ class LiSSA(IterativeSolver):
         what = "all" if m == n else f"{m} of"
         return pick, f"held-out: {what} {n} training points, resampled (the recursion visited {int(visited.sum())})"
 
-    def _record_convergence(self, X: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, s: torch.Tensor,
-                            visited: torch.Tensor, dampings: Sequence[Damping], k: int, solve_s: float) -> None:
-        """Relative residuals of the rows of ``X`` (damping-major, ``k`` per damping) on the held-out set."""
-        assert self._curv is not None and self._data is not None
+    def _record_convergence(self, run: _Run, V: torch.Tensor, lams: Sequence[float], scales: Sequence[float],
+                            dampings: Sequence[Damping], k: int, solve_s: Sequence[float], rules: Sequence[str],
+                            index: Sequence[int], out: torch.Tensor, keep: Sequence[int] | None = None) -> None:
+        """For the run's dampings at positions ``keep`` (all by default): the solution into ``out``'s rows of damping
+        ``index[pos]``, and the convergence record: the relative residuals of the rows on the held-out set, the rule
+        applied (``rules``), and for an unconverged damping the setting estimated to converge (:meth:`_suggest`,
+        from the residual of the iterate kept at half depth)."""
+        assert self._data is not None
+        keep = list(range(len(lams))) if keep is None else list(keep)
+        if not keep:
+            return
         t0 = time.perf_counter()
-        idx, on = self.held_out(visited)
+        idx, on = self.held_out(run.visited)
         held = self._data.subset(idx)
+
+        def rows(positions: Sequence[int]) -> torch.Tensor:
+            return torch.cat([torch.arange(p * k, (p + 1) * k) for p in positions]).to(run.x.device)
+
+        X = run.x[rows(keep)]
+        rel = self._residuals(X, V.repeat(len(keep), 1), run.lam[rows(keep)], held).reshape(len(keep), k)
+        unconverged = [q for q in range(len(keep)) if float(rel[q].max()) > self.converged_tol]
+        if unconverged:
+            r = rows([keep[q] for q in unconverged])
+            rel_half = self._residuals(run.half[r], V.repeat(len(unconverged), 1), run.lam[r], held)
+            rel_half = rel_half.reshape(len(unconverged), k)
+        seconds = (time.perf_counter() - t0) / len(keep)
+        depth = self.steps
+        for q, p in enumerate(keep):
+            i = index[p]
+            out[i * k:(i + 1) * k] = X[q * k:(q + 1) * k]
+            worst = float(rel[q].max())
+            suggest, why = None, ""
+            if q in unconverged:
+                suggest, why = self._suggest(rel_half[unconverged.index(q)], rel[q], run.mid, depth)
+            self._record(dampings[p], Convergence(
+                float(lams[p]), depth, worst, float(rel[q].mean()), self.converged_tol, worst <= self.converged_tol,
+                k, on, scale=float(scales[p]), measure_s=seconds, solve_s=solve_s[p],
+                preconditioner=self.preconditioner_name, repeats=self.repeats, rule=rules[p] + why,
+                suggest=suggest))
+
+    def _residuals(self, X: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, held: LabeledData) -> torch.Tensor:
+        """``||(G_H + λI) x - v|| / ||v||`` per row, ``G_H`` the mean curvature over ``held``."""
+        assert self._curv is not None
         GX = torch.zeros_like(X)
         for x, y, _ in held.batches(self.batch_size):
             GX += self._curv.product(X, x, y) * len(y)
         r = V - (GX / len(held) + lam * X)
         vn = V.norm(dim=1)
-        rel = torch.where(vn > 0, r.norm(dim=1) / vn.clamp_min(1e-300), r.norm(dim=1)).reshape(len(dampings), k)
-        seconds = (time.perf_counter() - t0) / len(dampings)
-        for i, damping in enumerate(dampings):
-            worst = float(rel[i].max())
-            self._record(damping, Convergence(
-                float(lam[i * k]), self.depth, worst, float(rel[i].mean()), self.converged_tol,
-                worst <= self.converged_tol, k, on, scale=float(s[i * k]), measure_s=seconds,
-                solve_s=solve_s / len(dampings), preconditioner=self.preconditioner_name))
+        return torch.where(vn > 0, r.norm(dim=1) / vn.clamp_min(1e-300), r.norm(dim=1))
+
+    def _suggest(self, r_half: torch.Tensor, r_full: torch.Tensor, mid: int, depth: int
+                 ) -> tuple[dict[str, float], str]:
+        """The setting estimated to converge an unconverged damping, from each vector's held-out residual after
+        ``mid`` steps (``r_half``; 1 at ``mid = 0``, the zero iterate) and after ``depth`` (``r_full``), and why.
+
+        * Contracting (the residual fell between the two): per-step rate ``ρ = (r_full / r_half)^(1 / (depth -
+          mid))``, and ``depth + log(tol / r_full) / log ρ`` steps reach ``converged_tol`` (the slowest vector
+          decides); suggested ``depth`` = that x :data:`SUGGEST_MARGIN`, rounded up to two digits. The late rate is
+          the slow modes' (the fast ones are gone by half depth), so the estimate extrapolates the right one.
+        * Stalled (it did not fall by 1%): more steps do not help; the residual is the recursion's sampling noise,
+          which averaging ``r`` independent repeats divides by about ``√r``: suggested ``repeats`` = ``repeats x
+          (r_full / tol)^2`` x the margin (under ``depth=auto`` with the depth it ran, or the one suggested: more
+          repeats would otherwise shorten each recursion)."""
+        tol, need, stalled, rates = self.converged_tol, float(depth), 0.0, []
+        for a, b in zip(r_half.tolist(), r_full.tolist(), strict=True):
+            if b <= tol:
+                continue
+            if b < 0.99 * a:
+                rho = (b / a) ** (1.0 / (depth - mid))
+                rates.append(rho)
+                need = max(need, depth + math.log(tol / b) / math.log(rho))
+            else:
+                stalled = max(stalled, b)
+        worst_h, worst = float(r_half.max()), float(r_full.max())
+        why = f"; unconverged: worst residual {worst_h:.3g} at depth {mid}, {worst:.3g} at {depth}"
+        suggest: dict[str, float] = {}
+        if need > depth:
+            suggest["depth"] = int(_round_up(need * self.SUGGEST_MARGIN))
+            why += (f"; contraction {max(rates):.6g} per step (slowest vector) reaches {tol:g} in about "
+                    f"{math.ceil(need)} steps: suggested depth {suggest['depth']} ({self.SUGGEST_MARGIN:g}x)")
+        if stalled:
+            suggest["repeats"] = int(_round_up(self.repeats * (stalled / tol) ** 2 * self.SUGGEST_MARGIN))
+            why += (f"; stalled at {stalled:.3g} (sampling noise): averaging repeats divides it by about sqrt(r), "
+                    f"suggested repeats {suggest['repeats']}")
+            if self.depth == "auto":  # (ceil(n / repeats) would shorten each recursion: keep its depth)
+                suggest["depth"] = suggest.get("depth", depth)
+                why += f" at depth {suggest['depth']}"
+        return suggest, why
 
     def _stream(self, rep: int):
         """An endless seeded stream of training batches ``(x, y, positions)`` (reshuffled each epoch)."""
@@ -214,3 +410,44 @@ class LiSSA(IterativeSolver):
         while True:
             yield from self._data.batches(self.batch_size, shuffle=True, seed=self.seed + 7919 * rep + epoch)
             epoch += 1
+
+
+@dataclass
+class _Diverged:
+    """Where a damping's recursion diverged: the step, and the per-step growth of its norm (None: not measurable)."""
+
+    step: int
+    growth: float | None
+
+
+@dataclass
+class _Run:
+    """One recursion over several dampings (rows damping-major, ``k`` per damping): the averaged solutions, the
+    averaged iterates after ``mid`` steps, the training points visited, per damping where it diverged (or None),
+    and the rows' scales and dampings."""
+
+    x: torch.Tensor
+    half: torch.Tensor
+    mid: int
+    visited: torch.Tensor
+    diverged: list[_Diverged | None]
+    s: torch.Tensor
+    lam: torch.Tensor
+
+
+def _growth(norms: Sequence[torch.Tensor], rows: slice) -> float | None:
+    """The per-step growth factor of the largest norm over the last finite steps of ``norms`` (a list of per-row
+    norms, one per step), for the rows ``rows``; None when it did not grow or cannot be measured."""
+    finite = [n[rows] for n in norms if bool(torch.isfinite(n[rows]).all())]
+    if len(finite) < 2:
+        return None
+    g = float((finite[-1] / finite[0].clamp_min(1e-300)).max()) ** (1.0 / (len(finite) - 1))
+    return g if math.isfinite(g) and g > 1.0 else None
+
+
+def _round_up(x: float) -> float:
+    """``x`` rounded up to two significant digits (5234 -> 5300, 0.0123 -> 0.013)."""
+    if not (x > 0 and math.isfinite(x)):
+        return x
+    unit = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(x / unit * (1 - 1e-12)) * unit
