@@ -135,12 +135,13 @@ run ihvp_solvers experiment=ihvp_cnn dataset.subset=500 solver.damping=1e-5,1e-4
   solver=ekfac,kfac,lissa,lissa_ekfac,cg,cg_ekfac
 # Sec. 6.2 made whole (issue 29): every damping against an exact reference (solver=gram: Woodbury on the 5,000 x 5,000
 # Gram matrix of the 500 points' GGN rows, float64, residual measured per damping), 16 queries, the Spearman of
-# each solver's pairwise scores against the reference's; Arnoldi with 50 and 200 eigenpairs (complement dropped,
-# as in the paper). Damping as a list: one fit per solver serves every λ.
+# each solver's pairwise scores against the reference's; Arnoldi with 50 and 200 eigenpairs, the complement of
+# their subspace dropped (dattri's) or at λ. Damping as a list: one fit per solver serves every λ.
 run ihvp_cnn_exact experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=ekfac,kfac,cg_ekfac
 run ihvp_cnn_exact_arnoldi experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
-  'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=arnoldi solver.top_k=50,200
+  'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=arnoldi solver.top_k=50,200 \
+  solver.complement=drop,damping
 # the approximation ladder on the same model, queries and reference (issue 29 item 5): exact GGN (the reference) ->
 # exact block-diagonal per layer -> K-FAC -> EK-FAC (ihvp_cnn_exact), with EK-FAC's Monte Carlo Fisher samples per
 # point (1 there, 10, 100 here), the empirical Fisher (exact and EK-FAC) against the true one, and EK-FAC fitted on
@@ -154,10 +155,15 @@ run ihvp_cnn_ladder_samples experiment=ihvp_cnn dataset.subset=500 query.n=16 ih
   '~ihvp.reference_args.max_examples' "$L" solver=ekfac,kfac solver.fisher_samples=10,100
 run ihvp_cnn_ladder_points experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
   '~ihvp.reference_args.max_examples' "$L" solver=ekfac solver.max_examples=50,150
-# the same on the reduced ResNet-18 (256 points, 11.2M parameters; 16 queries): solver=gram's Gram is 2,560 x 2,560,
+# the same on the reduced ResNet-18 (256 points, 11.2M parameters; 16 queries from 1,000 test images: the training
+# evaluates the test split every epoch, 10,000 images would cost ResNet-18 ~80 s per epoch on 2 cores): solver=gram's Gram is 2,560 x 2,560,
 # its rows kept per layer as inputs x output gradients (~3.5 GB); five dampings across 1e-6 ... 10
-run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 trainer.batch_size=32 trainer.epochs=15 query.n=16 \
-  ihvp.reference=gram '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-4,1e-2,1,10]' solver=ekfac,kfac,arnoldi
+run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 \
+  ihvp.reference=gram '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-4,1e-2,1,10]' solver=ekfac,kfac
+# Arnoldi with the inverse on its top-50 subspace and λ elsewhere (complement=damping: the paper's "λ elsewhere")
+run ihvp_resnet18_exact_arnoldi experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 \
+  trainer.epochs=15 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
+  'solver.damping=[1e-6,1e-4,1e-2,1,10]' solver=arnoldi solver.complement=damping
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers
