@@ -178,8 +178,8 @@ def kill_one(parent: int, sweep: Path, cache: Path, mode: str, rng: random.Rando
         busy = [(w, j) for w, j in busy if j is not None]
         if not busy:
             return None, None, None, ""
-        victim, job = busy[rng.randrange(len(busy))]
-        jobs[victim.pid] = job
+        victim, _ = busy[rng.randrange(len(busy))]
+        jobs.update({w.pid: j for w, j in busy})
         try:
             os.kill(victim.pid, signal.SIGKILL)
         except ProcessLookupError:
