@@ -185,8 +185,8 @@ def warn_unconverged(what: str, record: Mapping[Damping, Convergence], solver: S
         own = fix
         if c.suggest:  # (what the solver estimated would converge, e.g. LiSSA's depth from its measured contraction)
             now = ", ".join(f"{k}={getattr(solver, k, '?')}" for k in c.suggest)
-            own = (f"set {' and '.join(f'{p}{k}={v:g}' for k, v in c.suggest.items())} (estimated from the residuals "
-                   f"measured at half and full depth; now {now}) or raise {p}damping")
+            own = (f"set {' and '.join(f'{p}{k}={v:g}' for k, v in c.suggest.items())} (estimated from the measured "
+                   f"residuals, as the convergence record's rule says; now {now}) or raise {p}damping")
         msg = (f"the {what} scores at {p}damping={damping_label(d)} are UNCONVERGED: {solver.label}'s worst relative "
                f"residual ||(G + λI) x - v|| / ||v|| is {c.rel_residual_max:.3g} > {c.tol:g} ({c.iterations} "
                f"iterations; measured on {c.residual_on}); {own}")

@@ -93,7 +93,7 @@ class Convergence:
     solve_s: float = 0.0  # wall time of the solve itself (summed over merged calls)
     preconditioner: str | None = None  # solver.preconditioner (ekfac, kfac) or None
     repeats: int | None = None  # LiSSA's repeats (averaged recursions)
-    floor: float | None = None  # CG: the measured precision floor of the relative residual (see cg.py)
+    floor: float | None = None  # the residual's measured floor: CG's float precision, LiSSA's held-out noise
     rule: str | None = None  # how the scale / depth / acceptance were chosen, in words (the documented rule applied)
     suggest: dict[str, Any] | None = None  # unconverged: settings estimated to converge, e.g. {"depth": 5300}
 

@@ -333,11 +333,12 @@ class LiSSA(IterativeSolver):
             return torch.cat([torch.arange(p * k, (p + 1) * k) for p in positions]).to(run.x.device)
 
         X = run.x[rows(keep)]
-        rel = self._residuals(X, V.repeat(len(keep), 1), run.lam[rows(keep)], held).reshape(len(keep), k)
+        rel, noise = self._residuals(X, V.repeat(len(keep), 1), run.lam[rows(keep)], held)
+        rel, noise = rel.reshape(len(keep), k), noise.reshape(len(keep), k)
         unconverged = [q for q in range(len(keep)) if float(rel[q].max()) > self.converged_tol]
         if unconverged:
             r = rows([keep[q] for q in unconverged])
-            rel_half = self._residuals(run.half[r], V.repeat(len(unconverged), 1), run.lam[r], held)
+            rel_half = self._residuals(run.half[r], V.repeat(len(unconverged), 1), run.lam[r], held)[0]
             rel_half = rel_half.reshape(len(unconverged), k)
         seconds = (time.perf_counter() - t0) / len(keep)
         depth = self.steps
@@ -347,25 +348,38 @@ class LiSSA(IterativeSolver):
             worst = float(rel[q].max())
             suggest, why = None, ""
             if q in unconverged:
-                suggest, why = self._suggest(rel_half[unconverged.index(q)], rel[q], run.mid, depth)
+                suggest, why = self._suggest(rel_half[unconverged.index(q)], rel[q], run.mid, depth, noise[q],
+                                             len(held))
             self._record(dampings[p], Convergence(
                 float(lams[p]), depth, worst, float(rel[q].mean()), self.converged_tol, worst <= self.converged_tol,
                 k, on, scale=float(scales[p]), measure_s=seconds, solve_s=solve_s[p],
                 preconditioner=self.preconditioner_name, repeats=self.repeats, rule=rules[p] + why,
-                suggest=suggest))
+                suggest=suggest, floor=float(noise[q].max())))
 
-    def _residuals(self, X: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, held: LabeledData) -> torch.Tensor:
-        """``||(G_H + λI) x - v|| / ||v||`` per row, ``G_H`` the mean curvature over ``held``."""
-        assert self._curv is not None
-        GX = torch.zeros_like(X)
-        for x, y, _ in held.batches(self.batch_size):
-            GX += self._curv.product(X, x, y) * len(y)
-        r = V - (GX / len(held) + lam * X)
-        vn = V.norm(dim=1)
-        return torch.where(vn > 0, r.norm(dim=1) / vn.clamp_min(1e-300), r.norm(dim=1))
+    def _residuals(self, X: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, held: LabeledData
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||(G_H + λI) x - v|| / ||v||`` per row, ``G_H`` the mean curvature over ``held``, and the part of it
+        that is the held-out sample's own noise, ``||(G_H - G) x|| / ||v||`` (what even the exact solution shows on
+        this sample), estimated from the sample's two halves (alternate batches): ``(G_H1 - G_H2) x`` has ``1/m1 +
+        1/m2`` times the covariance of one point's, ``(G_H - G) x`` ``1/m - 1/n`` times it (a sample of ``m`` of the
+        ``n`` training points; 0 when the held-out set is all of them)."""
+        assert self._curv is not None and self._data is not None
+        GX = [torch.zeros_like(X), torch.zeros_like(X)]
+        m = [0, 0]
+        for i, (x, y, _) in enumerate(held.batches(self.batch_size)):
+            GX[i % 2] += self._curv.product(X, x, y) * len(y)
+            m[i % 2] += len(y)
+        r = V - ((GX[0] + GX[1]) / len(held) + lam * X)
+        vn = V.norm(dim=1).clamp_min(1e-300)
+        rel = torch.where(V.norm(dim=1) > 0, r.norm(dim=1) / vn, r.norm(dim=1))
+        n, total = len(self._data), len(held)
+        if min(m) == 0 or total >= n:
+            return rel, torch.zeros_like(rel)
+        d = (GX[0] / m[0] - GX[1] / m[1]).norm(dim=1) / vn
+        return rel, d * math.sqrt((1 / total - 1 / n) / (1 / m[0] + 1 / m[1]))
 
-    def _suggest(self, r_half: torch.Tensor, r_full: torch.Tensor, mid: int, depth: int
-                 ) -> tuple[dict[str, float], str]:
+    def _suggest(self, r_half: torch.Tensor, r_full: torch.Tensor, mid: int, depth: int, noise: torch.Tensor,
+                 m: int) -> tuple[dict[str, float], str]:
         """The setting estimated to converge an unconverged damping, from each vector's held-out residual after
         ``mid`` steps (``r_half``; 1 at ``mid = 0``, the zero iterate) and after ``depth`` (``r_full``), and why.
 
@@ -376,12 +390,18 @@ class LiSSA(IterativeSolver):
         * Stalled (it did not fall by 1%): more steps do not help; the residual is the recursion's sampling noise,
           which averaging ``r`` independent repeats divides by about ``√r``: suggested ``repeats`` = ``repeats x
           (r_full / tol)^2`` x the margin (under ``depth=auto`` with the depth it ran, or the one suggested: more
-          repeats would otherwise shorten each recursion)."""
-        tol, need, stalled, rates = self.converged_tol, float(depth), 0.0, []
-        for a, b in zip(r_half.tolist(), r_full.tolist(), strict=True):
+          repeats would otherwise shorten each recursion).
+        * At the measurement's noise (the held-out sample's own, ``noise``: over half the residual): no depth or
+          repeats lowers it; a larger held-out set does (``8 x batch_size`` points ``m`` of ``n``: the noise scales
+          as ``sqrt(1/m - 1/n)``): suggested ``batch_size`` for a noise of ``tol / 2`` (and a larger batch also
+          lowers the recursion's own noise)."""
+        tol, need, stalled, rates, measured = self.converged_tol, float(depth), 0.0, [], 0.0
+        for a, b, z in zip(r_half.tolist(), r_full.tolist(), noise.tolist(), strict=True):
             if b <= tol:
                 continue
-            if b < 0.99 * a:
+            if z > 0.5 * b:
+                measured = max(measured, z)
+            elif b < 0.99 * a:
                 rho = (b / a) ** (1.0 / (depth - mid))
                 rates.append(rho)
                 need = max(need, depth + math.log(tol / b) / math.log(rho))
@@ -401,6 +421,16 @@ class LiSSA(IterativeSolver):
             if self.depth == "auto":  # (ceil(n / repeats) would shorten each recursion: keep its depth)
                 suggest["depth"] = suggest.get("depth", depth)
                 why += f" at depth {suggest['depth']}"
+        if measured:
+            assert self._data is not None
+            n = len(self._data)
+            # sqrt(1/m' - 1/n) = (tol / 2) / measured x sqrt(1/m - 1/n)
+            inv = (0.5 * tol / measured) ** 2 * (1 / m - 1 / n) + 1 / n
+            size = min(n, math.ceil(1 / inv))
+            suggest["batch_size"] = max(self.batch_size, math.ceil(size / self.HELD_OUT_BATCHES))
+            why += (f"; at the held-out sample's own noise {measured:.3g} (the residual the exact solution shows on "
+                    f"these {m} points, from their two halves): no depth or repeats lowers it; a held-out set of "
+                    f"{size} points (8 x batch_size {suggest['batch_size']}) would bring it to {tol / 2:g}")
         return suggest, why
 
     def _stream(self, rep: int):
