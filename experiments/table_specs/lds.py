@@ -176,3 +176,49 @@ SECTION.number("lds_seeds_identity_loss", paired(_LSEEDS, _seeds(IDENTITY, 1), _
 SECTION.number("lds_ensemble8_minus_1", paired(_ENS, _k(EKFAC, 8), _k(EKFAC, 1)))
 SECTION.number("lds_ensemble8_minus_1_signed", paired(_ENS, _k(EKFAC, 8), _k(EKFAC, 1),
                                                       template="{:+.3} [{:.3}, {:.3}]"))
+
+# ---------------------------------------------------------------------------------------------------------------
+# the damping chosen without the ground truth (issue 27): run select_lds (stage select: held-out LDS on 100
+# *training* points, 20 retrainings on half of the rest; or kronfluence's spectrum rule), then the lds preset's own
+# LDS at the chosen λ; run select_lds_grid: every candidate on the same model, queries and ground truth (the oracle)
+_SL, _SLG = Sweep("select_lds"), Sweep("select_lds_grid")
+_SLG_ROWS = "experiments/results/select_lds_grid/report_by_damping.csv"
+_CANDIDATES = ("1e-05", "0.0001", "0.001", "0.01", "0.1", "auto")
+
+
+def _best_grid(df: pd.DataFrame) -> str:
+    """The oracle-best candidate of the grid: its λ and LDS [CI]."""
+    best = df.loc[df["lds/mean"].idxmax()]
+    return f"{best['damping']}: {fmt(best['lds/mean'], '.3')} [{fmt(best['lds/ci_low'], '.3')}, " \
+           f"{fmt(best['lds/ci_high'], '.3')}]"
+
+
+def _selected_minus_best(objective: str) -> Ref:
+    """The chosen λ's LDS minus the oracle-best candidate's (same model, queries and ground truth)."""
+    def text(df: pd.DataFrame) -> str:
+        (own,) = df["lds/mean"]
+        return fmt(own - select(_SLG_ROWS, ())["lds/mean"].max(), "+.3")
+    return Ref(_SL.report, text, (("select.objective", objective),), via=(_SLG_ROWS,))
+
+
+SECTION.table("select_lds", ["objective (what it reads)", "chosen λ", "held-out LDS of the choice (training points)",
+                             "LDS on section 4's ground truth [95% CI]", "oracle-best of the same grid: λ, LDS [CI]",
+                             "chosen − oracle-best"],
+              [[label, cell("{} ({:g3})", _SL("select/damping", **{"select.objective": o}),
+                            _SL("select/lambda", **{"select.objective": o})),
+                cell("{:.3}", _SL("select/score", **{"select.objective": o})) if o == "lds_holdout" else "–",
+                lds_ci(_SL, job(**{"select.objective": o})), Ref(_SLG_ROWS, _best_grid),
+                _selected_minus_best(o)]
+               for o, label in (("lds_holdout", "lds_holdout (100 held-out training points, 20 retrainings)"),
+                                ("spectrum", "spectrum (kronfluence's 0.1 × mean eigenvalue)"))],
+              "4: the LDS damping chosen without the test ground truth, against the oracle-best of its grid")
+SECTION.table("select_lds_grid", ["EK-FAC λ", *_CANDIDATES],
+              [["LDS on the ground truth [95% CI]",
+                *(cell("{:.3} [{:.3}, {:.3}]", Ref(_SLG_ROWS, "lds/mean", (("damping", d),), one=True),
+                       Ref(_SLG_ROWS, "lds/ci_low", (("damping", d),), one=True),
+                       Ref(_SLG_ROWS, "lds/ci_high", (("damping", d),), one=True)) for d in _CANDIDATES)],
+               ["held-out LDS the selector saw (training points)",
+                *(cell("{:.3}", _SL(f"select/score@{d}/all", **{"select.objective": "lds_holdout"}))
+                  for d in _CANDIDATES)]],
+              "4: every candidate λ, on the test ground truth and on the selector's held-out training points")
+SECTION.number("select_lds_minus_best", cell("{}", _selected_minus_best("lds_holdout")))
