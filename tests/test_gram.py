@@ -46,8 +46,8 @@ def test_gram_equals_dense_solve_at_every_damping(setup, kind, curvature):
     diag = solver.diagnostics()
     assert set(diag) == set(DAMPINGS)
     assert all(c.n_vectors == len(qg) for c in diag.values())
-    # from λ = 1e-6 up the residual is at most 1e-6; at 1e-8 the products' own float64 rounding (a null-space part
-    # of x of size ||v_perp|| / λ that G x cancels) floors the measurement, while the solve agrees with the dense one
+    # from λ = 1e-6 up the residual is at most 1e-6; at 1e-8 float64's floor (a null-space part of x of size
+    # ||v_perp|| / λ, the rounding of A^T w times 1 / λ) decides it, while the solve agrees with the dense one
     assert all(c.converged and c.rel_residual_max <= 1e-6 for d, c in diag.items() if d >= 1e-6)
     assert diag[1e-8].rel_residual_max < 1e-3
     # trace(G) / P exactly, for damping=auto

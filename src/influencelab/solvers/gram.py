@@ -25,10 +25,11 @@ K-FAC), from the same rows at the same cost.
 Every solve's relative residual ``||(G + λI) x - v|| / ||v||`` is measured (``residual=true``) with curvature
 products that do not use the rows (jvp/vjp through the network, :class:`~.curvature.Curvature`; for
 ``block_diagonal`` the rows themselves) and recorded like an iterative solver's (:meth:`diagnostics`,
-``converged`` at ``tol``), so a reference's exactness is a measurement, not an assumption. (At a tiny damping the
-measurement has a floor of its own: ``x`` has a null-space part ``||v_perp|| / λ`` whose product ``G x`` cancels to
-zero only up to the products' float64 rounding; on the tests' tiny CNN that floor is ~1e-4 at λ = 1e-8 and below
-1e-6 from λ = 1e-6, where the solve itself agrees with a dense solve to 1e-5 and 1e-9.)
+``converged`` at ``tol``), so a reference's exactness is a measurement, not an assumption. At a tiny damping the
+measurement has a floor of its own: ``x`` has a null-space part ``||v_perp|| / λ`` on which a product returns zero
+only up to its float64 rounding, and ``x = (v - A^T w) / λ`` carries the rounding of ``A^T w`` times ``1 / λ``: on
+the tests' tiny CNN the residual is ~1e-4 at λ = 1e-8 and below 1e-6 from λ = 1e-6 (where the solve agrees with a
+dense one to 1e-5 and 1e-9); on ResNet-18 (256 points) it was 1e-4 at λ = 1e-6.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class Gram(Solver):
 
     def __init__(self, *args: Any, max_rank: int = 20_000, block_gb: float = 2.0, keep_gb: float = 4.0,
                  block_diagonal: bool = False, residual: bool = True, tol: float = 1e-6, capture: bool = True,
-                 **kwargs: Any):
+                 residual_chunk: int = 4, **kwargs: Any):
         super().__init__(*args, **kwargs)
         for key, val in (("solver.block_gb", block_gb), ("solver.keep_gb", keep_gb)):
             if not (isinstance(val, (int, float)) and val >= 0):
@@ -150,6 +151,7 @@ class Gram(Solver):
         self.max_rank, self.block_gb, self.keep_gb = max_rank, float(block_gb), float(keep_gb)
         self.block_diagonal, self.residual, self.tol = bool(block_diagonal), bool(residual), float(tol)
         self.capture = bool(capture)
+        self.residual_chunk = max(1, int(residual_chunk))  # vectors per residual product (its memory)
         self._eig: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per part: (s, U)
         self._model: nn.Module | None = None
         self._data: LabeledData | None = None
@@ -162,7 +164,7 @@ class Gram(Solver):
 
     def fit_config(self) -> dict[str, Any]:
         cfg = super().fit_config()
-        for k in ("block_gb", "keep_gb", "residual", "tol", "capture"):  # (where rows live and what is measured, not the fit)
+        for k in ("block_gb", "keep_gb", "residual", "tol", "capture", "residual_chunk"):  # (where rows live and what is measured, not the fit)
             cfg.pop(k, None)
         return cfg
 
@@ -362,10 +364,10 @@ class Gram(Solver):
             yield a0 * c, self._rows(x, y)
 
     # -- solves ----------------------------------------------------------------------------------------------------
-    def _apply_a(self, V: torch.Tensor) -> torch.Tensor:
+    def _apply_a(self, V: torch.Tensor, memo: bool = True) -> torch.Tensor:
         """``A_p v_p`` per part: ``[parts, n C, k]`` for ``V [k, P]`` (float64); memoised for the last ``V``."""
         key = (V.data_ptr(), tuple(V.shape), V._version, float(V.double().sum()))
-        if self._av is not None and self._av[0] == key:
+        if memo and self._av is not None and self._av[0] == key:
             return self._av[1]
         parts = self._parts()
         assert self._eig is not None
@@ -376,12 +378,14 @@ class Gram(Solver):
             f = self._build_factors()
             for i, blk in enumerate(self.layout.blocks):
                 out[i if self.block_diagonal else 0] += f.apply(blk, self.layout.block(Vd, blk))
-            self._av = (key, out)
+            if memo:
+                self._av = (key, out)
             return out
         for row, rows in self._row_blocks(0):
             for p, sl in enumerate(parts):
                 out[p, row:row + len(rows)] = rows[:, sl] @ Vd[:, sl].T
-        self._av = (key, out)
+        if memo:
+            self._av = (key, out)
         return out
 
     def _apply_at(self, W: torch.Tensor) -> torch.Tensor:
@@ -451,7 +455,7 @@ class Gram(Solver):
             curv = self._curv if self.curvature == "fisher" else Curvature(self._model, self.layout,
                                                                           "empirical_fisher", self.task)
             GX = torch.cat([curv.mean_product(chunk, self._data, self.batch_size).double()
-                            for chunk in flat.split(max(1, k))])
+                            for chunk in flat.split(self.residual_chunk)])
             on = "all training points (jvp/vjp products)"
         V = v.double().repeat(L, 1)
         lam_rows = torch.tensor(list(lams), dtype=torch.float64, device=flat.device).repeat_interleave(k)[:, None]
@@ -467,10 +471,10 @@ class Gram(Solver):
                                residual_on=on, measure_s=measure_s / L, solve_s=solve_s / L)
             self._convergence = merge_diagnostics(self._convergence, {d: conv})
             if not conv.converged:
-                log.warning("gram at damping %g: relative residual %.3g > solver.tol=%g. At a tiny damping the "
-                            "measurement's own rounding can exceed it (x has a null-space part ||v_perp|| / λ whose "
-                            "product G x cancels to ~0 only up to float64 rounding); compare the solve with a larger "
-                            "damping's, or check that the rows are the curvature's", float(lams[j]), worst, accept)
+                log.warning("gram at damping %g: relative residual %.3g > solver.tol=%g. At a tiny damping that can "
+                            "be float64's floor (a null-space part ||v_perp|| / λ of x, and the rounding of A^T w "
+                            "times 1 / λ); compare with a larger damping's residual, or try solver.capture=false if "
+                            "a layer's hooks may not see what the network computes", float(lams[j]), worst, accept)
 
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
