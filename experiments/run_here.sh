@@ -144,7 +144,7 @@ run ihvp_cnn_exact_arnoldi experiment=ihvp_cnn dataset.subset=500 query.n=16 ihv
   solver.complement=drop,damping
 # the approximation ladder on the same model, queries and reference (issue 29 item 5): exact GGN (the reference) ->
 # exact block-diagonal per layer -> K-FAC -> EK-FAC (ihvp_cnn_exact), with EK-FAC's Monte Carlo Fisher samples per
-# point (1 there, 10, 100 here), the empirical Fisher (exact and EK-FAC) against the true one, and EK-FAC fitted on
+# point (1 there, 10 here), the empirical Fisher (exact and EK-FAC) against the true one, and EK-FAC fitted on
 # fewer points
 L='solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]'
 run ihvp_cnn_ladder_blockdiag experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
@@ -152,7 +152,7 @@ run ihvp_cnn_ladder_blockdiag experiment=ihvp_cnn dataset.subset=500 query.n=16 
 run ihvp_cnn_ladder_empirical experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
   '~ihvp.reference_args.max_examples' +ihvp.reference_args.curvature=fisher "$L" solver=gram,ekfac solver.curvature=empirical_fisher
 run ihvp_cnn_ladder_samples experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
-  '~ihvp.reference_args.max_examples' "$L" solver=ekfac,kfac solver.fisher_samples=10,100
+  '~ihvp.reference_args.max_examples' "$L" solver=ekfac,kfac solver.fisher_samples=10
 run ihvp_cnn_ladder_points experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
   '~ihvp.reference_args.max_examples' "$L" solver=ekfac solver.max_examples=50,150
 # the same on the reduced ResNet-18 (256 points, 11.2M parameters; 16 queries from 1,000 test images: the training
