@@ -142,6 +142,15 @@ run ihvp_cnn_exact experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.refere
 run ihvp_cnn_exact_arnoldi experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=arnoldi solver.top_k=50,200 \
   solver.complement=drop,damping
+# LiSSA tuned as its users tune it (issue 29 item 3): per damping the smallest scale of {1, 10, 100, ...} that does not
+# diverge, depth x repeats = n (4 repeats averaged, depth 125), the rule recorded per damping (solver/rule@λ); and
+# the same preconditioned by EK-FAC; each step's error and time in job<N>_ihvp_trace.csv (time-matched comparison)
+run ihvp_cnn_exact_lissa experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=lissa \
+  solver.scale=search solver.depth=auto solver.repeats=4
+run ihvp_cnn_exact_lissa_ekfac experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=lissa_ekfac \
+  solver.scale=search solver.depth=auto solver.repeats=4
 # the approximation ladder on the same model, queries and reference (issue 29 item 5): exact GGN (the reference) ->
 # exact block-diagonal per layer -> K-FAC -> EK-FAC (ihvp_cnn_exact), with EK-FAC's Monte Carlo Fisher samples per
 # point (1 there, 10 here), the empirical Fisher (exact and EK-FAC) against the true one, and EK-FAC fitted on
