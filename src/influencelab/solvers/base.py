@@ -108,7 +108,8 @@ class Convergence:
                        measure_s=self.measure_s + other.measure_s, solve_s=self.solve_s + other.solve_s,
                        residual_on=self.residual_on if self.residual_on == other.residual_on else "mixed",
                        floor=max((f for f in (self.floor, other.floor) if f is not None), default=None),
-                       suggest=suggest or None)
+                       suggest=suggest or None,
+                       rule=self.rule if self.rel_residual_max >= other.rel_residual_max else other.rule)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
