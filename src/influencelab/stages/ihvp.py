@@ -121,8 +121,7 @@ def ihvp_stage(ctx: Context) -> None:
                        for i, (t, e) in enumerate(zip(trace.times, trace.errors, strict=True))]
         # (solving, not measuring residuals or tracing errors)
         prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0) - trace.paused
-        errs = ((x - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)).double().cpu()
-        coss = torch.nn.functional.cosine_similarity(x.double(), target.double(), dim=1).cpu()
+        errs, coss = vector_agreement(x, target)
         err, cos = errs.mean().item(), coss.mean().item()
         rhos = score_agreement(ctx, x, target) if scored else torch.full_like(errs, nan)
         per_query += [[solver.label, float(d), int(q), e, c, r] for q, e, c, r in
@@ -168,6 +167,18 @@ def ihvp_stage(ctx: Context) -> None:
     ctx.tracker.table("ihvp_queries", ["solver", "damping", "query", "rel_error", "cosine", "spearman"], per_query)
 
 
+def vector_agreement(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, ``||x - t|| / ||t||`` and the cosine of ``x`` and ``t``, in float64, one row at a time (for a big
+    model a ``[k, P]`` float64 copy is gigabytes, and torch's cosine_similarity makes several)."""
+    errs, coss = [], []
+    for xi, ti in zip(x, target, strict=True):
+        xd, td = xi.double(), ti.double()
+        tn = td.norm()
+        errs.append(float((xd - td).norm() / tn.clamp_min(1e-30)))
+        coss.append(float(xd @ td / (xd.norm() * tn).clamp_min(1e-300)))
+    return torch.tensor(errs, dtype=torch.float64), torch.tensor(coss, dtype=torch.float64)
+
+
 def score_agreement(ctx: Context, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per query, the Spearman correlation over the training set of the solver's pairwise scores ``x^T g_z`` with
     the reference's ``target^T g_z`` (``g_z``: the run solver's training gradients, in batches: what users see)."""
@@ -177,9 +188,9 @@ def score_agreement(ctx: Context, x: torch.Tensor, target: torch.Tensor) -> torc
     solver = attr.solver
     mine, ref = [], []
     for xb, yb, _ in ctx.train_data.batches(ctx.score.batch_size):
-        g = solver.train_grads(attr.model, xb, yb).double()
-        mine.append(x.double() @ g.T)
-        ref.append(target.double() @ g.T)
+        g = solver.train_grads(attr.model, xb, yb)  # (in the solver's dtype: ranks need no float64 copy of x)
+        mine.append((x @ g.to(x.dtype).T).double())
+        ref.append((target.to(x.dtype) @ g.to(x.dtype).T).double())
     a, b = torch.cat(mine, 1).cpu().numpy(), torch.cat(ref, 1).cpu().numpy()
     return torch.tensor([spearmanr(a[q], b[q]).statistic for q in range(len(a))], dtype=torch.float64)
 
