@@ -187,7 +187,9 @@ def score_agreement(ctx: Context, x: torch.Tensor, target: torch.Tensor) -> torc
     attr = ctx.attributor
     solver = attr.solver
     mine, ref = [], []
-    for xb, yb, _ in ctx.train_data.batches(ctx.score.batch_size):
+    # (a batch's per-example gradients are [b, P]: at most ~1 GB of them at a time, 22 examples on ResNet-18)
+    batch = max(1, min(ctx.score.batch_size, int(2**30 // (x.shape[1] * x.element_size()))))
+    for xb, yb, _ in ctx.train_data.batches(batch):
         g = solver.train_grads(attr.model, xb, yb)  # (in the solver's dtype: ranks need no float64 copy of x)
         mine.append((x @ g.to(x.dtype).T).double())
         ref.append((target.to(x.dtype) @ g.to(x.dtype).T).double())
