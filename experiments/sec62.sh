@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Section 3's exact-reference figures and their data (experiments/results/sec62/<setting>.png and .csv), from the
+# committed per-query files of the sweeps named in run_here.sh (run ihvp_cnn_exact ... ihvp_resnet18_exact).
+# A series is LABEL=SWEEP/JOB; a sweep that was not run (or a job that is missing) is left out with a note.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+R=experiments/results
+have() { [ -f "$R/${1%/*}/job${1#*/}_ihvp_queries.csv" ]; }
+figure() {  # figure SETTING TITLE LABEL=SWEEP/JOB ...
+  local setting=$1 title=$2; shift 2
+  local series=()
+  for s in "$@"; do if have "${s#*=}"; then series+=("$s"); else echo "sec62: $setting: ${s#*=} missing, left out"; fi; done
+  [ ${#series[@]} -gt 0 ] && "$PY" experiments/sec62_figure.py "$R/sec62/$setting.png" --title "$title" "${series[@]}"
+}
+figure cnn "CNN, FashionMNIST 500 points, against solver=gram" \
+  "EK-FAC=ihvp_cnn_exact/0" "K-FAC=ihvp_cnn_exact/1" "LiSSA (tuned)=ihvp_cnn_exact_lissa/0" \
+  "LiSSA+EK-FAC (tuned)=ihvp_cnn_exact_lissa_ekfac/0" \
+  "Arnoldi 50, dropped=ihvp_cnn_exact_arnoldi/0" "Arnoldi 50, λ elsewhere=ihvp_cnn_exact_arnoldi/1" \
+  "Arnoldi 200, dropped=ihvp_cnn_exact_arnoldi/2" "Arnoldi 200, λ elsewhere=ihvp_cnn_exact_arnoldi/3"
+figure cnn_ladder "CNN: the approximation ladder (exact GGN = the reference)" \
+  "exact block-diagonal=ihvp_cnn_ladder_blockdiag/0" "K-FAC=ihvp_cnn_exact/1" "EK-FAC=ihvp_cnn_exact/0" \
+  "EK-FAC, 10 Fisher samples=ihvp_cnn_ladder_samples/0" "K-FAC, 10 Fisher samples=ihvp_cnn_ladder_samples/1" \
+  "exact, empirical Fisher=ihvp_cnn_ladder_empirical/0" "EK-FAC, empirical Fisher=ihvp_cnn_ladder_empirical/1" \
+  "EK-FAC on 50 points=ihvp_cnn_ladder_points/0" "EK-FAC on 150 points=ihvp_cnn_ladder_points/1"
+figure resnet18 "ResNet-18 (reduced: 256 points), against solver=gram" \
+  "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1"
