@@ -8,21 +8,8 @@
 #   python benchmarks/gpu/summarize.py <the fetched folder>     (-> benchmarks/results/gpu/, RESULTS.md section 6c)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-start=$(date +%s)
-OUT=${OUT:-gpu_out}
-PY=${PY:-python3}
-BUDGET=${BUDGET:-420}
-mkdir -p "$OUT"
-if [ -d .gpu_carry/wheels ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu_carry/wheels/*.whl || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled MPLBACKEND=Agg INFLUENCELAB_DATA=$PWD/.gpu_carry
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
-cat "$OUT/nvidia-smi.csv"
+# shellcheck source=benchmarks/gpu/setup.sh
+source benchmarks/gpu/setup.sh  # start, OUT, PY, BUDGET; the carried wheels installed; nvidia-smi.csv
 timeout "${TEST_S:-150}" "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -o addopts="" \
   --durations=5 > "$OUT/tests.log" 2>&1
 echo "pytest -m cuda: exit $?"; tail -n 25 "$OUT/tests.log"

@@ -9,21 +9,8 @@
 # tool brings back at most 8). Then, here: cp <files_at>/* experiments/results/ihvp_resnet18_gpu/
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-start=$(date +%s)
-OUT=${OUT:-gpu_out}
-PY=${PY:-python3}
-BUDGET=${BUDGET:-420}
-mkdir -p "$OUT"
-if [ -d .gpu_carry/wheels ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu_carry/wheels/*.whl || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled MPLBACKEND=Agg INFLUENCELAB_DATA=$PWD/.gpu_carry
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
-cat "$OUT/nvidia-smi.csv"
+# shellcheck source=benchmarks/gpu/setup.sh
+source benchmarks/gpu/setup.sh  # start, OUT, PY, BUDGET; the carried wheels installed; nvidia-smi.csv
 left=$(( BUDGET - ($(date +%s) - start) ))
 # shellcheck disable=SC2086  # ARGS: words on purpose
 "$PY" benchmarks/gpu/sec62_paper.py --out "$OUT" --budget "$left" ${ARGS:-} > "$OUT/sec62.log" 2>&1
