@@ -440,3 +440,60 @@ def _unresolved(S: Sweep, sizes: Sequence[int], template: str) -> Callable[[], s
 
 SECTION.number("seeds_unresolved_digits", _unresolved(_URS, (1, 10, 100), "{lo}–{hi}"))
 SECTION.number("seeds_unresolved_fmnist", _unresolved(_UFS, (10, 100, 1000), "{hi}"))
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5c and 5d with three training seeds (issue 27 item 5): run select_clean_pipeline_seeds, run unlearn_solvers_seeds
+_SCPS, _USS = Sweep("select_clean_pipeline_seeds"), Sweep("unlearn_solvers_seeds")
+
+
+def _seeds_conv(lam: str) -> Callable[[pd.DataFrame], str]:
+    """Over the three seeds' steps at ``lam``: "direct", or how many converged and the worst relative residual."""
+    def name(base: str) -> str:
+        return metric_name(f"solver/{base}", float(lam))
+
+    def text(df: pd.DataFrame) -> str:
+        rows = _seed_rows(df)
+        if name("converged") not in rows or rows[name("converged")].isna().all():
+            return "direct"
+        ok = int((rows[name("converged")].astype(str) == "True").sum())
+        return f"{ok}/3 converged (worst {fmt(rows[name('rel_residual_max')].astype(float).max(), 'e2')})"
+    return text
+
+
+SECTION.table("unlearn_solvers_seeds",
+              ["solver", "λ", "\\|R\\|=10: edit test acc (mean of 3 seeds); edit − retrain [95% CI over seeds]; "
+               "convergence", "\\|R\\|=100: the same"],
+              [[label, lam, *(cell("{:.3}; {}; {}", ref(_USS.report, seed_mean("unlearn/edited/test_accuracy"),
+                                                        **dict(_us(n, solver, lam).overrides)),
+                                   ref(_USS.report, seed_diff("unlearn/edited/test_accuracy",
+                                                              "unlearn/retrained/test_accuracy"),
+                                       **dict(_us(n, solver, lam).overrides)),
+                                   ref(_USS.report, _seeds_conv(lam), **dict(_us(n, solver, lam).overrides)))
+                              for n in (10, 100))]
+               for solver, label, _ in _SOLVERS for lam in _LAMBDAS],
+              "5d: the unlearning step per solver and λ, three training seeds, with its convergence")
+if False:  # (run select_clean_pipeline_seeds not in yet)
+    SECTION.table("select_clean_pipeline_seeds",
+                  ["mode", "unlearn.size", "points fixed (flipped), mean of 3 seeds",
+                   "test acc, mean of 3 seeds: noisy / **one step** / retrain", "one step − retrain [95% CI over seeds]",
+                   "one step − noisy [95% CI over seeds]"],
+                  [[mode, size,
+                    cell("{:.1f} ({:.1f})", ref(_SCPS.report, seed_mean("unlearn/n_points"),
+                                                **{"unlearn.mode": mode, "unlearn.size": size}),
+                         ref(_SCPS.report, seed_mean("unlearn/n_flipped_in_set"),
+                             **{"unlearn.mode": mode, "unlearn.size": size})),
+                    cell("{:.3} / **{:.3}** / {:.3}", *(ref(_SCPS.report, seed_mean(f"unlearn/{m}/test_accuracy"),
+                                                            **{"unlearn.mode": mode, "unlearn.size": size})
+                                                        for m in ("original", "edited", "retrained"))),
+                    cell("{}", ref(_SCPS.report, seed_diff("unlearn/edited/test_accuracy",
+                                                           "unlearn/retrained/test_accuracy"),
+                                   **{"unlearn.mode": mode, "unlearn.size": size})),
+                    cell("{}", ref(_SCPS.report, seed_diff("unlearn/edited/test_accuracy",
+                                                           "unlearn/original/test_accuracy"),
+                                   **{"unlearn.mode": mode, "unlearn.size": size}))]
+                   for mode in ("repair", "remove") for size in ("auto", "72", "144", "288")],
+                  "5c: detect-then-fix, size estimated or fixed, three training seeds")
+SECTION.number("uss_cg_100_minus_retrain", cell("{}", ref(_USS.report, seed_diff(
+    "unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"), **dict(_us(100, "cg", "1e-2").overrides))))
+SECTION.number("uss_ekfac_100_minus_retrain", cell("{}", ref(_USS.report, seed_diff(
+    "unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"), **dict(_us(100, "ekfac", "1e-2").overrides))))
