@@ -1,0 +1,95 @@
+"""Section 3's exact-reference part (issue 29): every solver's IHVP error and the rank agreement of its pairwise
+scores against solver=gram (exact at every damping), per damping: the median over the queries, from the files
+``experiments/sec62_figure.py`` writes beside its figures (``experiments/results/sec62/<setting>.csv``: per series
+and damping the median and quartiles of the error and of the Spearman correlation, and the reference's residual;
+each series one job of a committed sweep, named in the file's ``source`` column)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+from tables_engine import Cell, Ref, Section, cell, fmt
+
+SECTION = Section("3. IHVP accuracy against an exact reference at every damping")
+
+
+def src(setting: str) -> str:
+    return f"experiments/results/sec62/{setting}.csv"
+
+
+def value(setting: str, series: str, lam: str, key: str) -> Ref:
+    return Ref(src(setting), key, (("series", series), ("damping", lam)), one=True)
+
+
+def worst_residual(setting: str, lam: str) -> Ref:
+    """The reference's relative residual at ``lam`` (the same reference serves every series: the largest)."""
+    def get(df: pd.DataFrame) -> str:
+        return fmt(df["ref_rel_residual"].max(), "e2")
+    return Ref(src(setting), get, (("damping", lam),))
+
+
+def rows(setting: str, series: Sequence[str], dampings: Sequence[str]) -> list[list[str | Cell | Ref]]:
+    return [[f"{float(lam):g}", worst_residual(setting, lam),
+             *(cell("{:.2} / {:.2}", value(setting, s, lam, "error_median"), value(setting, s, lam, "spearman_median"))
+               for s in series)] for lam in dampings]
+
+
+def table(name: str, setting: str, series: Sequence[str], dampings: Sequence[str], note: str) -> None:
+    SECTION.table(name, ["λ", "reference residual (worst query)", *(f"{s}: error / ρ" for s in series)],
+                  rows(setting, series, dampings), note)
+
+
+def median(setting: str, series: str, lam: str, key: str = "error_median", f: str = ".2") -> Cell:
+    return cell("{:" + f + "}", value(setting, series, lam, key))
+
+
+def span(setting: str, series: str, key: str, f: str = ".2") -> Ref:
+    """``lo–hi``: the range over the dampings of one series' median ``key``."""
+    def get(df: pd.DataFrame) -> str:
+        return f"{fmt(df[key].min(), f)}–{fmt(df[key].max(), f)}"
+    return Ref(src(setting), get, (("series", series),))
+
+
+def worst_overall(setting: str, dampings: Sequence[str] | None = None) -> Ref:
+    """The reference's largest residual over the dampings (all, or those given)."""
+    def get(df: pd.DataFrame) -> str:
+        if dampings is not None:
+            df = df[df["damping"].astype(float).isin([float(d) for d in dampings])]
+        return fmt(df["ref_rel_residual"].max(), "e2")
+    return Ref(src(setting), get)
+
+
+CNN_DAMPINGS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0")
+R18_DAMPINGS = ("1e-06", "0.0001", "0.01")
+CNN_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, dropped", "Arnoldi 200, dropped", "Arnoldi 200, λ elsewhere")
+R18_SERIES = ("EK-FAC", "K-FAC")
+table("ihvp_exact_cnn", "cnn", CNN_SERIES, CNN_DAMPINGS,
+      "3.0: IHVP error and score Spearman against the exact reference, CNN (medians over 16 queries)")
+table("ihvp_exact_resnet18", "resnet18", R18_SERIES, R18_DAMPINGS,
+      "3.0: the same on the reduced ResNet-18")
+
+# prose numbers
+SECTION.number("x_cnn_ref_worst", cell("{}", worst_overall("cnn")))
+SECTION.number("x_r18_ref_1e-6", cell("{}", worst_overall("resnet18", ["1e-06"])))
+SECTION.number("x_r18_ref_rest", cell("{}", worst_overall("resnet18", ["0.0001", "0.01"])))
+SECTION.number("x_cnn_ekfac_err_span", cell("{}", span("cnn", "EK-FAC", "error_median")))
+SECTION.number("x_cnn_ekfac_rho_small", cell("{}", Ref(src("cnn"), lambda df: (
+    f"{fmt(df[df['damping'] <= 0.01]['spearman_median'].min(), '.2')}–"
+    f"{fmt(df[df['damping'] <= 0.01]['spearman_median'].max(), '.2')}"), (("series", "EK-FAC"),))))
+SECTION.number("x_cnn_ekfac_rho_10", median("cnn", "EK-FAC", "10.0", "spearman_median"))
+SECTION.number("x_cnn_kfac_rho_small", cell("{}", Ref(src("cnn"), lambda df: (
+    f"{fmt(df[df['damping'] <= 0.01]['spearman_median'].min(), '.2')}–"
+    f"{fmt(df[df['damping'] <= 0.01]['spearman_median'].max(), '.2')}"), (("series", "K-FAC"),))))
+SECTION.number("x_cnn_a200_rho_1e-4", median("cnn", "Arnoldi 200, λ elsewhere", "0.0001", "spearman_median"))
+SECTION.number("x_cnn_a200_rho_1e-2", median("cnn", "Arnoldi 200, λ elsewhere", "0.01", "spearman_median"))
+SECTION.number("x_cnn_a200_err_1e-6", median("cnn", "Arnoldi 200, λ elsewhere", "1e-06"))
+SECTION.number("x_cnn_a200_err_0.1", median("cnn", "Arnoldi 200, λ elsewhere", "0.1", f=".3"))
+SECTION.number("x_cnn_a50d_err_small", cell("{}", Ref(src("cnn"), lambda df: fmt(
+    df[df["damping"] <= 0.01]["error_median"].min(), ".2"), (("series", "Arnoldi 50, dropped"),))))
+SECTION.number("x_r18_ekfac_err_span", cell("{}", span("resnet18", "EK-FAC", "error_median")))
+SECTION.number("x_r18_ekfac_rho_span", cell("{}", span("resnet18", "EK-FAC", "spearman_median")))
+SECTION.number("x_r18_kfac_rho_span", cell("{}", span("resnet18", "K-FAC", "spearman_median")))
+SECTION.number("x_r18_ekfac_cos_span", cell("{}", Ref("experiments/results/ihvp_resnet18_exact/report_by_damping.csv",
+                                                      lambda df: f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].min(), '.2')}–"
+                                                                 f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].max(), '.2')}")))
