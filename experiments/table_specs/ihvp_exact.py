@@ -93,3 +93,18 @@ SECTION.number("x_r18_kfac_rho_span", cell("{}", span("resnet18", "K-FAC", "spea
 SECTION.number("x_r18_ekfac_cos_span", cell("{}", Ref("experiments/results/ihvp_resnet18_exact/report_by_damping.csv",
                                                       lambda df: f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].min(), '.2')}–"
                                                                  f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].max(), '.2')}")))
+
+
+def _lissa_cg_errors(lo: float | None = None, hi: float | None = None) -> Ref:
+    """run ihvp_cnn's LiSSA (depth 200) errors against CG: "min–max" over its jobs with λ in [lo, hi]."""
+    def get(df: pd.DataFrame) -> str:
+        lam = df["solver.damping"].astype(float)
+        keep = (lam >= (lo if lo is not None else 0)) & (lam <= (hi if hi is not None else float("inf")))
+        e = df[keep]["ihvp/rel_error"].astype(float)
+        return f"{fmt(e.min(), '.2')}–{fmt(e.max(), '.2')}"
+    return Ref("experiments/results/ihvp_cnn/report.csv", get, (("solver", "lissa"),))
+
+
+SECTION.number("x_cnn_lissa_cg_error_all", cell("{}", _lissa_cg_errors()))
+SECTION.number("x_cnn_lissa_cg_error_large", cell("{}", _lissa_cg_errors(lo=1.0)))
+SECTION.number("x_cnn_lissa_cg_error_small", cell("{}", _lissa_cg_errors(hi=0.01)))
