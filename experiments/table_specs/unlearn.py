@@ -472,28 +472,37 @@ SECTION.table("unlearn_solvers_seeds",
                               for n in (10, 100))]
                for solver, label, _ in _SOLVERS for lam in _LAMBDAS],
               "5d: the unlearning step per solver and λ, three training seeds, with its convergence")
-if False:  # (run select_clean_pipeline_seeds not in yet)
-    SECTION.table("select_clean_pipeline_seeds",
-                  ["mode", "unlearn.size", "points fixed (flipped), mean of 3 seeds",
-                   "test acc, mean of 3 seeds: noisy / **one step** / retrain", "one step − retrain [95% CI over seeds]",
-                   "one step − noisy [95% CI over seeds]"],
-                  [[mode, size,
-                    cell("{:.1f} ({:.1f})", ref(_SCPS.report, seed_mean("unlearn/n_points"),
-                                                **{"unlearn.mode": mode, "unlearn.size": size}),
-                         ref(_SCPS.report, seed_mean("unlearn/n_flipped_in_set"),
-                             **{"unlearn.mode": mode, "unlearn.size": size})),
-                    cell("{:.3} / **{:.3}** / {:.3}", *(ref(_SCPS.report, seed_mean(f"unlearn/{m}/test_accuracy"),
-                                                            **{"unlearn.mode": mode, "unlearn.size": size})
-                                                        for m in ("original", "edited", "retrained"))),
-                    cell("{}", ref(_SCPS.report, seed_diff("unlearn/edited/test_accuracy",
-                                                           "unlearn/retrained/test_accuracy"),
-                                   **{"unlearn.mode": mode, "unlearn.size": size})),
-                    cell("{}", ref(_SCPS.report, seed_diff("unlearn/edited/test_accuracy",
-                                                           "unlearn/original/test_accuracy"),
-                                   **{"unlearn.mode": mode, "unlearn.size": size}))]
-                   for mode in ("repair", "remove") for size in ("auto", "72", "144", "288")],
-                  "5c: detect-then-fix, size estimated or fixed, three training seeds")
+SECTION.table("select_clean_pipeline_seeds",
+              ["mode", "unlearn.size", "points fixed (flipped), mean of 3 seeds",
+               "test acc, mean of 3 seeds: noisy / **one step** / retrain", "one step − retrain [95% CI over seeds]",
+               "one step − noisy [95% CI over seeds]"],
+              [[mode, size,
+                cell("{:s3} ({:s3})", ref(_SCPS.report, seed_mean("unlearn/n_points"),
+                                            **{"unlearn.mode": mode, "unlearn.size": size}),
+                     ref(_SCPS.report, seed_mean("unlearn/n_flipped_in_set"),
+                         **{"unlearn.mode": mode, "unlearn.size": size})),
+                cell("{:.3} / **{:.3}** / {:.3}", *(ref(_SCPS.report, seed_mean(f"unlearn/{m}/test_accuracy"),
+                                                        **{"unlearn.mode": mode, "unlearn.size": size})
+                                                    for m in ("original", "edited", "retrained"))),
+                cell("{}", ref(_SCPS.report, seed_diff("unlearn/edited/test_accuracy",
+                                                       "unlearn/retrained/test_accuracy"),
+                               **{"unlearn.mode": mode, "unlearn.size": size})),
+                cell("{}", ref(_SCPS.report, seed_diff("unlearn/edited/test_accuracy",
+                                                       "unlearn/original/test_accuracy"),
+                               **{"unlearn.mode": mode, "unlearn.size": size}))]
+               for mode in ("repair", "remove") for size in ("auto", "72", "144", "288")],
+              "5c: detect-then-fix, size estimated or fixed, three training seeds")
 SECTION.number("uss_cg_100_minus_retrain", cell("{}", ref(_USS.report, seed_diff(
-    "unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"), **dict(_us(100, "cg", "1e-2").overrides))))
+"unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"), **dict(_us(100, "cg", "1e-2").overrides))))
 SECTION.number("uss_ekfac_100_minus_retrain", cell("{}", ref(_USS.report, seed_diff(
-    "unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"), **dict(_us(100, "ekfac", "1e-2").overrides))))
+"unlearn/edited/test_accuracy", "unlearn/retrained/test_accuracy"), **dict(_us(100, "ekfac", "1e-2").overrides))))
+
+
+def _scps_gap_range(df: pd.DataFrame) -> str:
+    """Over every (mode, size) of run select_clean_pipeline_seeds: the range of the seed-mean one step − retrain."""
+    d = (df["unlearn/edited/test_accuracy"].astype(float) - df["unlearn/retrained/test_accuracy"].astype(float))
+    means = d.groupby([df["unlearn.mode"], df["unlearn.size"]]).mean()
+    return f"{fmt(-means.max(), '.2')}–{fmt(-means.min(), '.2')}"
+
+
+SECTION.number("scps_gap_range", cell("{}", _SCPS.every_job(_scps_gap_range)))
