@@ -108,3 +108,37 @@ def _lissa_cg_errors(lo: float | None = None, hi: float | None = None) -> Ref:
 SECTION.number("x_cnn_lissa_cg_error_all", cell("{}", _lissa_cg_errors()))
 SECTION.number("x_cnn_lissa_cg_error_large", cell("{}", _lissa_cg_errors(lo=1.0)))
 SECTION.number("x_cnn_lissa_cg_error_small", cell("{}", _lissa_cg_errors(hi=0.01)))
+
+# the approximation ladder (issue 29 item 5): experiments/results/sec62/cnn_ladder.csv (series present in it)
+LADDER = ("exact block-diagonal", "K-FAC", "EK-FAC", "EK-FAC, 10 Fisher samples", "K-FAC, 10 Fisher samples",
+          "exact, empirical Fisher", "EK-FAC, empirical Fisher", "EK-FAC on 50 points", "EK-FAC on 150 points")
+
+
+def _present(setting: str, series: Sequence[str]) -> list[str]:
+    from tables_engine import exists, load
+    if not exists(src(setting)):
+        return []
+    have = set(load(src(setting))["series"])
+    return [s for s in series if s in have]
+
+
+LADDER_PRESENT = _present("cnn_ladder", LADDER)
+LADDER_DAMPINGS = ("1e-06", "0.0001", "0.01", "1.0")
+table("ihvp_exact_ladder", "cnn_ladder", LADDER_PRESENT, LADDER_DAMPINGS,
+      "3.0: the approximation ladder on the CNN, each step against the exact GGN inverse")
+
+
+def _small(setting: str, series: str, key: str) -> Ref:
+    """``lo–hi`` of one series' median ``key`` over λ ≤ 1e-2."""
+    def get(df: pd.DataFrame) -> str:
+        v = df[df["damping"].astype(float) <= 0.01][key]
+        return f"{fmt(v.min(), '.2')}–{fmt(v.max(), '.2')}"
+    return Ref(src(setting), get, (("series", series),))
+
+
+for _s, _tag in (("exact block-diagonal", "bd"), ("EK-FAC, 10 Fisher samples", "ek10"),
+                 ("EK-FAC, empirical Fisher", "ekef"), ("exact, empirical Fisher", "exef"), ("K-FAC", "kfac"),
+                 ("EK-FAC", "ekfac")):
+    if _s in LADDER_PRESENT:
+        SECTION.number(f"x_ladder_{_tag}_rho_small", cell("{}", _small("cnn_ladder", _s, "spearman_median")))
+SECTION.number("x_ladder_bd_err_small", cell("{}", _small("cnn_ladder", "exact block-diagonal", "error_median")))
