@@ -142,3 +142,8 @@ for _s, _tag in (("exact block-diagonal", "bd"), ("EK-FAC, 10 Fisher samples", "
     if _s in LADDER_PRESENT:
         SECTION.number(f"x_ladder_{_tag}_rho_small", cell("{}", _small("cnn_ladder", _s, "spearman_median")))
 SECTION.number("x_ladder_bd_err_small", cell("{}", _small("cnn_ladder", "exact block-diagonal", "error_median")))
+if "EK-FAC on 50 points" in LADDER_PRESENT:
+    SECTION.number("x_ladder_p50_err_1e-6", median("cnn_ladder", "EK-FAC on 50 points", "1e-06"))
+    SECTION.number("x_ladder_p150_err_1e-6", median("cnn_ladder", "EK-FAC on 150 points", "1e-06"))
+    SECTION.number("x_ladder_ekfac_err_1e-6", median("cnn_ladder", "EK-FAC", "1e-06"))
+    SECTION.number("x_ladder_p50_rho_small", cell("{}", _small("cnn_ladder", "EK-FAC on 50 points", "spearman_median")))
