@@ -344,3 +344,23 @@ def test_every_fault_error_is_an_influencelab_error():
     """The CLI prints these in one line with exit 2 (it catches InfluenceLabError)."""
     for cls in (FileFaultError, CorruptFileError, NonFiniteError, TrainingDivergedError):
         assert issubclass(cls, InfluenceLabError)
+
+
+def test_a_corrupt_report_csv_is_one_line_naming_the_command_that_rewrites_it(finished_run, tmp_path):
+    """influencelab-report FILE.csv (a report redrawn from its CSV) on a damaged report.csv: one line, the file,
+    the cause and the command; and the report's CSVs are written whole (no temporary file left beside them)."""
+    from influencelab.sweeps import load_sweep
+
+    root, run_dir, _ = finished_run
+    sweep = tmp_path / "sweep"
+    shutil.copytree(run_dir, sweep / "0")
+    r = subprocess.run([sys.executable, "-m", "influencelab.report", str(sweep)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (sweep / "report.csv").exists() and not list(sweep.glob("*.tmp")) and not list(sweep.glob(".*.tmp"))
+    good = (sweep / "report.csv").read_text()
+    (sweep / "report.csv").write_text(good.splitlines()[0] + '\n"0,unterminated\n')
+    with pytest.raises(CorruptFileError) as e:
+        load_sweep(sweep / "report.csv")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{sweep / 'report.csv'} is corrupt")
+    assert f"regenerate it: influencelab-report {sweep}" in msg

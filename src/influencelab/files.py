@@ -357,3 +357,26 @@ def rerun_command(run_dir: str | Path, stages: str | None = None) -> str:
     overrides = [o for o in overrides if not o.startswith("hydra.run.dir=")]
     return " ".join(["influencelab", *(f"'{o}'" if any(c in o for c in " [],") else o for o in overrides),
                      f"hydra.run.dir={run_dir}"])
+
+
+def read_csv(path: str | Path, regenerate: str | None = None, **kwargs: Any) -> Any:
+    """``pandas.read_csv`` of a file the project wrote (a report CSV); unreadable, empty or malformed is a one-line
+    error naming the file and ``regenerate`` (the command that rewrites it)."""
+    import pandas as pd
+
+    path = Path(path)
+    fix = f"; regenerate it: {regenerate}" if regenerate else "; delete it and rerun what wrote it"
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise FileFaultError(describe_read_error(e, path, regenerate)) from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        cause = "empty" if isinstance(e, pd.errors.EmptyDataError) else f"corrupt ({str(e).splitlines()[0]})"
+        raise CorruptFileError(f"{path} is {cause}{fix}") from None
+
+
+def write_csv(frame: Any, path: str | Path, where: str | None = None) -> None:
+    """A DataFrame as CSV, written whole or not at all (:func:`atomic_write_text`)."""
+    atomic_write_text(path, frame.to_csv(index=False), where=where)

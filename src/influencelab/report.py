@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InfluenceLabError
+from .files import atomic_write_text, read_csv, write_csv
 from .metric_names import damping_value, parse_metric_name
 from .registry import STAGES
 from .stages import load_all
@@ -193,7 +194,6 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
     ``report.md`` and the figures are redrawn beside it from that file alone (the file itself is left as it is;
     the agreement is read from ``report_agreement.csv`` beside it, if there; figures that need the job
     directories' own tables are skipped)."""
-    import pandas as pd
 
     from .compare import against_reference, compare
     from .plots import agreement_figure, pyplot
@@ -206,23 +206,24 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
         csv_path = root
         root = root.parent
         agree_csv = root / "report_agreement.csv"
-        agree = pd.read_csv(agree_csv, dtype={"job_a": str, "job_b": str}) if agree_csv.exists() else None
+        agree = read_csv(agree_csv, f"influencelab-report {root}", dtype={"job_a": str, "job_b": str}) \
+            if agree_csv.exists() else None
     else:
         csv_path = root / "report.csv"
         # a logged NaN as "nan", a metric the job did not log as an empty cell
-        frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v).to_csv(csv_path, index=False)
+        write_csv(frame.map(lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v), csv_path)
         # damping lists: also one row per job and damping
         if any(parse_metric_name(str(c))[1] is not None for c in frame.columns):
-            load_sweep(root).to_csv(root / "report_by_damping.csv", index=False)
+            write_csv(load_sweep(root), root / "report_by_damping.csv")
         agree, notes = compare(root, find_jobs(root))
         if len(agree):
-            agree.to_csv(root / "report_agreement.csv", index=False)
+            write_csv(agree, root / "report_agreement.csv")
         else:
             agree = None
             (root / "report_agreement.csv").unlink(missing_ok=True)
     long = load_sweep(csv_path if from_file else root)
     small, shared = compact(long, against_reference(agree) if agree is not None else None)
-    small.to_csv(root / "report_compact.csv", index=False)
+    write_csv(small, root / "report_compact.csv")
     figs = plots(root, _rows(frame))  # the jobs read once, above
     if agree is not None:
         plt = pyplot()
@@ -250,7 +251,7 @@ def report(root: Path) -> tuple[Path, Path, list[Path]]:
     elif notes:
         text += "".join(f"\n- {n}" for n in notes) + "\n"
     text += "".join(f"\n![{p.stem}]({p.relative_to(root)})\n" for p in figs)
-    md.write_text(text)
+    atomic_write_text(md, text)
     return md, csv_path, figs
 
 

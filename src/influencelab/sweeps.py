@@ -294,9 +294,11 @@ def _load_report(path: Path, by_damping: bool) -> pd.DataFrame:
     """A ``report.csv`` as :func:`load_sweep` gives a directory (``job`` and overrides as text, empty cells
     NaN). Its first damping per job, for the metrics logged without ``@``: the ``solver.damping`` column, where
     the sweep overrode it."""
-    import pandas as pd  # on use: `import influencelab` stays light
-    lead = [c for c in pd.read_csv(path, nrows=0).columns if "/" not in c]  # job, overrides, choices, error
-    wide = pd.read_csv(path, dtype=dict.fromkeys(lead, str))
+    from .files import read_csv
+
+    again = f"influencelab-report {path.parent}"  # (what rewrites it from the job directories)
+    lead = [c for c in read_csv(path, again, nrows=0).columns if "/" not in c]  # job, overrides, choices, error
+    wide = read_csv(path, again, dtype=dict.fromkeys(lead, str))
     if not by_damping:
         return wide
     return split_dampings(wide, "solver.damping" if "solver.damping" in wide else None)
