@@ -305,3 +305,11 @@ SECTION.number("pipeline_peak_rss", cell("{:,0} / {:,0} / {:,0}", *_PLM))
 SECTION.number("pipeline_n_x_params", cell("{:d} → {:d}", *(ref(_PL, "n_train_x_params_mb",
                                                                 measurement="pairwise_peak_memory", n_train=n)
                                                             for n in (500, 2000))))
+
+# the sweep machinery under load (issue 32 item 5): benchmarks/results/sweep_load.csv, one summary row
+for _name, _col in (("sl_jobs", "jobs"), ("sl_kills", "kills"), ("sl_kills_mid_write", "kills_mid_write"),
+                    ("sl_invocations", "invocations"), ("sl_lost", "lost_jobs"), ("sl_stray", "stray_files"),
+                    ("sl_temps", "temp_files_left_by_kills")):
+    SECTION.number(_name, cell("{:d}", Ref("benchmarks/results/sweep_load.csv", _col, one=True)))
+SECTION.number("sl_mismatches", cell("{:d}", Ref("benchmarks/results/sweep_load.csv", lambda df: int(
+    df[["metric_mismatches", "score_file_mismatches", "cache_mismatches"]].to_numpy().sum()))))
