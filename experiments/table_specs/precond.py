@@ -4,7 +4,7 @@ ihvp_resnet18_lissa_ekfac)."""
 
 from __future__ import annotations
 
-from tables_engine import Cell, Job, Ref, Section, Sweep, cell, job, ref
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, ref
 
 from table_specs.ihvp import against_valid, ihvp_ref, ihvp_rows, iters_cell, ref_state
 
@@ -129,3 +129,66 @@ SECTION.table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc aft
               [up_row(label, job(f"unlearn.size={size}") & _pre(p)) for size in (10, 100)
                for label, p in (("CG", "null"), ("CG + EK-FAC", "ekfac"), ("CG + K-FAC", "kfac"))],
               "3b/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->): run ihvp_solvers
+_LAM = {"1e-5": "1e-05", "1e-4": "0.0001", "1e-3": "0.001", "1e-2": "0.01", "0.1": "0.1", "1": "1.0", "10": "10.0"}
+
+
+def _sv(name: str, solver: str, tag: str, key: str, f: str) -> None:
+    """``key`` of ihvp_solvers' job ``solver`` at damping ``tag`` (a _LAM key), as RESULTS.md's number ``sv_NAME``."""
+    SECTION.number(f"sv_{name}", cell("{:" + f + "}", ihvp_ref("ihvp_solvers", solver, _LAM[tag], key)))
+
+
+def _sv_ratio(name: str, num: str, den: str, tags: list[str], key: str, f: str = "s2") -> None:
+    """``num``'s ``key`` over ``den``'s at each damping of ``tags``: one ratio, or "lo–hi" over several."""
+    def text() -> str:
+        r = [ihvp_ref("ihvp_solvers", num, _LAM[t], key).value() / ihvp_ref("ihvp_solvers", den, _LAM[t], key).value()
+             for t in tags]
+        return fmt(r[0], f) if len(r) == 1 else f"{fmt(min(r), f)}–{fmt(max(r), f)}"
+    SECTION.number(f"sv_{name}", text)
+
+
+_sv_ratio("pcg_speedup_to_0.1", "cg", "cg_ekfac", ["1e-3", "1e-2"], "ihvp/iters_to_0.1")
+_sv_ratio("pcg_speedup_to_0.1_1e-3", "cg", "cg_ekfac", ["1e-3"], "ihvp/iters_to_0.1")
+_sv_ratio("pcg_speedup_to_0.1_1e-2", "cg", "cg_ekfac", ["1e-2"], "ihvp/iters_to_0.1")
+_sv_ratio("plissa_speedup_to_0.1_1", "lissa", "lissa_ekfac", ["1"], "ihvp/iters_to_0.1")
+for _t in ("1e-3", "1e-2", "0.1", "1", "10"):
+    for _s in ("cg", "cg_ekfac", "lissa", "lissa_ekfac")[:2 if _t in ("1e-3", "1e-2", "0.1") else 4]:
+        _sv(f"{_s}_to_0.1_{_t}", _s, _t, "ihvp/iters_to_0.1", "d")
+for _s, _ts in (("cg", ("1e-3", "1e-2", "0.1")), ("cg_ekfac", ("1e-2", "0.1"))):
+    for _t in _ts:
+        _sv(f"{_s}_to_0.01_{_t}", _s, _t, "ihvp/iters_to_0.01", "d")
+for _t in ("1e-3", "1e-2", "0.1"):
+    for _s in ("ekfac", "lissa", "lissa_ekfac"):
+        _sv(f"{_s}_error_{_t}", _s, _t, "ihvp/rel_error", ".2")
+_sv("cg_ekfac_residual_1e-2", "cg_ekfac", "1e-2", "ihvp/rel_residual", "e2")
+_sv("cg_iterations_1e-2", "cg", "1e-2", "ihvp/iterations", "d")
+for _t in ("1e-4", "1e-5"):
+    _sv(f"ref_residual_{_t}", "cg", _t, "ihvp/ref_rel_residual", "s2")
+    for _s in ("cg", "cg_ekfac"):
+        _sv(f"{_s}_residual_{_t}", _s, _t, "ihvp/rel_residual", "s2")
+for _s in ("lissa", "lissa_ekfac"):
+    _sv(f"{_s}_time_1e-3", _s, "1e-3", "ihvp/time_s", ".1")
+_sv("cg_ekfac_error_1e-3_final", "cg_ekfac", "1e-3", "ihvp/rel_error", "g2")
+_sv("ekfac_time_1e-3", "ekfac", "1e-3", "ihvp/time_s", ".2")
+SECTION.number("sv_ekfac_time_budget_1e-3", lambda: fmt(
+    5 * ihvp_ref("ihvp_solvers", "ekfac", "0.001", "ihvp/time_s").value(), ".1"))
+for _s in ("cg", "cg_ekfac"):
+    _sv(f"{_s}_time_to_0.1_1e-3", _s, "1e-3", "ihvp/time_s_to_0.1", ".1")
+SECTION.number("sv_cg_ekfac_over_budget_1e-3", lambda: fmt(
+    ihvp_ref("ihvp_solvers", "cg_ekfac", "0.001", "ihvp/time_s_to_0.1").value()
+    / (5 * ihvp_ref("ihvp_solvers", "ekfac", "0.001", "ihvp/time_s").value()), ".1"))
+_sv("cg_time_to_0.1_10", "cg", "10", "ihvp/time_s_to_0.1", ".1")
+
+# the tiny models' spectrum (experiments/precond_spectrum.py), EK-FAC with one label sample, λ = 1e-3
+for _m, _n in (("cnn", 48), ("mlp", 600), ("cnn", 600)):
+    SECTION.number(f"spec_{_m}{_n}_cond", cell("{:e2} → {:e2}", _spec("cond_A", _m, _n, 1e-3, 1e-3),
+                                               _spec("cond_PA", _m, _n, 1e-3, 1e-3)))
+SECTION.number("spec_cnn48_iters", cell("{:d} vs {:,0}", _spec("cg_iters_plain", "cnn", 48, 1e-3, 1e-3),
+                                        _spec("cg_iters_pcg", "cnn", 48, 1e-3, 1e-3)))
+SECTION.number("spec_cnn48_iters_ratio", lambda: fmt(_spec("cg_iters_pcg", "cnn", 48, 1e-3, 1e-3).value()
+                                                     / _spec("cg_iters_plain", "cnn", 48, 1e-3, 1e-3).value(), ".0"))
+SECTION.number("spec_mlp600_iters", cell("{:d} → {:d}", _spec("cg_iters_plain", "mlp", 600, 1e-3, 1e-2),
+                                         _spec("cg_iters_pcg", "mlp", 600, 1e-3, 1e-2)))
