@@ -4,6 +4,8 @@ ihvp_resnet18_lissa_ekfac)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, ref
 
 from table_specs.ihvp import against_valid, ihvp_ref, ihvp_rows, iters_cell, ref_state
@@ -192,3 +194,38 @@ SECTION.number("spec_cnn48_iters_ratio", lambda: fmt(_spec("cg_iters_pcg", "cnn"
                                                      / _spec("cg_iters_plain", "cnn", 48, 1e-3, 1e-3).value(), ".0"))
 SECTION.number("spec_mlp600_iters", cell("{:d} → {:d}", _spec("cg_iters_plain", "mlp", 600, 1e-3, 1e-2),
                                          _spec("cg_iters_pcg", "mlp", 600, 1e-3, 1e-2)))
+
+# K-FAC as the preconditioner too (runs ihvp_precond, ihvp_precond_cg, ihvp_precond_lissa; λ = 1e-3)
+SECTION.number("pre_test_acc", cell("{:.3}", Sweep("ihvp_precond")("train/test_accuracy", solver="ekfac")))
+SECTION.number("pre_ref_residual", cell("{:e2}", Sweep("ihvp_precond")("ihvp/ref_rel_residual", solver="ekfac")))
+SECTION.number("pre_ekfac_error", cell("{:.3}", Sweep("ihvp_precond")("ihvp/rel_error", solver="ekfac")))
+for _p in ("null", "ekfac", "kfac"):
+    SECTION.number(f"pre_cg_{_p}_to_0.1", cell("{:d}", Sweep("ihvp_precond_cg").job_ref(_pre(_p), "ihvp.csv",
+                                                                                        "iters_to_0.1")))
+    SECTION.number(f"pre_lissa_{_p}_error", cell("{:.2}", Sweep("ihvp_precond_lissa").job_ref(_pre(_p), "ihvp.csv",
+                                                                                              "rel_error")))
+
+
+# the one-step removal (run unlearn_precond): ranges over the two removal sizes
+def _up_range(key: str, pres: Sequence[str], f: str, over: str | None = None) -> Callable[[], str]:
+    """"lo–hi" of ``key`` over unlearn_precond's jobs with a preconditioner in ``pres`` (both sizes), or of its
+    ratio to the plain-CG job of the same size when ``over`` names the denominator's key."""
+    def text() -> str:
+        v = [_UP(key, job(f"unlearn.size={n}") & _pre(p)).value()
+             / (_UP(over, job(f"unlearn.size={n}") & _pre("null")).value() if over else 1)
+             for n in (10, 100) for p in pres]
+        return f"{fmt(min(v), f)}–{fmt(max(v), f)}"
+    return text
+
+
+SECTION.number("up_original_acc", cell("{:.3}", _UP("unlearn/original/test_accuracy", job("unlearn.size=100")
+                                                    & _pre("null"))))
+SECTION.number("up_edited_acc_100", cell("{:.3}", _UP("unlearn/edited/test_accuracy", job("unlearn.size=100")
+                                                      & _pre("ekfac"))))
+SECTION.number("up_cg_iters", _up_range("solver/iterations@0.01", ["null"], "d"))
+SECTION.number("up_cg_time", _up_range("time/unlearn_edit_s", ["null"], ".1"))
+SECTION.number("up_pcg_ekfac_iters", _up_range("solver/iterations@0.01", ["ekfac"], "d"))
+SECTION.number("up_pcg_kfac_residual", lambda: (lambda lo, hi: f"{lo.split('e')[0]}–{hi}")(  # "2.2–3.2e-5"
+    *_up_range("solver/rel_residual_max@0.01", ["kfac"], "e2")().split("–")))
+SECTION.number("up_pcg_time", _up_range("time/unlearn_edit_s", ["ekfac", "kfac"], "s2"))
+SECTION.number("up_pcg_time_ratio", _up_range("time/unlearn_edit_s", ["ekfac", "kfac"], "s2", over="time/unlearn_edit_s"))
