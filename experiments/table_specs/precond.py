@@ -229,3 +229,45 @@ SECTION.number("up_pcg_kfac_residual", lambda: (lambda lo, hi: f"{lo.split('e')[
     *_up_range("solver/rel_residual_max@0.01", ["kfac"], "e2")().split("–")))
 SECTION.number("up_pcg_time", _up_range("time/unlearn_edit_s", ["ekfac", "kfac"], "s2"))
 SECTION.number("up_pcg_time_ratio", _up_range("time/unlearn_edit_s", ["ekfac", "kfac"], "s2", over="time/unlearn_edit_s"))
+
+# the reduced ResNet-18 (runs ihvp_resnet18_pcg, ihvp_resnet18_lissa_ekfac, ihvp_resnet18; λ = 10 and 1)
+_R18 = {"10": "10.0", "1": "1.0"}
+
+
+def _r18(name: str, run: str, solver: str, tag: str, key: str, f: str) -> None:
+    SECTION.number(f"r18p_{name}", cell("{:" + f + "}", ihvp_ref(run, solver, _R18[tag], key)))
+
+
+def _r18_step(run: str, solver: str, f: str) -> Callable[[], str]:
+    """"lo–hi" over λ = 10 and 1 of the seconds per iteration/step: (fit + solve − fit) / iterations."""
+    def text() -> str:
+        v = [(lambda df: (df["ihvp/time_s"] - df["fit/compute_s"]) / df["ihvp/iterations"])(
+            ihvp_ref(run, solver, lam, "ihvp/time_s").rows()).iloc[0] for lam in _R18.values()]
+        return f"{fmt(min(v), f)}–{fmt(max(v), f)}"
+    return text
+
+
+for _t in _R18:
+    _r18(f"ref_residual_{_t}", "ihvp_resnet18_pcg", "cg", _t, "ihvp/ref_rel_residual", "e2")
+    for _s in ("cg", "cg_ekfac"):
+        _r18(f"{_s}_to_0.1_{_t}", "ihvp_resnet18_pcg", _s, _t, "ihvp/iters_to_0.1", "d")
+    _r18(f"lissa_ekfac_error_{_t}", "ihvp_resnet18_lissa_ekfac", "lissa_ekfac", _t, "ihvp/rel_error", ".2")
+    _r18(f"lissa_error_{_t}", "ihvp_resnet18", "lissa", _t, "ihvp/rel_error", ".2")
+_r18("test_acc", "ihvp_resnet18_lissa_ekfac", "ekfac", "10", "train/test_accuracy", ".3")
+_r18("ekfac_error_fresh_10", "ihvp_resnet18_lissa_ekfac", "ekfac", "10", "ihvp/rel_error", ".3")
+for _s in ("cg", "cg_ekfac"):
+    _r18(f"{_s}_to_0.01_10", "ihvp_resnet18_pcg", _s, "10", "ihvp/iters_to_0.01", "d")
+    _r18(f"{_s}_iterations_10", "ihvp_resnet18_pcg", _s, "10", "ihvp/iterations", "d")
+    _r18(f"{_s}_time_10", "ihvp_resnet18_pcg", _s, "10", "ihvp/time_s", "d")
+_r18("cg_ekfac_residual_10", "ihvp_resnet18_pcg", "cg_ekfac", "10", "ihvp/rel_residual", "e2")
+_r18("cg_to_0.01_1", "ihvp_resnet18_pcg", "cg", "1", "ihvp/iters_to_0.01", "d")
+_r18("cg_ekfac_error_1", "ihvp_resnet18_pcg", "cg_ekfac", "1", "ihvp/rel_error", ".3")
+_r18("cg_ekfac_fit", "ihvp_resnet18_pcg", "cg_ekfac", "10", "fit/compute_s", "d")
+_r18("ekfac_fit_fresh", "ihvp_resnet18_lissa_ekfac", "ekfac", "10", "fit/compute_s", ".1")
+SECTION.number("r18p_ekfac_apply", lambda: fmt((lambda df: (df["ihvp/time_s"] - df["fit/compute_s"]).iloc[0])(
+    ihvp_ref("ihvp_resnet18_lissa_ekfac", "ekfac", "10.0", "ihvp/time_s").rows()), "s1"))
+SECTION.number("r18p_ekfac_error_span", lambda: "–".join(
+    fmt(ihvp_ref("ihvp_resnet18", "ekfac", lam, "ihvp/rel_error").value(), ".2") for lam in ("1.0", "10.0")))
+for _run, _s, _f in (("ihvp_resnet18", "lissa", "s2"), ("ihvp_resnet18_lissa_ekfac", "lissa_ekfac", "s2"),
+                     ("ihvp_resnet18_pcg", "cg", ".1"), ("ihvp_resnet18_pcg", "cg_ekfac", ".1")):
+    SECTION.number(f"r18p_{_s}_step_s", _r18_step(_run, _s, _f))
