@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, ref
+from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, ref, timing
 
 from table_specs.ihvp import against_valid, ihvp_ref, ihvp_rows, iters_cell, ref_state
 
@@ -271,3 +271,10 @@ SECTION.number("r18p_ekfac_error_span", lambda: "–".join(
 for _run, _s, _f in (("ihvp_resnet18", "lissa", "s2"), ("ihvp_resnet18_lissa_ekfac", "lissa_ekfac", "s2"),
                      ("ihvp_resnet18_pcg", "cg", ".1"), ("ihvp_resnet18_pcg", "cg_ekfac", ".1")):
     SECTION.number(f"r18p_{_s}_step_s", _r18_step(_run, _s, _f))
+
+# run ihvp_solvers' wall time (timings.txt) and the Jacobian products it used (benchmarks/bench_cg_products.py)
+SECTION.number("sv_wall_s", lambda: fmt(timing("ihvp_solvers"), ",0"))
+_CGP = "benchmarks/results/cg_products.csv"
+SECTION.number("sv_cgp_jacobian_s_8", cell("{:.2}", ref(_CGP, "jacobian_s", k=8)))
+SECTION.number("sv_cgp_jvp_s_8", cell("{:.1}", ref(_CGP, "jvp_s", k=8)))
+SECTION.number("sv_cgp_form_s", cell("{:.1}", ref(_CGP, "jacobian_form_s", k=8)))
