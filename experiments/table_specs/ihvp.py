@@ -137,3 +137,54 @@ SECTION.table("ihvp_cnn_paired", ["λ", "EK-FAC − LiSSA error, paired over que
 for _lam, _tag in (("0.001", "1e-3"), ("0.01", "1e-2")):
     SECTION.number(f"cnn_ekfac_minus_lissa_{_tag}",
                    cell("{}", Sweep("ihvp_cnn_spread").every_job(_paired_vs_lissa("ekfac", _lam))))
+
+# section 3a's prose (runs ihvp_cnn, ihvp_cnn_spread, ihvp_depth, ihvp_resnet18)
+_CNN_LAMS = ("0.001", "0.01", "0.1", "1.0", "10.0")
+_R18_LAMS = ("10.0", "1.0", "0.1", "0.01", "0.001")
+
+
+def _span(name: str, solver: str, lams: Sequence[str], key: str, f: str) -> Callable[[], str]:
+    """"lo–hi" of ``key`` over ``solver``'s jobs of sweep ``name`` at ``lams`` (one value when all round alike)."""
+    def text() -> str:
+        v = [ihvp_ref(name, solver, lam, key).value() for lam in lams]
+        lo, hi = fmt(min(v), f), fmt(max(v), f)
+        return lo if lo == hi else f"{lo}–{hi}"
+    return text
+
+
+def _spread_factor() -> str:
+    """"lo–hi" over λ of EK-FAC's largest over smallest error among the 8 queries (run ihvp_cnn_spread)."""
+    v = [ihvp_ref("ihvp_cnn_spread", "ekfac", lam, metric_name("ihvp/rel_error_max", float(lam))).value()
+         / ihvp_ref("ihvp_cnn_spread", "ekfac", lam, metric_name("ihvp/rel_error_min", float(lam))).value()
+         for lam in _CNN_LAMS]
+    return f"{fmt(min(v), 's2')}–{fmt(max(v), 's2')}"
+
+
+SECTION.number("a_spread_factor", _spread_factor)
+SECTION.number("a_lissa_error_large", _span("ihvp_cnn", "lissa", ("1.0", "10.0"), "ihvp/rel_error", ".2"))
+SECTION.number("a_lissa_cosine_large", _span("ihvp_cnn", "lissa", ("1.0", "10.0"), "ihvp/cosine", ".3"))
+SECTION.number("a_lissa_error_small", _span("ihvp_cnn", "lissa", ("0.001", "0.01"), "ihvp/rel_error", ".2"))
+SECTION.number("a_ekfac_error_span", _span("ihvp_cnn", "ekfac", _CNN_LAMS, "ihvp/rel_error", ".2"))
+SECTION.number("a_ekfac_cosine_span", _span("ihvp_cnn", "ekfac", _CNN_LAMS, "ihvp/cosine", ".2"))
+SECTION.number("a_ref_residual_1e-3", cell("{:e2}", ihvp_ref("ihvp_cnn", "ekfac", "0.001", "ihvp/ref_rel_residual")))
+for _s in ("ekfac", "lissa"):
+    SECTION.number(f"a_{_s}_error_cos_1e-2", cell("{:.2} / {:.2}", ihvp_ref("ihvp_cnn", _s, "0.01", "ihvp/rel_error"),
+                                                  ihvp_ref("ihvp_cnn", _s, "0.01", "ihvp/cosine")))
+SECTION.number("a_ekfac_error_1e-2", cell("{:.2}", ihvp_ref("ihvp_cnn", "ekfac", "0.01", "ihvp/rel_error")))
+SECTION.number("a_depth400_cosine", cell("{:.2}", _ID("ihvp/cosine", **{"solver.depth": 400})))
+SECTION.number("a_depth400_error", cell("{:.2}", _ID("ihvp/rel_error", **{"solver.depth": 400})))
+# the reduced ResNet-18
+SECTION.number("a_r18_test_acc", cell("{:.3}", ihvp_ref("ihvp_resnet18", "ekfac", "10.0", "train/test_accuracy")))
+SECTION.number("a_r18_train_acc", cell("{:.3}", ihvp_ref("ihvp_resnet18", "ekfac", "10.0", "train/train_accuracy")))
+SECTION.number("a_r18_train_s", cell("{:d}", ihvp_ref("ihvp_resnet18", "ekfac", "10.0", "time/train_s")))
+for _s in ("ekfac", "kfac"):
+    SECTION.number(f"a_r18_{_s}_fit_s", cell("{:d}", ihvp_ref("ihvp_resnet18", _s, "10.0", "fit/compute_s")))
+SECTION.number("a_r18_lissa_time_span", _span("ihvp_resnet18", "lissa", _R18_LAMS, "ihvp/time_s", "d"))
+SECTION.number("a_r18_ref_residual_1", cell("{:e2}", ihvp_ref("ihvp_resnet18", "ekfac", "1.0", "ihvp/ref_rel_residual")))
+SECTION.number("a_r18_ref_residual_small", _span("ihvp_resnet18", "ekfac", ("0.1", "0.01", "0.001"),
+                                                 "ihvp/ref_rel_residual", "s2"))
+for _lam, _tag in (("10.0", "10"), ("1.0", "1")):
+    SECTION.number(f"a_r18_lissa_error_cos_{_tag}", cell("{:.2} / {:.2}",
+                                                         ihvp_ref("ihvp_resnet18", "lissa", _lam, "ihvp/rel_error"),
+                                                         ihvp_ref("ihvp_resnet18", "lissa", _lam, "ihvp/cosine")))
+SECTION.number("a_r18_ekfac_cosine", _span("ihvp_resnet18", "ekfac", ("10.0", "1.0"), "ihvp/cosine", ".2"))
