@@ -278,3 +278,5 @@ _CGP = "benchmarks/results/cg_products.csv"
 SECTION.number("sv_cgp_jacobian_s_8", cell("{:.2}", ref(_CGP, "jacobian_s", k=8)))
 SECTION.number("sv_cgp_jvp_s_8", cell("{:.1}", ref(_CGP, "jvp_s", k=8)))
 SECTION.number("sv_cgp_form_s", cell("{:.1}", ref(_CGP, "jacobian_form_s", k=8)))
+SECTION.number("sv_cg_error_max", lambda: fmt(max(ihvp_ref("ihvp_solvers", "cg", _LAM[t], "ihvp/rel_error").value()
+                                                 for t in ("1e-3", "1e-2", "0.1", "1", "10")), ".3"))
