@@ -62,7 +62,8 @@ def worst_overall(setting: str, dampings: Sequence[str] | None = None) -> Ref:
 
 CNN_DAMPINGS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0")
 R18_DAMPINGS = ("1e-06", "0.0001", "0.01")
-CNN_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, dropped", "Arnoldi 200, dropped", "Arnoldi 200, λ elsewhere")
+CNN_SERIES = ("EK-FAC", "K-FAC", "LiSSA (tuned)", "Arnoldi 50, dropped", "Arnoldi 200, dropped",
+              "Arnoldi 200, λ elsewhere")
 R18_SERIES = ("EK-FAC", "K-FAC")
 table("ihvp_exact_cnn", "cnn", CNN_SERIES, CNN_DAMPINGS,
       "3.0: IHVP error and score Spearman against the exact reference, CNN (medians over 16 queries)")
@@ -147,3 +148,13 @@ if "EK-FAC on 50 points" in LADDER_PRESENT:
     SECTION.number("x_ladder_p150_err_1e-6", median("cnn_ladder", "EK-FAC on 150 points", "1e-06"))
     SECTION.number("x_ladder_ekfac_err_1e-6", median("cnn_ladder", "EK-FAC", "1e-06"))
     SECTION.number("x_ladder_p50_rho_small", cell("{}", _small("cnn_ladder", "EK-FAC on 50 points", "spearman_median")))
+
+SECTION.number("x_cnn_lissa_err_small", cell("{}", _small("cnn", "LiSSA (tuned)", "error_median")))
+SECTION.number("x_cnn_lissa_rho_small", cell("{}", _small("cnn", "LiSSA (tuned)", "spearman_median")))
+SECTION.number("x_cnn_lissa_err_1", median("cnn", "LiSSA (tuned)", "1.0"))
+SECTION.number("x_cnn_lissa_time", cell("{}", Ref("experiments/results/ihvp_cnn_exact_lissa/job0_ihvp.csv", lambda df: (
+    f"{fmt(df['time_s'].min(), 's3')}–{fmt(df['time_s'].max(), 's3')}"))))
+SECTION.number("x_cnn_ekfac_time", cell("{}", Ref("experiments/results/ihvp_cnn_exact/job0_ihvp.csv", lambda df: (
+    fmt(df['fit_s'].iloc[0], 's3')))))
+SECTION.number("x_cnn_lissa_res", cell("{}", Ref("experiments/results/ihvp_cnn_exact_lissa/job0_ihvp.csv", lambda df: (
+    f"{fmt(df['rel_residual'].min(), '.2')}–{fmt(df['rel_residual'].max(), '.2')}"))))
