@@ -73,7 +73,9 @@ def test_multirun_over_damping_scores_once_and_each_job_equals_a_single_run(tmp_
         for k in ("self", "pairwise"):
             got = _load(sweep / str(job) / "scores" / f"{k}.safetensors")
             want = _load(single / "scores" / f"{k}.safetensors")
-            assert "scores_by_damping" not in got  # the job saves its own damping only
+            # the job saves its own damping only: its damping axis has one entry (the axis is always there)
+            assert got["scores_by_damping"].shape[0] == 1
+            torch.testing.assert_close(got["scores_by_damping"][0], got["scores"])
             tol = {"rtol": 1e-4, "atol": 1e-5 * float(want["scores"].abs().max())}
             torch.testing.assert_close(got["scores"], want["scores"], **tol)
     assert len([d for d in (tmp_path / "cache" / "self").iterdir() if d.is_dir()]) == 3  # + 2 single runs
