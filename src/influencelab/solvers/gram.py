@@ -376,7 +376,8 @@ class Gram(Solver):
     # -- solves ----------------------------------------------------------------------------------------------------
     def _apply_a(self, V: torch.Tensor, memo: bool = True) -> torch.Tensor:
         """``A_p v_p`` per part: ``[parts, n C, k]`` for ``V [k, P]`` (float64); memoised for the last ``V``."""
-        key = (V.data_ptr(), tuple(V.shape), V._version, float(V.double().sum()))
+        # (the sum tells apart a new tensor that reuses a freed one's memory; summed without a float64 copy of V)
+        key = (V.data_ptr(), tuple(V.shape), V._version, float(V.sum(dtype=torch.float64)))
         if memo and self._av is not None and self._av[0] == key:
             return self._av[1]
         parts = self._parts()
