@@ -174,6 +174,15 @@ run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 dataset.test_subset=1
 run ihvp_resnet18_exact_arnoldi experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 \
   trainer.epochs=15 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=arnoldi solver.complement=damping
+# the other solvers of issue 29 on the same model, queries and reference: LiSSA and LiSSA + EK-FAC tuned as their
+# users tune them (scale search, depth = auto with 4 repeats: depth x repeats ~ n), CG + EK-FAC capped at 30 iterations
+R18='dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 ihvp.reference=gram'
+run ihvp_resnet18_exact_lissa experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[1e-6,1e-4,1e-2]' solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
+run ihvp_resnet18_exact_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[1e-6,1e-4,1e-2]' solver=cg_ekfac ++solver.max_iter=30
+run ihvp_resnet18_exact_lissa_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[1e-6,1e-4,1e-2]' solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers

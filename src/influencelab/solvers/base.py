@@ -135,6 +135,15 @@ def diagnostics_from_json(blob: Mapping[str, Mapping[str, Any]], dampings: Seque
     return {d: Convergence(**blob[damping_label(d)]) for d in dampings if damping_label(d) in blob}
 
 
+def needs_parameter_space(solver: Solver, stage: str, why: str) -> None:
+    """The one-line refusal (exit 2) of a solver whose vectors are not parameter-space gradients (``vectors``) by
+    a stage that needs them (``why``: what the stage does with them)."""
+    if solver.vectors is not None:
+        raise ConfigError(f"solver={solver.name} is invalid for stage {stage}: its vectors are {solver.vectors}, not "
+                          f"the parameters' gradients, so it has no {why}; use a curvature solver there, e.g. "
+                          f"solver=ekfac (or kfac, cg, lissa, exact)")
+
+
 class Solver(ABC):
     """Inverse damped curvature on a model's tracked parameters. Subclass, set ``name``, implement
     :meth:`fit` and :meth:`precondition`; add ``conf/solver/<name>.yaml`` with ``_target_`` to it."""
@@ -145,6 +154,10 @@ class Solver(ABC):
     damping_free_fit: ClassVar[bool] = True
     #: iterative solvers: the config key that buys more iterations (named when a result is unconverged)
     iteration_key: ClassVar[str | None] = None
+    #: what :meth:`train_grads` returns and :meth:`precondition` acts on, when not the tracked parameters' flat
+    #: gradients (``P`` wide): then a preconditioned vector is no parameter step and no IHVP to compare, and the
+    #: stages that need one refuse the solver (:func:`needs_parameter_space`)
+    vectors: ClassVar[str | None] = None
 
     def __init__(self, damping: Any = 1e-3, curvature: str = "fisher", modules: str | Sequence[str] = "all",
                  dtype: str = "float32", batch_size: int = 128, device: str = "cpu", seed: int = 0,
@@ -268,6 +281,10 @@ class Solver(ABC):
         if not self.damping_free_fit:
             cfg["dampings"] = self.dampings
         return cfg
+
+    def solve_config(self) -> dict[str, Any]:
+        """What a solve depends on beyond the fit and the damping (empty for most solvers; keys of cached solves)."""
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Fitted tensors to cache (empty for solvers with nothing to fit)."""

@@ -29,7 +29,10 @@ products that do not use the rows (jvp/vjp through the network, :class:`~.curvat
 measurement has a floor of its own: ``x`` has a null-space part ``||v_perp|| / λ`` on which a product returns zero
 only up to its float64 rounding, and ``x = (v - A^T w) / λ`` carries the rounding of ``A^T w`` times ``1 / λ``: on
 the tests' tiny CNN the residual is ~1e-4 at λ = 1e-8 and below 1e-6 from λ = 1e-6 (where the solve agrees with a
-dense one to 1e-5 and 1e-9); on ResNet-18 (256 points) it was 1e-4 at λ = 1e-6.
+dense one to 1e-5 and 1e-9); on ResNet-18 (256 points) it was 1e-4 at λ = 1e-6. Hence ``refine`` (default 2):
+iterative refinement, ``x <- x - (G_A + λI)^-1 r`` with the residual ``r`` measured through the network, repeated
+while the residual is above ``tol``; each step costs one more curvature product per vector, and the steps taken are
+recorded as the solve's ``iterations``.
 """
 
 from __future__ import annotations
@@ -151,8 +154,10 @@ class Gram(Solver):
 
     def __init__(self, *args: Any, max_rank: int = 20_000, block_gb: float = 2.0, keep_gb: float = 4.0,
                  block_diagonal: bool = False, residual: bool = True, tol: float = 1e-6, capture: bool = True,
-                 residual_chunk: int = 4, **kwargs: Any):
+                 residual_chunk: int = 4, refine: int = 2, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if not (isinstance(refine, int) and refine >= 0):
+            raise ConfigError(f"solver.refine={refine!r} is invalid: give an integer >= 0 (iterative refinement steps)")
         for key, val in (("solver.block_gb", block_gb), ("solver.keep_gb", keep_gb)):
             if not (isinstance(val, (int, float)) and val >= 0):
                 raise ConfigError(f"{key}={val!r} is invalid: give a number of GiB >= 0")
@@ -162,6 +167,7 @@ class Gram(Solver):
         self.block_diagonal, self.residual, self.tol = bool(block_diagonal), bool(residual), float(tol)
         self.capture = bool(capture)
         self.residual_chunk = max(1, int(residual_chunk))  # vectors per residual product (its memory)
+        self.refine = refine  # iterative refinement steps (each one more curvature product per vector; needs residual)
         self._eig: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per part: (s, U)
         self._model: nn.Module | None = None
         self._data: LabeledData | None = None
@@ -174,9 +180,12 @@ class Gram(Solver):
 
     def fit_config(self) -> dict[str, Any]:
         cfg = super().fit_config()
-        for k in ("block_gb", "keep_gb", "residual", "tol", "capture", "residual_chunk"):  # (where rows live and what is measured, not the fit)
-            cfg.pop(k, None)
+        for k in ("block_gb", "keep_gb", "residual", "tol", "capture", "residual_chunk", "refine"):  # (where rows live
+            cfg.pop(k, None)                                                # and what is measured or refined, not the fit)
         return cfg
+
+    def solve_config(self) -> dict[str, Any]:
+        return {"refine": self.refine} if self.residual and self.refine else {}
 
     # -- the parts: the whole parameter vector, or one per tracked layer ---------------------------------------
     def _parts(self) -> list[slice]:
@@ -426,6 +435,16 @@ class Gram(Solver):
     def precondition(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         return self.precondition_all(v, [damping])[0]
 
+    def _solve_rows(self, R: torch.Tensor, lam_rows: torch.Tensor) -> torch.Tensor:
+        """``(G_A + λ_i I)^-1 r_i`` for rows ``R [m, P]`` (float64), each at its own damping ``lam_rows [m, 1]``."""
+        assert self._eig is not None and self._data is not None
+        n = len(self._data)
+        AR = self._apply_a(R, memo=False)  # [parts, r, m]
+        W = torch.empty_like(AR)
+        for p, (s, U) in enumerate(self._eig):
+            W[p] = U @ ((U.T @ AR[p]) / (s[:, None] + n * lam_rows.T))
+        return self._apply_at(W).neg_().add_(R).div_(lam_rows)
+
     def precondition_all(self, v: torch.Tensor, dampings: Sequence[Damping]) -> torch.Tensor:
         lams = [self.resolve_damping(d) for d in dampings]
         self._check(lams)
@@ -469,17 +488,28 @@ class Gram(Solver):
             def product(rows: torch.Tensor) -> torch.Tensor:
                 return curv.mean_product(rows, self._data, self.batch_size).double()
             on = "all training points (jvp/vjp products)"
-        norms = []
+        norms, steps = [], torch.zeros(L * k, dtype=torch.long)
         for i in range(0, L * k, self.residual_chunk):  # (a few vectors at a time: no [L k, P] temporaries)
-            rows = flat[i:i + self.residual_chunk]
-            r = product(rows).add_(lam_rows[i:i + len(rows)] * rows).sub_(vd[torch.arange(i, i + len(rows)) % k])
-            norms.append(r.norm(dim=1))
-        res = (torch.cat(norms) / vnorm).reshape(L, k)
+            rows = flat[i:i + self.residual_chunk]  # (a view of X: refined in place)
+            lam_i = lam_rows[i:i + len(rows)]
+            for step in range(self.refine + 1):
+                r = product(rows).add_(lam_i * rows).sub_(vd[torch.arange(i, i + len(rows)) % k])
+                rel = r.norm(dim=1) / vnorm[i:i + len(rows)]
+                if step == self.refine or float(rel.max()) <= self.tol:
+                    break
+                # iterative refinement: x <- x - (G_A + λI)^-1 r. The rows' G_A and the network's G differ by
+                # rounding (times ||x|| ~ 1 / λ at a tiny damping); each step divides the residual by about
+                # that relative difference / λ, so one or two reach the float64 solve of the network's G
+                rows.sub_(self._solve_rows(r, lam_i))
+                steps[i:i + len(rows)] = step + 1
+            norms.append(rel)
+        res = (torch.cat(norms)).reshape(L, k)
         measure_s = time.perf_counter() - t0
+        steps_by_d = steps.reshape(L, k)
         for j, d in enumerate(dampings):
             worst = float(res[j].max())
             accept = self.tol
-            conv = Convergence(damping=float(lams[j]), iterations=0, rel_residual_max=worst,
+            conv = Convergence(damping=float(lams[j]), iterations=int(steps_by_d[j].max()), rel_residual_max=worst,
                                rel_residual_mean=float(res[j].mean()), tol=accept,
                                converged=bool(worst <= accept) and math.isfinite(worst), n_vectors=k,
                                residual_on=on, measure_s=measure_s / L, solve_s=solve_s / L)
@@ -487,8 +517,9 @@ class Gram(Solver):
             if not conv.converged:
                 log.warning("gram at damping %g: relative residual %.3g > solver.tol=%g. At a tiny damping that can "
                             "be float64's floor (a null-space part ||v_perp|| / λ of x, and the rounding of A^T w "
-                            "times 1 / λ); compare with a larger damping's residual, or try solver.capture=false if "
-                            "a layer's hooks may not see what the network computes", float(lams[j]), worst, accept)
+                            "times 1 / λ) after solver.refine=%d refinement steps; raise solver.refine, compare with "
+                            "a larger damping's residual, or try solver.capture=false if a layer's hooks may not see "
+                            "what the network computes", float(lams[j]), worst, accept, self.refine)
 
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..pipeline import Context
 from ..progress import activity
 from ..registry import report_plot, stage
 from ..scores import query_gradients
-from ..solvers.base import Convergence, parse_dampings
+from ..solvers.base import Convergence, needs_parameter_space, parse_dampings
 from ..solvers.iterative import IterativeSolver
 
 log = logging.getLogger("influencelab")
@@ -50,8 +50,11 @@ class IHVPConfig:
 
 def explicit_dampings(ctx: Context) -> None:
     """The comparison is at explicit dampings (``auto`` means a different λ for each solver), and the reference's
-    config composes (its keys checked before anything is trained)."""
-    reference_node(ctx)
+    config composes (its keys checked before anything is trained); both solvers' vectors are parameter-space
+    gradients."""
+    needs_parameter_space(ctx.new_solver(), "ihvp", "(G + λI)^-1 g on the parameters to compare with the reference")
+    needs_parameter_space(ctx.new_solver(reference_node(ctx)), "ihvp (as ihvp.reference)",
+                          "(G + λI)^-1 g on the parameters to compare with")
     if "auto" in parse_dampings(ctx.cfg.solver.get("damping", 1e-3)):
         raise ConfigError("solver.damping=auto is invalid for stage ihvp: compare at explicit values, "
                           "e.g. solver.damping=[1e-4,1e-3,1e-2]")
@@ -232,8 +235,10 @@ def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: 
                    ) -> tuple[torch.Tensor, Convergence | None]:
     """Reference ``(G + λI)^-1 g`` for the query gradients and its convergence (``None`` for a direct reference),
     cached per (model, queries, damping)."""
+    solve = ref.solver.solve_config()  # (only where a solve has settings of its own: earlier keys unchanged)
     key = ctx.artifacts.key({"ref": ref.fit_key, "cfg": ref.solver.fit_config(), "damping": damping,
-                             "queries": ctx.query_positions.tolist(), "model": ctx.model_key})
+                             "queries": ctx.query_positions.tolist(), "model": ctx.model_key,
+                             **({"solve": solve} if solve else {})})
     cache = ctx.artifacts.cache
     hit = cache.get("ihvp_reference", key) if cache is not None else None
     if hit is not None and "convergence" in hit[1]:  # (entries without it predate convergence records)
