@@ -4,6 +4,7 @@ sweep's jobs, read without loading any model or data, are :mod:`influencelab.swe
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from torch import nn
 from .data.base import LabeledData
 from .errors import InfluenceLabError
 from .files import read_json, read_tensors, rerun_command
+
+log = logging.getLogger("influencelab")
 
 
 @dataclass
@@ -96,10 +99,32 @@ class Run:
         elif solver_args:
             node = OmegaConf.merge(node, solver_args)
         model_key = self._model_key()
+        self._attach_checkpoints(model_key, cache_dir or self.config.paths.cache)
         task = build(self.config.task) if self.config.get("task") is not None else None  # (older runs: none)
         attr = Attributor(self.model, task=task, solver=build(node, device=str(next(self.model.parameters()).device)),
                           cache_dir=cache_dir or self.config.paths.cache, model_key=model_key)
         return attr.fit(self.train, data_key=build(self.config.dataset).cache_key())
+
+    def _attach_checkpoints(self, model_key: str, cache_dir: str | Path) -> None:
+        """The training checkpoints the run's trainer saved (``trainer.checkpoints=N``, for ``solver=tracin``), from
+        the run's cached model entry (``model.safetensors`` holds the final weights only), attached to the model;
+        a run trained without them, or whose entry is gone, gets none (TracIn then says how to get them)."""
+        from .cache import Cache
+        from .train import get_checkpoints, set_checkpoints, split_checkpoints
+
+        n = self.config.get("trainer", {}).get("checkpoints") or 0
+        if not n or get_checkpoints(self.model):
+            return
+        hit = Cache(cache_dir).get("models", model_key)
+        if hit is None:
+            log.warning("%s was trained with trainer.checkpoints=%d but its cached model entry %s is not in %s: "
+                        "rerun it with the same cache to get them back", self.run_dir, n, model_key, cache_dir)
+            return
+        state, checkpoints = split_checkpoints(hit[0])
+        device = next(self.model.parameters()).device
+        for c in checkpoints:
+            c.state.update({k: v.to(device) for k, v in c.state.items()})
+        set_checkpoints(self.model, checkpoints)
 
     def _model_key(self) -> str:
         from .artifacts import model_digest

@@ -48,6 +48,7 @@ class TracIn(Identity):
     ``None`` (the API): whatever the model carries."""
 
     name = "tracin"
+    vectors = "one loss gradient per training checkpoint, side by side"
 
     def __init__(self, damping: Any = 0.0, curvature: str = "fisher", modules: Any = "all", dtype: str = "float32",
                  batch_size: int = 256, device: str = "cpu", seed: int = 0, autocast: str | None = None,

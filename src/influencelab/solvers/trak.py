@@ -100,6 +100,7 @@ class TRAK(BlockGradSolver):
     """Projected-gradient kernel attribution (see the module docstring)."""
 
     name = "trak"
+    vectors = "TRAK features (output gradients projected to solver.proj_dim, weighted by 1 - p)"
     curvatures = ("empirical_fisher",)  # G: the mean of φ φ^T over the training points (projected output gradients)
     _hooks = True
 

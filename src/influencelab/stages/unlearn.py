@@ -25,7 +25,7 @@ from ..data.base import LabeledData
 from ..errors import ConfigError, check
 from ..pipeline import Context
 from ..registry import report_plot, stage
-from ..solvers.base import Damping, Solver
+from ..solvers.base import Damping, Solver, needs_parameter_space
 from ..tasks import Task, resolve_task
 from ..train import outputs
 from .retraining import retrained_model
@@ -113,7 +113,8 @@ class UnlearnConfig:
 
 def needs_flips_for_oracle(ctx: Context) -> None:
     """Selecting flipped points, or repairing labels, needs class labels; selecting flipped points, or repairing to
-    the true labels, needs flipped labels."""
+    the true labels, needs flipped labels; the Newton step needs a solver of the parameters' gradients."""
+    needs_parameter_space(ctx.new_solver(), "unlearn", "Newton step on the parameters")
     c = ctx.section("unlearn")
     if not ctx.task.has_classes:
         if c.mode == "repair":
