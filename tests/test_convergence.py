@@ -133,6 +133,22 @@ def test_lissa_held_out_points_are_ones_the_recursion_did_not_visit():
         LiSSA(converged_tol=0)
 
 
+def test_lissa_checks_on_every_point_when_its_recursion_draws_as_many():
+    """check_examples=auto: with depth x batch_size >= n the residual is measured on all n points (the dense
+    residual on the whole set, no sampling noise: floor 0) even though n > 8 x batch_size; a number asks for a
+    sample of that size instead, and a bad value is refused in one line."""
+    n, bs, depth, lam = 400, 8, 60, 0.1
+    attr, v, out, G, names, x, _ = _solve(LiSSA(damping=lam, depth=depth, batch_size=bs, dtype="float64"), n=n)
+    c = attr.diagnostics[lam]
+    assert c.residual_on.startswith(f"held-out: all {n} training points") and c.floor == 0
+    dense = _dense_residual(attr, G, names, v, out[0], lam)
+    torch.testing.assert_close(_f64(c.rel_residual_max)[0], dense.max(), rtol=1e-6, atol=0)
+    attr2, *_ = _solve(LiSSA(damping=lam, depth=depth, batch_size=bs, dtype="float64", check_examples=50), n=n)
+    assert attr2.diagnostics[lam].residual_on.startswith(f"held-out: 50 of {n} training points")
+    with pytest.raises(ConfigError, match="solver.check_examples='some' is invalid"):
+        LiSSA(check_examples="some")
+
+
 def test_direct_solvers_have_no_diagnostics_and_damping_lists_get_one_record_each():
     net, x, y = _tiny()
     data, q = TensorDataset(x, y), TensorDataset(x[:3], y[:3])

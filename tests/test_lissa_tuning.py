@@ -199,9 +199,10 @@ def test_the_held_out_noise_estimate_is_what_the_exact_solution_shows():
     assert rel.max() > 0.1  # the exact solution itself "fails" the 10% check on 64 of 1024 points
     assert 0.5 <= float(noise.max() / rel.max()) <= 2, (noise, rel)
     # a long enough recursion stalls at that noise: the suggestion is a larger held-out set
-    attr2 = Attributor(net, solver=LiSSA(damping=lam, depth=300, batch_size=8, dtype="float64")).fit(
+    attr2 = Attributor(net, solver=LiSSA(damping=lam, depth=300, batch_size=8, dtype="float64",
+                                         check_examples=64)).fit(
         TensorDataset(x, y))
     attr2.precondition(v)
     c = attr2.diagnostics[lam]
     assert not c.converged and c.floor > 0.5 * c.rel_residual_max
-    assert c.suggest["batch_size"] > 8 and "held-out sample's own noise" in c.rule
+    assert c.suggest["check_examples"] > 64 and "held-out sample's own noise" in c.rule

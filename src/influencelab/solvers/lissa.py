@@ -37,7 +37,9 @@ measures both).
 
 Every call records its convergence per damping (:meth:`~.iterative.IterativeSolver.diagnostics`): depth, scale and
 the relative residual ``||(G_H + λI) x - v|| / ||v||`` of each vector, with ``G_H`` the mean curvature over a
-held-out set ``H`` of ``min(8 * batch_size, n)`` training points: a seeded sample (``seed + 104729``) of the points
+held-out set ``H`` of ``check_size(n)`` training points (``check_examples``; ``auto``: all ``n`` when the recursion
+draws at least ``n`` points, ``depth x batch_size x repeats >= n``, so the residual is exact and has no sampling
+noise at no more than the solve's cost; else ``min(8 * batch_size, n)``): a seeded sample (``seed + 104729``) of the points
 the recursion's batches did not visit in any repeat of that call when at least that many are left ("disjoint");
 otherwise (the recursion visited nearly every point) the same-size seeded sample of the whole training set
 ("resampled": batches the recursion never drew as such; ``H`` is the whole set when ``n <= 8 * batch_size``, then
@@ -73,8 +75,8 @@ class LiSSA(IterativeSolver):
     SUGGEST_MARGIN = 1.5
 
     def __init__(self, *args: Any, depth: int | str = 200, scale: float | str = "auto", repeats: int = 1,
-                 scale_start: float = 1.0, converged_tol: float = 0.1, preconditioner: Any = None,
-                 preconditioner_damping: Any = "same", **kwargs: Any):
+                 scale_start: float = 1.0, converged_tol: float = 0.1, check_examples: int | str = "auto",
+                 preconditioner: Any = None, preconditioner_damping: Any = "same", **kwargs: Any):
         kwargs.setdefault("batch_size", 32)
         super().__init__(*args, preconditioner=preconditioner, preconditioner_damping=preconditioner_damping,
                          **kwargs)
@@ -88,7 +90,11 @@ class LiSSA(IterativeSolver):
               "must be > 0 (the first scale solver.scale=search tries)")
         check(isinstance(converged_tol, (int, float)) and converged_tol > 0, "solver.converged_tol", converged_tol,
               "must be > 0")
+        check(check_examples in ("auto", "all") or (isinstance(check_examples, int) and not isinstance(
+            check_examples, bool) and check_examples >= 1), "solver.check_examples", check_examples,
+            "must be auto, all or an integer >= 1 (training points the residual is measured on)")
         self.depth, self.scale, self.repeats = depth, scale, repeats
+        self.check_examples = check_examples
         self._scale_start = float(scale_start)  # (in the fit key only with scale=search, see fit_config)
         self._converged_tol = float(converged_tol)  # (private: not part of the fit's cache key)
         self._scale: float | None = None
@@ -301,10 +307,22 @@ class LiSSA(IterativeSolver):
             u = w
         return [max(float(m), 1e-12) for m in mu]
 
+    def check_size(self, n: int) -> int:
+        """How many training points the residual is measured on: ``solver.check_examples``; ``auto`` = all ``n``
+        when the recursion draws at least as many (``depth x batch_size x repeats >= n``: the exact residual, no
+        sampling noise, for at most the solve's own cost), else ``8 x batch_size``."""
+        if self.check_examples == "all":
+            return n
+        if self.check_examples == "auto":
+            if n <= self.steps * self.batch_size * self.repeats:
+                return n
+            return min(self.HELD_OUT_BATCHES * self.batch_size, n)
+        return min(int(self.check_examples), n)
+
     def held_out(self, visited: torch.Tensor) -> tuple[torch.Tensor, str]:
         """Positions of the held-out set given the points the recursion ``visited`` (see the module doc)."""
         n = len(visited)
-        m = min(self.HELD_OUT_BATCHES * self.batch_size, n)
+        m = self.check_size(n)
         g = torch.Generator().manual_seed(self.seed + self.HELD_OUT_SEED)
         free = (~visited).nonzero().flatten()
         if len(free) >= m:
@@ -394,9 +412,8 @@ class LiSSA(IterativeSolver):
           the noise hides, more repeats lower the residual less than that (measured on a tiny MLP: 23x the repeats,
           residual 0.39 -> 0.20, not the 4.8x fall noise alone would give), and the next run's warning asks again.
         * At the measurement's noise (the held-out sample's own, ``noise``: over half the residual): no depth or
-          repeats lowers it; a larger held-out set does (``8 x batch_size`` points ``m`` of ``n``: the noise scales
-          as ``sqrt(1/m - 1/n)``): suggested ``batch_size`` for a noise of ``tol / 2`` (and a larger batch also
-          lowers the recursion's own noise)."""
+          repeats lowers it; a larger held-out set does (``m`` of ``n`` points: the noise scales as ``sqrt(1/m -
+          1/n)``): suggested ``check_examples`` for a noise of ``tol / 2``."""
         tol, need, stalled, rates, measured = self.converged_tol, float(depth), 0.0, [], 0.0
         for a, b, z in zip(r_half.tolist(), r_full.tolist(), noise.tolist(), strict=True):
             if b <= tol:
@@ -429,10 +446,10 @@ class LiSSA(IterativeSolver):
             # sqrt(1/m' - 1/n) = (tol / 2) / measured x sqrt(1/m - 1/n)
             inv = (0.5 * tol / measured) ** 2 * (1 / m - 1 / n) + 1 / n
             size = min(n, math.ceil(1 / inv))
-            suggest["batch_size"] = max(self.batch_size, math.ceil(size / self.HELD_OUT_BATCHES))
+            suggest["check_examples"] = size
             why += (f"; at the held-out sample's own noise {measured:.3g} (the residual the exact solution shows on "
-                    f"these {m} points, from their two halves): no depth or repeats lowers it; a held-out set of "
-                    f"{size} points (8 x batch_size {suggest['batch_size']}) would bring it to {tol / 2:g}")
+                    f"these {m} points, from their two halves): no depth or repeats lowers it; a check on "
+                    f"{size} points (solver.check_examples={size}; all {n}: no noise) would bring it to {tol / 2:g}")
         return suggest, why
 
     def _stream(self, rep: int):
