@@ -24,4 +24,16 @@ figure cnn_ladder "CNN: the approximation ladder (exact GGN = the reference)" \
   "exact, empirical Fisher=ihvp_cnn_ladder_empirical/0" "EK-FAC, empirical Fisher=ihvp_cnn_ladder_empirical/1" \
   "EK-FAC on 50 points=ihvp_cnn_ladder_points/0" "EK-FAC on 150 points=ihvp_cnn_ladder_points/1"
 figure resnet18 "ResNet-18 (reduced: 256 points), against solver=gram" \
-  "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1"
+  "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1" \
+  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa/0" \
+  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac/0"
+# the time-matched comparison (issue 29 item 3): each solver's error when each other one has finished
+matched() {  # matched SETTING LABEL=SWEEP/JOB ...
+  local setting=$1; shift
+  local series=()
+  for s in "$@"; do if have "${s#*=}"; then series+=("$s"); fi; done
+  [ ${#series[@]} -gt 1 ] && "$PY" experiments/sec62_time_matched.py "$R/sec62/${setting}_time_matched.csv" "${series[@]}"
+}
+matched resnet18 "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1" \
+  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa/0" \
+  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac/0"

@@ -1,0 +1,48 @@
+"""experiments/sec62_time_matched.py: what each solver has reached when another one finishes, from the ihvp stage's
+per-damping rows and error traces (written here as the stage writes them)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "sec62_time_matched.py"
+
+
+@pytest.fixture()
+def tm(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("sec62_time_matched", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    cols = ["solver", "damping", "rel_error", "time_s", "ref_converged"]
+    (tmp_path / "direct").mkdir()
+    pd.DataFrame([["ekfac", 0.01, 0.9, 10.0, True], ["ekfac", 1.0, 0.5, 10.0, True]], columns=cols).to_csv(
+        tmp_path / "direct" / "job0_ihvp.csv", index=False)
+    (tmp_path / "iter").mkdir()
+    pd.DataFrame([["lissa", 0.01, 0.95, 40.0, True], ["lissa", 1.0, 0.1, 40.0, True]], columns=cols).to_csv(
+        tmp_path / "iter" / "job0_ihvp.csv", index=False)
+    trace = [["lissa", lam, i + 1, 5.0 * (i + 1), e] for lam, errs in
+             ((0.01, [1.0, 0.99, 0.97, 0.96, 0.955, 0.952, 0.951, 0.95]), (1.0, [0.9, 0.6, 0.45, 0.3, 0.2, 0.15, 0.12, 0.1]))
+             for i, e in enumerate(errs)]
+    pd.DataFrame(trace, columns=["solver", "damping", "iteration", "time_s", "rel_error"]).to_csv(
+        tmp_path / "iter" / "job0_ihvp_trace.csv", index=False)
+    return mod
+
+
+def test_errors_at_each_others_finishing_time(tm, tmp_path):
+    out = tmp_path / "tm.csv"
+    tm.main([str(out), "EK-FAC=direct/0", "LiSSA=iter/0"])
+    df = pd.read_csv(out).set_index(["damping", "budget_of", "series"])
+    # at EK-FAC's 10 s LiSSA has its 2nd step's iterate; at LiSSA's 40 s EK-FAC is long done
+    assert df.loc[(1.0, "EK-FAC", "LiSSA"), "rel_error_at_budget"] == 0.6
+    assert df.loc[(1.0, "LiSSA", "EK-FAC"), "rel_error_at_budget"] == 0.5
+    assert df.loc[(0.01, "EK-FAC", "LiSSA"), "rel_error_at_budget"] == 0.99
+    # LiSSA first reached EK-FAC's 0.5 at 15 s (0.45) at λ = 1, and never its 0.9 at λ = 0.01 (0.95 at best)
+    assert df.loc[(1.0, "EK-FAC", "LiSSA"), "time_to_budget_error_s"] == 15.0
+    assert pd.isna(df.loc[(0.01, "EK-FAC", "LiSSA"), "time_to_budget_error_s"])
+    # a direct solver before its own finishing time has nothing
+    assert pd.isna(tm.error_at(pd.read_csv(tmp_path / "direct" / "job0_ihvp.csv"), None, 1.0, 5.0))
