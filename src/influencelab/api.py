@@ -50,6 +50,7 @@ from .engine import (
     warn_unconverged,
 )
 from .errors import ConfigError
+from .memory import check_budget
 from .scores import parse_partition
 from .solvers.base import Convergence, Damping, Solver, merge_diagnostics, parse_dampings
 from .tasks import Task, resolve_task
@@ -81,7 +82,10 @@ class Attributor:
     ``all``, ``last:K``, ``re:PATTERN`` or module names. ``solver_args``: any other key of the solver's config (e.g.
     ``curvature="empirical_fisher"``, ``depth=100``). ``batch_size`` among them is the solver's own (EK-FAC's
     fitting batch, LiSSA's recursion batch); the batch of training points scored at a time is ``score_batch_size``
-    (the CLI's ``score.batch_size``), beside ``chunk_size``.
+    (the CLI's ``score.batch_size``), beside ``chunk_size``. ``memory_gb``: the GB (2^30 bytes) a scoring pass may
+    add to what is held (the CLI's ``score.memory_gb``; ``None``: the memory the device has free): queries are then
+    scored in chunks, each one pass over the training data, with the same scores, and the training batch is cut as
+    needed (:mod:`influencelab.memory`); a pass that cannot fit is a one-line error naming the smallest budget.
     ``cache_dir``: cache fitted factors and score chunks there (``None``: nothing is written), or an
     :class:`~influencelab.artifacts.Artifacts` store (the CLI passes its own).
     ``model_key`` (one per model for an ensemble)/``data_key``: what identifies the model / training data in cache
@@ -110,7 +114,7 @@ class Attributor:
                  solver: str | Solver = "ekfac", damping: Any = None, modules: str | Sequence[str] | None = None,
                  cache_dir: str | Path | Artifacts | None = None,
                  device: str | None = None, score_batch_size: int = 256, chunk_size: int = 4096,
-                 model_key: str | Sequence[str] | None = None, checkpoint_s: float = 30.0,
+                 memory_gb: float | None = None, model_key: str | Sequence[str] | None = None, checkpoint_s: float = 30.0,
                  shared_dampings: Any = None, on_metrics: Callable[[dict[str, Any]], None] | None = None,
                  setting_names: SettingNames = API_NAMES, **solver_args: Any):
         models = [model] if isinstance(model, nn.Module) else list(model)
@@ -138,6 +142,7 @@ class Attributor:
             raise ConfigError(f"score_batch_size={score_batch_size}, chunk_size={chunk_size} are invalid: both must "
                               f"be >= 1")
         self.batch_size, self.chunk_size = int(score_batch_size), int(chunk_size)
+        self.memory_gb = check_budget(memory_gb, setting_names.memory)
         self.artifacts = cache_dir if isinstance(cache_dir, Artifacts) else Artifacts(cache_dir, checkpoint_s)
         shared: list[Damping] = []
         for d in parse_dampings(shared_dampings) if shared_dampings not in (None, [], ()) else []:
@@ -163,7 +168,7 @@ class Attributor:
             raise ConfigError(f"an ensemble's members score the same dampings: {solver.dampings} != {self.dampings}")
         model = on_solver(model, solver)
         m = Member(model, solver, model_key or self._key(model_digest, model), self.artifacts, self.batch_size,
-                   self.chunk_size)
+                   self.chunk_size, self.memory_gb, self.names)
         self.members.append(m)
         if self.train is not None:
             m.fit(self.train)

@@ -31,9 +31,10 @@ from . import distributed
 from .artifacts import Artifacts, FitInfo
 from .data.base import LabeledData
 from .errors import SolverDivergedError
+from .memory import Plan, budget_bytes, log_plan, plan_pairwise, plan_self, shape_of
 from .metric_names import damping_label, metric_name
 from .scores import pairwise_scores, precondition_queries, query_gradients, self_scores
-from .solvers.base import Convergence, Damping, Solver
+from .solvers.base import Convergence, Damping, Solver, merge_diagnostics
 
 log = logging.getLogger("influencelab")
 
@@ -48,10 +49,12 @@ class SettingNames:
     solver: str = ""  # prefix of the solver's keys: max_iter -> solver.max_iter
     partition: str = "partition"
     cache: str = "cache_dir"
+    memory: str = "memory_gb"
 
 
 API_NAMES = SettingNames()
-CLI_NAMES = SettingNames(solver="solver.", partition="score.partition", cache="paths.cache")
+CLI_NAMES = SettingNames(solver="solver.", partition="score.partition", cache="paths.cache",
+                         memory="score.memory_gb")
 
 
 def on_solver(model: nn.Module, solver: Solver) -> nn.Module:
@@ -65,16 +68,21 @@ def on_solver(model: nn.Module, solver: Solver) -> nn.Module:
 class Member:
     """One trained model of an attributor (an ensemble has several): its own solver, fitted on the shared training
     data under the model's own key (so each member's factors and score chunks are cached like a single model's),
-    and the scores computed on it. ``diagnostics``: its last call's convergence per damping."""
+    and the scores computed on it. ``diagnostics``: its last call's convergence per damping.
+
+    ``memory_gb``: the budget of a scoring pass (``None``: the memory the device has free), met by the query chunk
+    and training batch :mod:`influencelab.memory` plans; ``plan``: the last pass's."""
 
     def __init__(self, model: nn.Module, solver: Solver, model_key: str, artifacts: Artifacts, batch_size: int,
-                 chunk_size: int):
+                 chunk_size: int, memory_gb: float | None = None, names: SettingNames = API_NAMES):
         self.solver = solver
         self.model = on_solver(model, solver)
         self.model_key = model_key
         self.artifacts, self.batch_size, self.chunk_size = artifacts, batch_size, chunk_size
+        self.memory_gb, self.names = memory_gb, names
         self.fit_info: FitInfo | None = None
         self.diagnostics: dict[Damping, Convergence] = {}
+        self.plan: Plan | None = None
 
     @property
     def fit_key(self) -> str:
@@ -100,24 +108,53 @@ class Member:
 
     def pairwise(self, queries: LabeledData, train: LabeledData, train_key: Any, dampings: list[Damping],
                  query_key: Any, query_rank: int | None, partition: Partition) -> torch.Tensor | None:
-        """Scores ``[n_damping, n_query, n_train]``; ``None`` while other partitions' chunks are missing."""
-        grads = self.query_gradients(queries)
-        self.solver.reset_diagnostics()
-        # grads ([n_query, P], gigabytes for big models) are not needed afterwards: solved in place where possible
-        pre = precondition_queries(self.solver, grads, dampings, consume=True)
-        del grads
-        self.diagnostics = self.solver.diagnostics()
-        key = self.artifacts.score_key("pairwise", self.fit_key, dampings, train_key, [query_key, query_rank])
-        s = pairwise_scores(self.solver, self.model, train, pre, self.artifacts, key, self.batch_size,
-                            self.chunk_size, partition, query_rank)
-        return None if s is None else s.reshape(len(dampings), len(queries), -1)
+        """Scores ``[n_damping, n_query, n_train]``; ``None`` while other partitions' chunks are missing. Queries
+        are taken in the chunks the memory plan allows, each one pass over the training data (with its own cache
+        key; one chunk keeps the key of the whole)."""
+        budget, explicit = budget_bytes(self.memory_gb, self.solver.device)
+        n_query, n_damping = len(queries), len(dampings)
+        shape = shape_of(self.solver, self.model, train, n_damping, self.chunk_size)
+        self.plan = plan = plan_pairwise(shape, n_query, self.batch_size, budget, explicit,
+                                         fixed_queries=query_rank is not None, key=self.names.memory)
+        log_plan("pairwise", plan, n_query, self.batch_size, explicit)
+        slices = plan.query_slices(n_query)
+        out: torch.Tensor | None = None
+        missing, record = False, {}
+        for q0, q1 in slices:
+            part = queries if len(slices) == 1 else queries.subset(torch.arange(q0, q1))
+            grads = query_gradients(self.solver, self.model, part, plan.batch_size)
+            self.solver.reset_diagnostics()
+            # grads ([q, P], gigabytes for big models) are not needed afterwards: solved in place where possible
+            pre = precondition_queries(self.solver, grads, dampings, consume=True)
+            del grads
+            record = merge_diagnostics(record, self.solver.diagnostics())
+            extra = [query_key, query_rank] + ([[q0, q1]] if len(slices) > 1 else [])
+            key = self.artifacts.score_key("pairwise", self.fit_key, dampings, train_key, extra)
+            s = pairwise_scores(self.solver, self.model, train, pre, self.artifacts, key, plan.batch_size,
+                                self.chunk_size, partition, query_rank)
+            del pre
+            if s is None:
+                missing = True
+            elif len(slices) == 1:
+                out = s.reshape(n_damping, n_query, -1)
+            else:
+                if out is None:
+                    out = s.new_empty(n_damping, n_query, s.shape[-1])
+                out[:, q0:q1] = s.view(n_damping, q1 - q0, -1)
+            del s
+        self.diagnostics = record
+        return None if missing else out
 
     def self_influence(self, train: LabeledData, train_key: Any, dampings: list[Damping],
                        partition: Partition) -> torch.Tensor | None:
         """Self-influence ``[n_damping, n_train]``; ``None`` while other partitions' chunks are missing."""
         key = self.artifacts.score_key("self", self.fit_key, dampings, train_key)
+        budget, explicit = budget_bytes(self.memory_gb, self.solver.device)
+        shape = shape_of(self.solver, self.model, train, len(dampings), self.chunk_size)
+        self.plan = plan = plan_self(shape, self.batch_size, budget, explicit, key=self.names.memory)
+        log_plan("self-influence", plan, 0, self.batch_size, explicit)
         self.solver.reset_diagnostics()
-        out = self_scores(self.solver, self.model, train, dampings, self.artifacts, key, self.batch_size,
+        out = self_scores(self.solver, self.model, train, dampings, self.artifacts, key, plan.batch_size,
                           self.chunk_size, partition)
         self.diagnostics = self.solver.diagnostics()
         return out

@@ -164,7 +164,7 @@ class Context:
         data with the run's cache and keys; ``engine``: more of its arguments."""
         attr = Attributor(model, task=self.task, solver=solver or self.new_solver(), cache_dir=self.artifacts,
                           score_batch_size=self.score.batch_size, chunk_size=self.score.chunk_size,
-                          model_key=model_key, setting_names=CLI_NAMES, **engine)
+                          memory_gb=self.score.memory_gb, model_key=model_key, setting_names=CLI_NAMES, **engine)
         return attr.fit(self.train_data, data_key=self.dataset_spec.cache_key())
 
     @cached_property

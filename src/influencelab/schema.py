@@ -41,13 +41,15 @@ class QueryConfig:
 
 @dataclass
 class ScoreConfig:
-    """Score computation: batches, cached chunks, optional query compression, partitions and ensembles."""
+    """Score computation: batches, cached chunks, optional query compression, partitions, ensembles and the memory
+    budget of a scoring pass (:mod:`influencelab.memory`)."""
 
     batch_size: int = 256
     chunk_size: int = 4096  # training points per chunk: chunks are written (and resumed) one by one
     query_rank: int | None = None  # low-rank compression of preconditioned queries (rank r) for many; null = exact
     partition: str | None = None  # "i/k": only the i-th of k parts (separate jobs); re-run without it to merge
     ensemble: int = 1  # average pairwise/self scores over k models trained with trainer.seed + 1000*i (cached)
+    memory_gb: float | None = None  # GB a scoring pass may use (query chunks, batch); null = the device's free memory
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "score.batch_size", self.batch_size, "must be an integer >= 1")
@@ -58,6 +60,8 @@ class ScoreConfig:
         check(self.ensemble >= 1, "score.ensemble", self.ensemble,
               "must be an integer >= 1 (number of independently trained models whose scores are averaged)")
         parse_partition(self.partition)
+        check(self.memory_gb is None or self.memory_gb > 0, "score.memory_gb", self.memory_gb,
+              "give the GB a scoring pass may use (a number > 0), or null for the memory the device has free")
 
 
 @dataclass

@@ -56,6 +56,12 @@ def precondition_queries(solver: Solver, grads: torch.Tensor, dampings: Sequence
     with distributed.collective():
         if consume and len(dampings) == 1:
             pre = solver.precondition_(grads, dampings[0])
+        elif len(dampings) > 1 and type(solver).precondition_all is Solver.precondition_all:
+            # each damping solved into its row of one [n_damping, k, P] (not a list of copies, then stacked)
+            pre = grads.new_empty(len(dampings), *grads.shape)
+            for j, d in enumerate(dampings):
+                solver.precondition_(pre[j].copy_(grads), d)
+            pre = pre.flatten(0, 1)
         else:
             pre = solver.precondition_all(grads, dampings).flatten(0, 1)
     finite_or_raise(pre, "preconditioned query gradients", solver)
