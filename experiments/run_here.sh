@@ -260,3 +260,12 @@ if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" mnist5k_mislabel "* ]]; then
   "${PY:-.venv/bin/python}" experiments/mnist5k_selfinfluence_grid.py multirun/mnist5k_mislabel/0 \
     --out experiments/results/mnist5k_mislabel/selfinfluence_grid.png
 fi
+# #33 item 3: detectors against the loss (mislabel stage: rank averages loss_and_<ranking>, RelatIF with
+# mislabel.relatif=true; TracIn over 5 checkpoints, TRAK). All jobs of a draw share one model (trainer.checkpoints=5
+# keys it). Chosen on FashionMNIST 5,000 points, standard regime, seed 0; confirmed on draws never used for choosing.
+D33="experiment=mislabel dataset.subset=5000 trainer.checkpoints=5"
+run detectors_fmnist_choose $D33 seed=0 solver=tracin,trak
+run detectors_fmnist_choose_ekfac $D33 seed=0 solver=ekfac mislabel.relatif=true
+# influence on a held-out split (mislabel.heldout=true: harm to 1,000 test points), chosen on the same draw after
+# experiments/detectors_explore.py's wider look (experiments/results/detectors_fmnist_choose/explore.csv)
+run detectors_fmnist_choose_heldout $D33 seed=0 solver=trak query.n=1000 mislabel.heldout=true

@@ -1,13 +1,28 @@
 """Mislabel detection (paper Fig. 3): rank training points by self-influence; recall of flipped labels beside
-the loss, gradient-norm (identity) and random baselines."""
+the loss, gradient-norm (identity) and random baselines.
+
+Detectors that combine them (each from what a user has; the flip mask only scores them):
+
+* ``loss_and_<ranking>``: the rank average of the loss and of ``<ranking>`` (``self_influence``, ``identity``,
+  ``relatif``): a point ranks high when both put it high (ties share their mean rank);
+* ``relatif`` (``mislabel.relatif=true``): self-influence normalised by curvature, RelatIF's ``g^T (G + λI)^-1 g /
+  ||(G + λI)^-1 g||`` (Barshan et al. 2020), at the first damping: one more pass over the training set with the
+  solver's gradients and preconditioner (a curvature solver of the parameters' gradients);
+* ``heldout_harm`` (``mislabel.heldout=true``): influence on a held-out split, the harm a training point does to the
+  run's query points (``query.n`` test points, never trained on): ``sum_q max(0, -I(q, z))`` from the pairwise scores
+  at the first damping (computed, or read from the ``pairwise`` stage's).
+"""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from scipy.stats import rankdata
 
 from .. import plots
 from ..errors import ConfigError
@@ -15,7 +30,21 @@ from ..evaluation import detection_curve, detection_metrics, paired_recall_diffe
 from ..metric_names import metric_name, parse_metric_name
 from ..pipeline import Context
 from ..registry import report_plot, stage
+from ..solvers.base import needs_parameter_space
 from ..train import per_example_loss
+
+#: the rankings combined with the loss by their rank average (those present in a run)
+COMBINED = ("self_influence", "identity", "relatif", "heldout_harm")
+
+
+@dataclass
+class MislabelConfig:
+    """``relatif``: also rank by RelatIF (self-influence normalised by curvature, and its rank average with the
+    loss; one more pass over the training set); ``heldout``: also rank by the harm done to the query points (the
+    pairwise scores of ``query.n`` test points), and its rank average with the loss."""
+
+    relatif: bool = False
+    heldout: bool = False
 
 
 def needs_label_noise(ctx: Context) -> None:
@@ -25,9 +54,39 @@ def needs_label_noise(ctx: Context) -> None:
     if not ctx.dataset_spec.label_noise > 0:
         raise ConfigError(f"dataset.label_noise={ctx.dataset_spec.label_noise} is invalid for stage mislabel: "
                           f"it needs flipped labels; set e.g. dataset.label_noise=0.1")
+    if ctx.section("mislabel").relatif:
+        solver = ctx.new_solver()
+        needs_parameter_space(solver, "mislabel with mislabel.relatif=true", "(G + λI)^-1 g to normalise by")
+        if solver.name == "identity":
+            raise ConfigError("mislabel.relatif=true is invalid with solver=identity: its RelatIF is the gradient norm "
+                              "(already the identity ranking); use a curvature solver, e.g. solver=ekfac")
 
 
-@stage("mislabel", precheck=needs_label_noise)
+def rank_average(*scores: np.ndarray) -> np.ndarray:
+    """The mean of the rankings' ranks (1 = lowest score; ties share their mean rank), in ``(0, 1]``."""
+    return np.mean([rankdata(np.asarray(s, dtype=np.float64)) for s in scores], axis=0) / len(scores[0])
+
+
+def heldout_harm(pairwise: np.ndarray) -> np.ndarray:
+    """Per training point, the summed harm to held-out queries, ``sum_q max(0, -I(q, z))`` of scores ``[n_query,
+    n_train]`` (positive = helpful)."""
+    return np.clip(-np.asarray(pairwise, dtype=np.float64), 0.0, None).sum(0)
+
+
+def relatif_scores(ctx: Context) -> np.ndarray:
+    """RelatIF per training point at the solver's first damping: ``g^T (G + λI)^-1 g / ||(G + λI)^-1 g||`` with
+    the run's (first) model, solver gradients and preconditioner, ``score.batch_size`` points at a time."""
+    attr = ctx.attributor
+    solver, model, d = attr.solver, attr.model, attr.dampings[0]
+    out = torch.empty(len(ctx.train_data), dtype=torch.float64)
+    for x, y, pos in ctx.train_data.batches(ctx.score.batch_size):
+        g = solver.train_grads(model, x, y)
+        h = attr.precondition(g, [d])[0]
+        out[pos] = ((h.double() * g.double()).sum(1) / h.double().norm(dim=1).clamp_min(1e-300)).cpu()
+    return out.numpy()
+
+
+@stage("mislabel", section="mislabel", schema=MislabelConfig, precheck=needs_label_noise)
 def mislabel_stage(ctx: Context) -> None:
     """Rank training points by self-influence; recall of flipped labels beside the loss, gradient-norm
     (identity) and random baselines (paper Fig. 3). Writes metrics, a figure and ``mislabel_curve.csv``."""
@@ -37,7 +96,16 @@ def mislabel_stage(ctx: Context) -> None:
     rankings = {"self_influence": ctx.self_influence[0].numpy()}
     if ctx.solver.name != "identity":
         rankings["identity"] = ctx.baseline_self_influence("identity").numpy()
+    if ctx.section("mislabel").relatif:
+        rankings["relatif"] = relatif_scores(ctx)
+    if ctx.section("mislabel").heldout:
+        if ctx.pairwise is None:  # a partition job
+            return
+        rankings["heldout_harm"] = heldout_harm(ctx.pairwise[0].numpy())
     rankings["loss"] = per_example_loss(ctx.model, ctx.train_data, task=ctx.task).numpy()
+    for name in COMBINED:
+        if name in rankings:
+            rankings[f"loss_and_{name}"] = rank_average(rankings["loss"], rankings[name])
     rankings["random"] = np.random.default_rng(ctx.cfg.seed).random(len(flipped))
     metrics: dict[str, float] = {}
     for name, scores in rankings.items():
