@@ -31,7 +31,7 @@ from . import distributed
 from .artifacts import Artifacts, FitInfo
 from .data.base import LabeledData
 from .errors import SolverDivergedError
-from .memory import Plan, budget_bytes, log_plan, plan_pairwise, plan_self, shape_of
+from .memory import Plan, budget_bytes, log_plan, plan_pairwise, plan_self, release_freed, shape_of
 from .metric_names import damping_label, metric_name
 from .scores import pairwise_scores, precondition_queries, query_gradients, self_scores
 from .solvers.base import Convergence, Damping, Solver, merge_diagnostics
@@ -123,10 +123,12 @@ class Member:
         for q0, q1 in slices:
             part = queries if len(slices) == 1 else queries.subset(torch.arange(q0, q1))
             grads = query_gradients(self.solver, self.model, part, plan.batch_size)
+            release_freed(self.solver.device)  # (on the CPU, freed pieces are returned between the phases)
             self.solver.reset_diagnostics()
             # grads ([q, P], gigabytes for big models) are not needed afterwards: solved in place where possible
             pre = precondition_queries(self.solver, grads, dampings, consume=True)
             del grads
+            release_freed(self.solver.device)
             record = merge_diagnostics(record, self.solver.diagnostics())
             extra = [query_key, query_rank] + ([[q0, q1]] if len(slices) > 1 else [])
             key = self.artifacts.score_key("pairwise", self.fit_key, dampings, train_key, extra)
@@ -142,6 +144,8 @@ class Member:
                     out = s.new_empty(n_damping, n_query, s.shape[-1])
                 out[:, q0:q1] = s.view(n_damping, q1 - q0, -1)
             del s
+            if len(slices) > 1:
+                release_freed(self.solver.device)
         self.diagnostics = record
         return None if missing else out
 

@@ -18,7 +18,8 @@ What a pass holds, in numbers of the solver's dtype (``P``: tracked parameters; 
   memory, which the device budget does not count).
 
 The estimate is that of the pass's additions to what is already held (the model, the fitted factors, the data),
-with :data:`RESERVE` on top; its peak is the largest phase. Without a budget the planner takes the memory the
+with :data:`RESERVE` on top; its peak is the largest phase. On the CPU the memory each phase frees is handed back to
+the system before the next (:func:`release_freed`), so that heap holes do not add up over query chunks. Without a budget the planner takes the memory the
 device has free: on CUDA ``torch.cuda.mem_get_info`` plus what this process's caching allocator holds unused; on
 the CPU the available memory (``psutil.virtual_memory().available``, else ``MemAvailable`` of ``/proc/meminfo``;
 unbounded where neither exists). The plan prefers all queries at once (one pass over the training data) with the
@@ -30,6 +31,7 @@ is its own pass over the training data; its score chunks are cached under the ch
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from dataclasses import dataclass
@@ -110,8 +112,11 @@ def pairwise_bytes(shape: Shape, n_query: int, q: int, b: int) -> int:
     k = nd * q
     big = max(o * i for o, i, _ in shape.blocks)
     bq = min(b, q)
-    # query phase: gradients [q, P] being written batch by batch, then preconditioned (in place for one damping)
-    grads = q * P * s + bq * (P * s + shape.example_bytes)
+    # query phase: gradients [q, P] written batch by batch (a batch's [bq, P] is the whole when q <= bq), each
+    # batch's formed block by block (per-example gradients and their bias column: [bq, out, in] twice), then
+    # preconditioned (in place for one damping)
+    blockwise = 3 * bq * P * s if shape.kind == "generic" else bq * P * s + 2 * bq * big * s
+    grads = (q * P * s if q > bq else 0) + blockwise + bq * shape.example_bytes
     work = {"ekfac": 4 * q * big * s, "identity": 0}.get(shape.kind, WORK_COPIES * q * P * s)
     precond = q * P * s * (nd + (1 if nd > 1 else 0)) + work
     # training phase: the preconditioned rows, the one-position blocks' contiguous copies, one batch's work
@@ -292,6 +297,26 @@ def budget_bytes(memory_gb: float | None, device: torch.device) -> tuple[int | N
     if memory_gb is not None:
         return int(memory_gb * GB), True
     return free_bytes(device), False
+
+
+def release_freed(device: torch.device) -> None:
+    """Hand the memory freed by a finished query chunk back to the system (glibc's ``malloc_trim``, CPU only):
+    otherwise the holes its ``[k, P]`` pieces leave in the heap stay resident and the next chunk's grow beside
+    them (measured: ~90 MB kept per ~110 MB chunk on an MLP). A no-op elsewhere."""
+    global _LIBC
+    if device.type != "cpu" or _LIBC is False:
+        return
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim(0)
+        except (OSError, AttributeError):
+            _LIBC = False
+        return
+    _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def log_plan(what: str, plan: Plan, n_query: int, batch_size: int, explicit: bool) -> None:
