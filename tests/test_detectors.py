@@ -47,13 +47,6 @@ def test_cli_refuses_trak_for_unlearn_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
-def test_parameter_space_solvers_still_run_the_ihvp_stage(run_pipeline):
-    """(the refusal is of trak and tracin only: identity against the exact reference still runs)"""
-    _, m = run_pipeline([*TINY, "solver=identity", "stages=[train,ihvp]", "solver.damping=0.1",
-                         "ihvp.reference=exact", "ihvp.scores=false"])
-    assert m["ihvp/rel_error"] > 0
-
-
 # -- (b) load_run(...).attributor("tracin") gets the run's checkpoints -------------------------------------------
 def test_load_run_attributor_tracin_has_the_runs_checkpoints(run_pipeline, cache_dir):
     """A run trained with trainer.checkpoints=2 (any solver): its loaded model gets the checkpoints of its cached
