@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_solvers import _data, _model, _short_train
 
 from influencelab.errors import ConfigError
 from influencelab.solvers.ekfac import EKFAC, KFAC
+from test_solvers import _data, _model, _short_train
 
 
 @pytest.mark.parametrize("cls", [EKFAC, KFAC])
