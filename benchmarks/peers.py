@@ -93,13 +93,10 @@ def classification_task():
     return Classification()
 
 
-def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDataset, out_dir: str,
-                    strategy: str = "ekfac", damping: float | None = 1e-3, empirical: bool = True,
-                    batch: int = 256, device: str = "cpu", precision: str = "fp32", self_scores: bool = True,
-                    pairwise: bool = True, repeats: int = 1) -> tuple[StageTimes, torch.Tensor | None,
-                                                                      torch.Tensor | None]:
-    """kronfluence's fit, self-influence ``[n_train]`` and pairwise scores ``[n_query, n_train]`` (on the CPU).
-    ``repeats``: pairwise scoring runs that many times (``pairwise``, then ``pairwise_2``, ... in the times)."""
+def kronfluence_analyzer(model: nn.Module, out_dir: str, strategy: str = "ekfac", damping: float | None = 1e-3,
+                         empirical: bool = True, device: str = "cpu", precision: str = "fp32") -> tuple[Any, Any, Any]:
+    """kronfluence's ``Analyzer`` (analysis ``bench`` under ``out_dir``: a later one there reads the factors an
+    earlier one fitted) on a copy of ``model``, with its factor and score arguments for ``precision``."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.common.factor_arguments import smart_low_precision_factor_arguments
@@ -117,6 +114,17 @@ def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDatas
     km = prepare_model(copy.deepcopy(model).to(device).eval(), task)
     an = Analyzer("bench", km, task, cpu=not device.startswith("cuda"), disable_tqdm=True, output_dir=out_dir,
                   log_level=40)
+    return an, fargs, sargs
+
+
+def kronfluence_run(model: nn.Module, train: TensorDataset, queries: TensorDataset, out_dir: str,
+                    strategy: str = "ekfac", damping: float | None = 1e-3, empirical: bool = True,
+                    batch: int = 256, device: str = "cpu", precision: str = "fp32", self_scores: bool = True,
+                    pairwise: bool = True, repeats: int = 1) -> tuple[StageTimes, torch.Tensor | None,
+                                                                      torch.Tensor | None]:
+    """kronfluence's fit, self-influence ``[n_train]`` and pairwise scores ``[n_query, n_train]`` (on the CPU).
+    ``repeats``: pairwise scoring runs that many times (``pairwise``, then ``pairwise_2``, ... in the times)."""
+    an, fargs, sargs = kronfluence_analyzer(model, out_dir, strategy, damping, empirical, device, precision)
     times = StageTimes()
     timed_stage(times, "fit", device, lambda: an.fit_all_factors("f", train, per_device_batch_size=batch,
                                                                   factor_args=fargs))
