@@ -4,7 +4,7 @@ the loss, gradient-norm (identity) and random baselines.
 Detectors that combine them (each from what a user has; the flip mask only scores them):
 
 * ``loss_and_<ranking>``: the rank average of the loss and of ``<ranking>`` (``self_influence``, ``identity``,
-  ``relatif``): a point ranks high when both put it high (ties share their mean rank);
+  ``relatif``, ``heldout_harm``): a point ranks high when both put it high (ties share their mean rank);
 * ``relatif`` (``mislabel.relatif=true``): self-influence normalised by curvature, RelatIF's ``g^T (G + λI)^-1 g /
   ||(G + λI)^-1 g||`` (Barshan et al. 2020), at the first damping: one more pass over the training set with the
   solver's gradients and preconditioner (a curvature solver of the parameters' gradients);
