@@ -169,16 +169,16 @@ run ihvp_cnn_ladder_points experiment=ihvp_cnn dataset.subset=500 query.n=16 ihv
 # its rows kept per layer as inputs x output gradients (~3.5 GB); the three dampings where CG had no reference (a
 # reference costs ~10 min per damping here, its residual measured by float64 products through the network)
 run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 \
-  ihvp.reference=gram '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-4,1e-2]' solver=ekfac,kfac
-# Arnoldi with the inverse on its top-50 subspace and λ elsewhere (complement=damping: the paper's "λ elsewhere")
-run ihvp_resnet18_exact_arnoldi experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 \
-  trainer.epochs=15 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
-  'solver.damping=[1e-6,1e-4,1e-2]' solver=arnoldi solver.complement=damping
+  ihvp.reference=gram '~ihvp.reference_args.max_examples' +ihvp.reference_args.residual_chunk=2 'solver.damping=[1e-6,1e-4,1e-2]' solver=ekfac,kfac
 # the other solvers of issue 29 on the same model, queries and reference: LiSSA and LiSSA + EK-FAC tuned as their
 # users tune them (scale search, depth = auto with 4 repeats: depth x repeats ~ n), CG + EK-FAC capped at 30 iterations
 R18='dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 ihvp.reference=gram'
 run ihvp_resnet18_exact_lissa experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
+# Arnoldi with the inverse on its top-50 subspace and λ elsewhere (complement=damping: the paper's "λ elsewhere")
+run ihvp_resnet18_exact_arnoldi experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 \
+  trainer.epochs=15 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \
+  'solver.damping=[1e-6,1e-4,1e-2]' solver=arnoldi solver.complement=damping
 run ihvp_resnet18_exact_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=cg_ekfac ++solver.max_iter=30
 run ihvp_resnet18_exact_lissa_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
