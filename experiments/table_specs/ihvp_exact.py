@@ -64,11 +64,10 @@ CNN_DAMPINGS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0
 R18_DAMPINGS = ("1e-06", "0.0001", "0.01")
 CNN_SERIES = ("EK-FAC", "K-FAC", "LiSSA (tuned)", "Arnoldi 50, dropped", "Arnoldi 200, dropped",
               "Arnoldi 200, λ elsewhere")
-R18_SERIES = ("EK-FAC", "K-FAC")
+R18_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, λ elsewhere", "LiSSA (tuned)", "CG+EK-FAC (30 it.)",
+              "LiSSA+EK-FAC (tuned)")
 table("ihvp_exact_cnn", "cnn", CNN_SERIES, CNN_DAMPINGS,
       "3.0: IHVP error and score Spearman against the exact reference, CNN (medians over 16 queries)")
-table("ihvp_exact_resnet18", "resnet18", R18_SERIES, R18_DAMPINGS,
-      "3.0: the same on the reduced ResNet-18")
 
 # prose numbers
 SECTION.number("x_cnn_ref_worst", cell("{}", worst_overall("cnn")))
@@ -123,6 +122,9 @@ def _present(setting: str, series: Sequence[str]) -> list[str]:
     return [s for s in series if s in have]
 
 
+table("ihvp_exact_resnet18", "resnet18", _present("resnet18", R18_SERIES), R18_DAMPINGS,
+      "3.0: the same on the reduced ResNet-18 (the series whose sweeps have run)")
+
 LADDER_PRESENT = _present("cnn_ladder", LADDER)
 LADDER_DAMPINGS = ("1e-06", "0.0001", "0.01", "1.0")
 table("ihvp_exact_ladder", "cnn_ladder", LADDER_PRESENT, LADDER_DAMPINGS,
@@ -158,3 +160,37 @@ SECTION.number("x_cnn_ekfac_time", cell("{}", Ref("experiments/results/ihvp_cnn_
     fmt(df['fit_s'].iloc[0], 's3')))))
 SECTION.number("x_cnn_lissa_res", cell("{}", Ref("experiments/results/ihvp_cnn_exact_lissa/job0_ihvp.csv", lambda df: (
     f"{fmt(df['rel_residual'].min(), '.2')}–{fmt(df['rel_residual'].max(), '.2')}"))))
+
+
+# the time-matched comparison (issue 29 item 3): experiments/results/sec62/resnet18_time_matched.csv
+TM = "experiments/results/sec62/resnet18_time_matched.csv"
+
+
+def _tm_rows() -> list[list[str | Cell | Ref]]:
+    from tables_engine import exists, load
+    if not exists(TM):
+        return []
+    df = load(TM)
+    series = [s for s in R18_SERIES if s in set(df["series"])]
+    out: list[list[str | Cell | Ref]] = []
+    for lam in R18_DAMPINGS:
+        w = (("damping", lam), ("budget_of", "EK-FAC"))
+        out.append([f"{float(lam):g}", cell("{:s3}", Ref(TM, "budget_s", (*w, ("series", "EK-FAC")), one=True)),
+                    *(cell("{:.2}", Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True)) for s in series),
+                    *(cell("{:s3}", Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True))
+                      for s in series if bool(df[df["series"] == s]["iterative"].iloc[0]))])
+    return out
+
+
+def _tm_header() -> list[str]:
+    from tables_engine import exists, load
+    if not exists(TM):
+        return ["λ"]
+    df = load(TM)
+    series = [s for s in R18_SERIES if s in set(df["series"])]
+    it = [s for s in series if bool(df[df["series"] == s]["iterative"].iloc[0])]
+    return ["λ", "EK-FAC's time (s)", *(f"{s}: error then" for s in series), *(f"{s}: s to EK-FAC's error" for s in it)]
+
+
+SECTION.table("ihvp_exact_r18_time_matched", _tm_header(), _tm_rows,
+              "3.0: the error each solver has when EK-FAC (fit + solve) has finished, ResNet-18")
