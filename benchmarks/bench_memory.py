@@ -27,6 +27,12 @@ against kronfluence's fp32 scores (``spearman_vs_kronfluence``), and bf16 agains
 Writes benchmarks/results/memory_cpu.csv (``--tiny``: memory_cpu_tiny.csv; or ``--out``) with the date, versions,
 threads and every size, and prints the ratios influencelab / kronfluence as a markdown table; the rows done so far
 are in ``<out>.partial.csv`` while it runs (precisions outermost, then models).
+
+The committed memory_cpu.csv is ``OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --models resnet50`` on a shared
+2-core, 24 GB machine (wall times there are load-dependent; the memory is not): ViT-B/16 was left out, since
+influencelab's fit snapshots its float64 covariances (2.5 GB for ViT-B/16) through an in-memory safetensors
+serialisation, about 2 more copies, past the ~6 GB a process could take there, and its four fits' eigendecompositions
+took longer than the run's half hour.
 """
 
 from __future__ import annotations
