@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from . import files
-from .files import tensors_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +41,9 @@ def atomic_write_bytes(path: Path, data: bytes, where: str | None = None) -> Non
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                  where: str | None = None) -> str:
-    """Atomically write a safetensors file; returns its SHA-256 (a failure is one line naming file, cause, fix)."""
-    data = tensors_bytes(tensors, metadata)
-    atomic_write_bytes(path, data, where)
-    return hashlib.sha256(data).hexdigest()
+    """Atomically write a safetensors file; returns its SHA-256 (a failure is one line naming file, cause, fix;
+    streamed tensor by tensor: :func:`influencelab.files.save_tensors`)."""
+    return files.save_tensors(path, tensors, metadata, where)
 
 
 def file_sha256(path: Path) -> str:

@@ -22,7 +22,7 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,9 +131,15 @@ def atomic_write_bytes(path: str | Path, data: bytes, where: str | None = None) 
     """Write ``data`` to ``path`` via a temp file in the same directory, ``fsync`` and ``os.replace``: a reader sees
     the old file or the whole new one, never part of it. A failure removes the temp file and is a one-line
     :class:`FileFaultError` (e.g. a full disk: which file system, how much was needed)."""
+    atomic_write(path, lambda f: f.write(data), len(data), where)
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], Any], needed: int | None = None,
+                 where: str | None = None) -> None:
+    """:func:`atomic_write_bytes` with the content written by ``write(file)`` (streamed: never all in memory)."""
     path = Path(path)
     _mkdir(path, where)
-    with writing(path, len(data), where):
+    with writing(path, needed, where):
         # the temp name carries its writer (host and pid): one left by a killed writer is found and removed
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=TEMP_SUFFIX)
         try:
@@ -142,7 +148,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, where: str | None = None) 
             except OSError:  # (a file system without modes)
                 pass
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -250,14 +256,53 @@ def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     return save(tensors, metadata=meta)
 
 
+#: torch dtypes in safetensors' header names
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _tensor_view(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                  where: str | None = None) -> str:
-    """Atomically write a safetensors file; returns its SHA-256."""
+    """Atomically write a safetensors file (stamped as :func:`tensors_bytes` stamps it); returns its SHA-256.
+    Streamed tensor by tensor: unlike the library's ``save`` (the whole file as one ``bytes``), it holds no copy
+    of the tensors (a fit's final float64 covariances of ResNet-50 took 2.15 GB more that way). Other dtypes than
+    :data:`_ST_DTYPES` go through :func:`tensors_bytes`."""
     import hashlib
 
-    data = tensors_bytes(tensors, metadata)
-    atomic_write_bytes(path, data, where)
-    return hashlib.sha256(data).hexdigest()
+    if any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+        data = tensors_bytes(tensors, metadata)
+        atomic_write_bytes(path, data, where)
+        return hashlib.sha256(data).hexdigest()
+    meta = {**(metadata or {}), FORMAT_KEY: FORMAT_VERSION, DIGEST_KEY: tensors_digest(tensors)}
+    header: dict[str, Any] = {"__metadata__": meta}
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))  # (as the library orders: alignment)
+    offset = 0
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # (padded to 8 bytes, as the library pads it)
+    prefix = struct.pack("<Q", len(head)) + head
+    h = hashlib.sha256(prefix)
+
+    def write(f: Any) -> None:
+        f.write(prefix)
+        for k in names:
+            view = _tensor_view(tensors[k])
+            h.update(view)
+            f.write(view)
+
+    atomic_write(path, write, len(prefix) + offset, where)
+    return h.hexdigest()
 
 
 def safetensors_problem(path: Path) -> str | None:
