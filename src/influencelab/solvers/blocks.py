@@ -185,7 +185,12 @@ class BlockGradSolver(Solver):
         if isinstance(m, nn.Conv2d) and s.device.type == "cpu" and blk.name not in cap.a:
             g = _conv_example_grads(m, cap.input(blk.name), s, cap.out_hw[blk.name])
         else:
-            g = torch.bmm(s.transpose(1, 2), cap.a[blk.name])
+            a = cap.a[blk.name]  # [b, T, in]
+            if blk.bias is not None and a.shape[1] <= s.shape[2]:
+                # T <= out (Linear layers, a ViT's tokens): a column of ones on the inputs gives the bias column in
+                # the same product, for less than a second copy of [b, out, in] that concatenating it would make
+                return torch.bmm(s.transpose(1, 2), torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2))
+            g = torch.bmm(s.transpose(1, 2), a)
         return torch.cat([g, s.sum(1, keepdim=True).transpose(1, 2)], dim=2) if blk.bias is not None else g
 
     # -- scoring ---------------------------------------------------------------------------------------------
