@@ -335,13 +335,14 @@ def _fingerprint(ctx: dict) -> list[float]:
 
 
 def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], list[dict], list[dict], dict]:
-    setup = Setup(model=kind, subsets=args.subsets, n_train=args.n_train, epochs=args.epochs)
+    setup = Setup(model=kind, subsets=args.subsets_mlp if kind == "mlp" and args.subsets_mlp else args.subsets,
+                  n_train=args.n_train, epochs=args.epochs)
     data = load_data(setup)
     xtr, ytr, xte, yte = data
     t0 = time.perf_counter()
     truth = ground_truth(setup, data, cache)
     t_truth = time.perf_counter() - t0
-    trak_ms = [int(m) for m in args.trak.split(",") if m]
+    trak_ms = [int(m) for m in (args.trak_mlp if kind == "mlp" and args.trak_mlp else args.trak).split(",") if m]
     n_half = max(trak_ms, default=0)
     ens = args.ensemble if kind == "mlp" else 0
     t0 = time.perf_counter()
@@ -369,6 +370,10 @@ def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], lis
             if where.exists():  # a finished method of an interrupted run: its scores and the times it took then
                 got = torch.load(where, weights_only=True)
                 scores, sec, cpu = got["scores"].numpy(), float(got["seconds"]), float(got["cpu_seconds"])
+            elif args.cached_only:
+                time_rows.append({"model": kind, "method": method, "library": lib, "seconds": float("nan"),
+                                  "cpu_seconds": float("nan"), "error": "not run: beyond this run's CPU budget"})
+                continue
             else:
                 before = _fingerprint(ctx)
                 t, c = time.perf_counter(), time.process_time()
@@ -426,7 +431,7 @@ def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], lis
 def mislabel(args, cache: Path, notes: str) -> list[dict]:
     """MLP with 10% of the training labels flipped (to another class, seeded): self-influence of each training
     point, AUC of telling the flipped ones (dattri's noisy-label detection), per method and library."""
-    setup = Setup(model="mlp", subsets=args.subsets, n_train=args.n_train, epochs=args.epochs)
+    setup = Setup(model="mlp", subsets=args.subsets_mlp or args.subsets, n_train=args.n_train, epochs=args.epochs)
     xtr, ytr, xte, yte = load_data(setup)
     rng = np.random.default_rng(42)
     n = len(ytr)
@@ -442,19 +447,28 @@ def mislabel(args, cache: Path, notes: str) -> list[dict]:
     rows = []
 
     def add(method, lib, fn):
-        t = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                s = np.asarray(fn(), dtype=np.float64).ravel()
-        except Exception as e:  # noqa: BLE001
-            print(f"[mislabel] {lib} {method}: FAILED {type(e).__name__}: {e}", flush=True)
+        where = cache / "scores" / f"mislabel_{lib}_{method}_{setup.key(json.dumps([lam, args.cg_iters, trak_m]))}.pt"
+        if where.exists():
+            got = torch.load(where, weights_only=True)
+            s, sec, cpu = got["scores"].numpy(), float(got["seconds"]), float(got["cpu_seconds"])
+        elif args.cached_only:
             return
-        sec = time.perf_counter() - t
+        else:
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    s = np.asarray(fn(), dtype=np.float64).ravel()
+            except Exception as e:  # noqa: BLE001
+                print(f"[mislabel] {lib} {method}: FAILED {type(e).__name__}: {e}", flush=True)
+                return
+            sec, cpu = time.perf_counter() - t, time.process_time() - c
+            record = {"scores": torch.as_tensor(s), "seconds": torch.tensor(sec), "cpu_seconds": torch.tensor(cpu)}
+            cached(where, lambda record=record: record)
         auc, lo, hi = _auc(s, flipped)
-        print(f"[mislabel] {lib:12s} {method:10s} AUC {auc:.3f} [{lo:.3f}, {hi:.3f}] {sec:.1f} s", flush=True)
+        print(f"[mislabel] {lib:12s} {method:10s} AUC {auc:.3f} [{lo:.3f}, {hi:.3f}] {cpu:.1f} s cpu", flush=True)
         rows.append({"model": "mlp", "method": method, "library": lib, "auc": auc, "ci_low": lo, "ci_high": hi,
-                     "seconds": sec, "flipped": int(flipped.sum()), "n_train": n, "notes": notes})
+                     "seconds": sec, "cpu_seconds": cpu, "flipped": int(flipped.sum()), "n_train": n, "notes": notes})
 
     model = full[0]
     with torch.no_grad():
@@ -462,8 +476,8 @@ def mislabel(args, cache: Path, notes: str) -> list[dict]:
     rows.append({"model": "mlp", "method": "loss", "library": "baseline",
                  **dict(zip(("auc", "ci_low", "ci_high"), _auc(loss, flipped))), "seconds": 0.0,
                  "flipped": int(flipped.sum()), "n_train": n, "notes": notes})
-    for method, kw in (("ekfac", {"curvature": "empirical_fisher"}), ("kfac", {"curvature": "empirical_fisher"}),
-                       ("cg", {"curvature": "hessian", "max_iter": args.cg_iters, "tol": 1e-7})):
+    # (CG/LiSSA self-influence: one solve per training point, 4,500 here: beyond this CPU budget)
+    for method, kw in (("ekfac", {"curvature": "empirical_fisher"}), ("kfac", {"curvature": "empirical_fisher"})):
         add(method, "influencelab", lambda method=method, kw=kw: Attributor(
             model, solver=method, damping=lam, score_batch_size=500, **kw).fit(ds).self_influence()[0].numpy())
     add(f"trak-{trak_m}", "influencelab", lambda: Attributor(
@@ -471,7 +485,7 @@ def mislabel(args, cache: Path, notes: str) -> list[dict]:
         ds).self_influence()[0].numpy())
 
     def dattri_self(kind):
-        from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorEKFAC
+        from dattri.algorithm.influence_function import IFAttributorEKFAC
         from dattri.algorithm.trak import TRAKAttributor
         loader = DataLoader(ds, batch_size=500, shuffle=False)
         if kind == "trak":
@@ -482,17 +496,15 @@ def mislabel(args, cache: Path, notes: str) -> list[dict]:
             task = _dattri_task(half[0], [h.state_dict() for h in half], per_example=True, margin=True)
             att = TRAKAttributor(task=task, correct_probability_func=prob, device="cpu",
                                  projector_kwargs={"proj_dim": 512, "device": "cpu"})
-            att.cache(loader)
-            with torch.no_grad():
-                return att.self_attribute()
+            with torch.no_grad():  # (its self_attribute fits the kernel on the loader it gets, uncached)
+                return att.self_attribute(loader)
         task = _dattri_task(model, model.state_dict(), per_example=False)
-        att = IFAttributorEKFAC(task=task, damping=lam) if kind == "ekfac" else \
-            IFAttributorCG(task=task, regularization=lam, max_iter=args.cg_iters)
-        att.cache(DataLoader(ds, batch_size=n, shuffle=False))
-        with torch.no_grad():
-            return att.self_attribute(loader)
+        att = IFAttributorEKFAC(task=task, damping=lam)
+        whole = DataLoader(ds, batch_size=n, shuffle=False)
+        att.cache(whole)
+        with torch.no_grad():  # (with batches of 500 its self_attribute mismatches 4,500 vs 500)
+            return att.self_attribute(whole)
     add("ekfac", "dattri", lambda: dattri_self("ekfac"))
-    add("cg", "dattri", lambda: dattri_self("cg"))
     add(f"trak-{trak_m}", "dattri", lambda: dattri_self("trak"))
     return rows
 
@@ -501,6 +513,36 @@ def _auc(scores, flipped) -> tuple[float, float, float]:
     """ROC AUC of telling the flipped points by a high score, and its stratified bootstrap interval."""
     lo, hi = roc_auc_bootstrap(scores, flipped, n_boot=1000, seed=0)
     return float(roc_auc_score(flipped, scores)), lo, hi
+
+
+def table(out: Path) -> str:
+    """The markdown table of RESULTS from the CSVs under ``out`` (``--table``)."""
+    lds = pd.read_csv(out / "lds.csv")
+    paired = pd.read_csv(out / "paired.csv")
+    rows = ["| model | method | influencelab LDS [95% CI] | dattri LDS [95% CI] | influencelab − dattri [95% CI] "
+            "| CPU s influencelab / dattri |", "|---|---|---|---|---|---|"]
+    fmt = "{:.3f} [{:.3f}, {:.3f}]"
+    for (model, method), g in lds.groupby(["model", "method"], sort=False):
+        by = {r["library"]: r for _, r in g.iterrows()}
+        cell = {lib: fmt.format(r["lds"], r["ci_low"], r["ci_high"]) if lib in by else "—"
+                for lib, r in ((lib, by.get(lib)) for lib in ("influencelab", "dattri"))}
+        d = paired[(paired["model"] == model) & (paired["a"] == f"influencelab {method}")
+                   & (paired["b"] == f"dattri {method}")]
+        diff = fmt.format(*d.iloc[0][["diff", "ci_low", "ci_high"]]) if len(d) else "—"
+        cpu = " / ".join(f"{by[lib]['cpu_seconds']:.1f}" if lib in by else "—" for lib in ("influencelab", "dattri"))
+        rows.append(f"| {model} | {method} | {cell['influencelab']} | {cell['dattri']} | {diff} | {cpu} |")
+    text = "\n".join(rows)
+    vs = paired[paired["b"].str.contains("trak")]
+    if len(vs):
+        text += "\n\n| model | method | − TRAK (same library) [95% CI] |\n|---|---|---|\n"
+        text += "\n".join(f"| {r['model']} | {r['a']} − {r['b'].split()[-1]} | "
+                           f"{fmt.format(r['diff'], r['ci_low'], r['ci_high'])} |" for _, r in vs.iterrows())
+    if (out / "mislabel.csv").exists():
+        mis = pd.read_csv(out / "mislabel.csv")
+        text += "\n\n| MLP, 10% flipped: self-influence | library | ROC AUC [95% CI] | CPU s |\n|---|---|---|---|\n"
+        text += "\n".join(f"| {r['method']} | {r['library']} | {fmt.format(r['auc'], r['ci_low'], r['ci_high'])} "
+                           f"| {r.get('cpu_seconds', float('nan')):.1f} |" for _, r in mis.iterrows())
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -513,7 +555,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--queries-mlp", type=int, default=100)
     ap.add_argument("--damping-lr", type=float, default=0.1)
     ap.add_argument("--damping-mlp", type=float, default=0.1)
+    ap.add_argument("--subsets-mlp", type=int, default=None, help="the MLP's (default: --subsets)")
     ap.add_argument("--trak", default="10,50", help="TRAK ensemble sizes M (models on random halves)")
+    ap.add_argument("--trak-mlp", default=None, help="the MLP's (default: --trak)")
     ap.add_argument("--tracin-models", type=int, default=10)
     ap.add_argument("--ensemble", type=int, default=10, help="MLP: influencelab EK-FAC over this many full models")
     ap.add_argument("--cg-iters", type=int, default=10)
@@ -525,10 +569,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", default="", help="LIBRARY:METHOD,... runs left out (cost), e.g. dattri:exact")
     ap.add_argument("--mislabel", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--mislabel-trak", type=int, default=10)
+    ap.add_argument("--table", action="store_true", help="print RESULTS' markdown table from the CSVs in --out")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="only methods whose scores an earlier (possibly parallel) run cached; the rest: times.csv rows")
+    ap.add_argument("--append", action="store_true", help="keep the CSVs' rows of the other models")
     ap.add_argument("--tiny", action="store_true", help="seconds: 300 train points, 3 epochs, 8 subsets")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "dattri_protocol")
     ap.add_argument("--cache", type=Path, default=ROOT / "cache" / "dattri_protocol")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return {}
     if args.tiny:
         args.n_train, args.epochs, args.subsets = 300, 2, 8
         args.queries_lr = args.queries_mlp = 20
@@ -540,7 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = "python experiments/dattri_protocol.py" + (" " + " ".join(argv) if argv else "")
     lds_rows, paired_rows, time_rows, infos = [], [], [], []
     for kind in args.models.split(","):
-        notes = (f"mnist_5k 4,500/500 split (dattri: 5,000/500); {args.subsets} subsets x 1 model of 50%; "
+        subsets = args.subsets_mlp if kind == "mlp" and args.subsets_mlp else args.subsets
+        notes = (f"mnist_5k 4,500/500 split (dattri: 5,000/500); {subsets} subsets x 1 model of 50% (dattri: 100); "
                  f"{args.queries_lr if kind == 'lr' else args.queries_mlp} test points scored; damping "
                  f"{args.damping[kind]}; one thread")
         a, b, c, extra = run_model(kind, args, args.cache, notes)
@@ -557,12 +609,25 @@ def main(argv: list[str] | None = None) -> dict:
         meta["dattri"] = version("dattri")
     except Exception:  # noqa: BLE001
         pass
-    pd.DataFrame(lds_rows).to_csv(args.out / "lds.csv", index=False)
-    pd.DataFrame(paired_rows).to_csv(args.out / "paired.csv", index=False)
-    pd.DataFrame(time_rows).to_csv(args.out / "times.csv", index=False)
+    models = args.models.split(",")
+
+    def write(rows: list[dict], name: str) -> None:
+        """This run's rows; with --append, the file's rows of other models are kept."""
+        new = pd.DataFrame(rows)
+        path = args.out / name
+        if args.append and path.exists():
+            old = pd.read_csv(path)
+            new = pd.concat([old[~old["model"].isin(models)], new], ignore_index=True)
+        new.to_csv(path, index=False)
+
+    write(lds_rows, "lds.csv")
+    write(paired_rows, "paired.csv")
+    write(time_rows, "times.csv")
     if mis:
-        pd.DataFrame(mis).to_csv(args.out / "mislabel.csv", index=False)
-    (args.out / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write(mis, "mislabel.csv")
+    runs = json.loads((args.out / "run.json").read_text()) if args.append and (args.out / "run.json").exists() else []
+    runs = [r for r in (runs if isinstance(runs, list) else [runs]) if not set(r.get("models", [])) & set(models)]
+    (args.out / "run.json").write_text(json.dumps(runs + [{**meta, "models": models}], indent=1) + "\n")
     return {"lds": lds_rows, "paired": paired_rows, "times": time_rows, "mislabel": mis, "meta": meta}
 
 
