@@ -53,6 +53,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -588,7 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.damping = {"lr": args.damping_lr, "mlp": args.damping_mlp}
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cmd = "python experiments/dattri_protocol.py" + (" " + " ".join(argv) if argv else "")
+    given = sys.argv[1:] if argv is None else argv
+    cmd = "python experiments/dattri_protocol.py" + (" " + " ".join(given) if given else "")
     lds_rows, paired_rows, time_rows, infos = [], [], [], []
     for kind in args.models.split(","):
         subsets = args.subsets_mlp if kind == "mlp" and args.subsets_mlp else args.subsets
