@@ -13,4 +13,4 @@ Adding a table: one ``SECTION.table(...)`` in the module of its section, ``<!-- 
 Adding a section: a module here, listed in ``MODULES``.
 """
 
-MODULES = ("mislabel", "detectors", "attribution", "ihvp_exact", "ihvp", "precond", "lds", "unlearn", "benchmarks", "gpu", "mnist5k")
+MODULES = ("mislabel", "detectors", "attribution", "ihvp_exact", "ihvp", "precond", "lds", "dattri", "unlearn", "benchmarks", "gpu", "mnist5k")
