@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
-from tables_engine import Cell, Ref, Section, cell, exists, fmt, load, ref
+from tables_engine import Cell, Ref, Section, cell, exists, fmt, load, ref, ref1
 
 SECTION = Section("6. Benchmarks")
 
@@ -313,3 +313,50 @@ for _name, _col in (("sl_jobs", "jobs"), ("sl_kills", "kills"), ("sl_kills_mid_w
     SECTION.number(_name, cell("{:d}", Ref("benchmarks/results/sweep_load.csv", _col, one=True)))
 SECTION.number("sl_mismatches", cell("{:d}", Ref("benchmarks/results/sweep_load.csv", lambda df: int(
     df[["metric_mismatches", "score_file_mismatches", "cache_mismatches"]].to_numpy().sum()))))
+
+
+# peak CPU memory of EK-FAC's fit, self and pairwise against kronfluence (python benchmarks/bench_memory.py; issue 31
+# item 3): the first run (memory_cpu_before.csv) and the run after the streamed safetensors write and the
+# one-product bias column (memory_cpu.csv)
+_MEM = {"before": "benchmarks/results/memory_cpu_before.csv", "after": "benchmarks/results/memory_cpu.csv"}
+
+
+def _mem(which: str, model: str, precision: str, impl: str, phase: str, key: str = "peak_inc_mb") -> Ref:
+    return ref1(_MEM[which], key, model=model, precision=precision, impl=impl, phase=phase)
+
+
+def _mem_ratio(which: str, model: str, precision: str, phase: str) -> Ref:
+    def get(df: pd.DataFrame) -> str:
+        sel = df[(df["model"] == model) & (df["precision"] == precision) & (df["phase"] == phase)]
+        il = float(sel[sel["impl"] == "influencelab"]["peak_inc_mb"].iloc[0])
+        kf = float(sel[sel["impl"] == "kronfluence"]["peak_inc_mb"].iloc[0])
+        return fmt(il / kf, ".2")
+    return Ref(_MEM[which], get)
+
+
+def _mem_rows() -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    if not (exists(_MEM["before"]) and exists(_MEM["after"])):
+        return rows
+    after = load(_MEM["after"])
+    for precision in ("fp32", "bf16"):
+        for phase in ("fit", "self", "pairwise"):
+            have = after[(after["model"] == "resnet50") & (after["precision"] == precision) & (after["phase"] == phase)]
+            if set(have["impl"]) != {"influencelab", "kronfluence"}:
+                continue
+            rows.append([f"{phase} {precision}",
+                         cell("{:,0} / {:,0}", _mem("before", "resnet50", precision, "influencelab", phase),
+                              _mem("before", "resnet50", precision, "kronfluence", phase)),
+                         _mem_ratio("before", "resnet50", precision, phase),
+                         cell("{:,0} / {:,0}", _mem("after", "resnet50", precision, "influencelab", phase),
+                              _mem("after", "resnet50", precision, "kronfluence", phase)),
+                         cell("**{}**", _mem_ratio("after", "resnet50", precision, phase)),
+                         cell("{:.2}", _mem("after", "resnet50", precision, "influencelab", phase,
+                                            "spearman_vs_kronfluence"))])
+    return rows
+
+
+SECTION.table("memory_cpu", ["ResNet-50 phase", "first run: peak RSS increase MB, influencelab / kronfluence",
+                             "ratio", "now: influencelab / kronfluence", "ratio now",
+                             "Spearman of scores vs kronfluence fp32"], _mem_rows,
+              "6: peak CPU memory against kronfluence (bench_memory.py)")
