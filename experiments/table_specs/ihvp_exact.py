@@ -47,7 +47,8 @@ def median(setting: str, series: str, lam: str, key: str = "error_median", f: st
 def span(setting: str, series: str, key: str, f: str = ".2") -> Ref:
     """``lo–hi``: the range over the dampings of one series' median ``key``."""
     def get(df: pd.DataFrame) -> str:
-        return f"{fmt(df[key].min(), f)}–{fmt(df[key].max(), f)}"
+        lo, hi = fmt(df[key].min(), f), fmt(df[key].max(), f)
+        return lo if lo == hi else f"{lo}–{hi}"
     return Ref(src(setting), get, (("series", series),))
 
 
