@@ -217,6 +217,20 @@ def _dattri_task(model: nn.Module, states, per_example: bool, margin: bool = Fal
     return AttributionTask(loss_func=loss, model=model, checkpoints=states)
 
 
+
+def _dattri_trak(half: list[nn.Module]):
+    """dattri's TRAKAttributor over the models ``half`` (its correct-class probability, 512 projected dimensions)."""
+    from dattri.algorithm.trak import TRAKAttributor
+
+    def prob(params, data):
+        x, y = data
+        out = torch.func.functional_call(half[0], params, x.unsqueeze(0))
+        return torch.exp(-nn.functional.cross_entropy(out, y.unsqueeze(0)))
+
+    task = _dattri_task(half[0], [h.state_dict() for h in half], per_example=True, margin=True)
+    return TRAKAttributor(task=task, correct_probability_func=prob, device="cpu",
+                          projector_kwargs={"proj_dim": 512, "device": "cpu"})
+
 def dattri_scores(method: str, ctx: dict) -> np.ndarray:
     """[n_query, n_train] scores of dattri's implementation (positive = helpful)."""
     from dattri.algorithm.influence_function import (
@@ -227,7 +241,6 @@ def dattri_scores(method: str, ctx: dict) -> np.ndarray:
         IFAttributorLiSSA,
     )
     from dattri.algorithm.tracin import TracInAttributor
-    from dattri.algorithm.trak import TRAKAttributor
     model, lam = ctx["model"], ctx["damping"]
     train_ds, query_ds = ctx["train_ds"], ctx["query_ds"]
     full = DataLoader(train_ds, batch_size=len(train_ds), shuffle=False)
@@ -235,16 +248,7 @@ def dattri_scores(method: str, ctx: dict) -> np.ndarray:
     test_loader = DataLoader(query_ds, batch_size=500, shuffle=False)
     if method.startswith("trak"):
         m = int(method.split("-")[1])
-        half = ctx["half"][:m]
-
-        def prob(params, data):
-            x, y = data
-            out = torch.func.functional_call(half[0], params, x.unsqueeze(0))
-            return torch.exp(-nn.functional.cross_entropy(out, y.unsqueeze(0)))
-
-        task = _dattri_task(half[0], [h.state_dict() for h in half], per_example=True, margin=True)
-        att = TRAKAttributor(task=task, correct_probability_func=prob, device="cpu",
-                             projector_kwargs={"proj_dim": 512, "device": "cpu"})
+        att = _dattri_trak(ctx["half"][:m])
         att.cache(train_loader)
         with torch.no_grad():
             return att.attribute(test_loader).T.numpy()
@@ -487,16 +491,9 @@ def mislabel(args, cache: Path, notes: str) -> list[dict]:
 
     def dattri_self(kind):
         from dattri.algorithm.influence_function import IFAttributorEKFAC
-        from dattri.algorithm.trak import TRAKAttributor
         loader = DataLoader(ds, batch_size=500, shuffle=False)
         if kind == "trak":
-            def prob(params, data):
-                x, y = data
-                out = torch.func.functional_call(half[0], params, x.unsqueeze(0))
-                return torch.exp(-nn.functional.cross_entropy(out, y.unsqueeze(0)))
-            task = _dattri_task(half[0], [h.state_dict() for h in half], per_example=True, margin=True)
-            att = TRAKAttributor(task=task, correct_probability_func=prob, device="cpu",
-                                 projector_kwargs={"proj_dim": 512, "device": "cpu"})
+            att = _dattri_trak(half)
             with torch.no_grad():  # (its self_attribute fits the kernel on the loader it gets, uncached)
                 return att.self_attribute(loader)
         task = _dattri_task(model, model.state_dict(), per_example=False)
