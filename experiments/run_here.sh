@@ -173,8 +173,11 @@ run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 dataset.test_subset=1
 # the other solvers of issue 29 on the same model, queries and reference: LiSSA and LiSSA + EK-FAC tuned as their
 # users tune them (scale search, depth = auto with 4 repeats: depth x repeats ~ n), CG + EK-FAC capped at 30 iterations
 R18='dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 ihvp.reference=gram'
-run ihvp_resnet18_exact_lissa experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
-  'solver.damping=[1e-6,1e-4,1e-2]' solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
+# (one sweep per damping, so that they can run side by side: each LiSSA solve takes tens of minutes here)
+for L in 1e-6 1e-4 1e-2; do
+  run ihvp_resnet18_exact_lissa_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+    "solver.damping=[$L]" solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
+done
 # Arnoldi with the inverse on its top-50 subspace and λ elsewhere (complement=damping: the paper's "λ elsewhere")
 run ihvp_resnet18_exact_arnoldi experiment=ihvp dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 \
   trainer.epochs=15 query.n=16 ihvp.reference=gram '~ihvp.reference_args.max_examples' \

@@ -6,11 +6,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 R=experiments/results
-have() { [ -f "$R/${1%/*}/job${1#*/}_ihvp_queries.csv" ]; }
+have() {  # SWEEP/JOB, or several joined by + (all of them present)
+  local p
+  for p in ${1//+/ }; do [ -f "$R/${p%/*}/job${p#*/}_ihvp_queries.csv" ] || return 1; done
+}
+# a series' jobs that exist (SWEEP/JOB+SWEEP/JOB...): a damping not run yet is left out
+present() { local p out=""; for p in ${1//+/ }; do have "$p" && out="${out:+$out+}$p"; done; echo "$out"; }
 figure() {  # figure SETTING TITLE LABEL=SWEEP/JOB ...
   local setting=$1 title=$2; shift 2
   local series=()
-  for s in "$@"; do if have "${s#*=}"; then series+=("$s"); else echo "sec62: $setting: ${s#*=} missing, left out"; fi; done
+  for s in "$@"; do
+    local p; p=$(present "${s#*=}")
+    if [ -n "$p" ]; then series+=("${s%%=*}=$p"); else echo "sec62: $setting: ${s#*=} missing, left out"; fi
+  done
   [ ${#series[@]} -gt 0 ] && "$PY" experiments/sec62_figure.py "$R/sec62/$setting.png" --title "$title" "${series[@]}"
 }
 figure cnn "CNN, FashionMNIST 500 points, against solver=gram" \
@@ -25,15 +33,15 @@ figure cnn_ladder "CNN: the approximation ladder (exact GGN = the reference)" \
   "EK-FAC on 50 points=ihvp_cnn_ladder_points/0" "EK-FAC on 150 points=ihvp_cnn_ladder_points/1"
 figure resnet18 "ResNet-18 (reduced: 256 points), against solver=gram" \
   "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1" \
-  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa/0" \
+  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0" \
   "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac/0"
 # the time-matched comparison (issue 29 item 3): each solver's error when each other one has finished
 matched() {  # matched SETTING LABEL=SWEEP/JOB ...
   local setting=$1; shift
   local series=()
-  for s in "$@"; do if have "${s#*=}"; then series+=("$s"); fi; done
+  for s in "$@"; do local p; p=$(present "${s#*=}"); [ -n "$p" ] && series+=("${s%%=*}=$p"); done
   [ ${#series[@]} -gt 1 ] && "$PY" experiments/sec62_time_matched.py "$R/sec62/${setting}_time_matched.csv" "${series[@]}"
 }
 matched resnet18 "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1" \
-  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa/0" \
+  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0" \
   "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac/0"

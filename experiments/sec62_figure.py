@@ -7,6 +7,8 @@ and each job's reference residuals (``job<N>_ihvp.csv``)::
 
     python experiments/sec62_figure.py OUT.png "EK-FAC=ihvp_cnn_exact/0" "K-FAC=ihvp_cnn_exact/1" ...
 
+A series may join jobs with ``+`` (``LABEL=SWEEP_A/0+SWEEP_B/0``): dampings that ran as sweeps of their own.
+
 Also writes ``OUT.csv``: the plotted medians and quartiles per series and damping (what the figure shows).
 """
 
@@ -20,13 +22,23 @@ import pandas as pd
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def jobs(where: str) -> list[tuple[str, str]]:
+    """``SWEEP/JOB`` or several joined by ``+`` (a series whose dampings ran as sweeps of their own)."""
+    return [(sw, j) for sw, _, j in (part.partition("/") for part in where.split("+"))]
+
+
+def read_jobs(where: str, table: str) -> pd.DataFrame:
+    """``job<N>_<table>.csv`` of every job of ``where``, one below the other."""
+    return pd.concat([pd.read_csv(RESULTS / sw / f"job{j}_{table}.csv") for sw, j in jobs(where)],
+                     ignore_index=True)
+
+
 def series_frame(spec: str) -> pd.DataFrame:
     """``LABEL=SWEEP/JOB`` -> per damping: median and quartiles of rel_error and spearman, and whether the
     reference converged there."""
     label, _, where = spec.partition("=")
-    sweep, _, job = where.partition("/")
-    q = pd.read_csv(RESULTS / sweep / f"job{job}_ihvp_queries.csv")
-    ref = pd.read_csv(RESULTS / sweep / f"job{job}_ihvp.csv")[["damping", "ref_converged", "ref_rel_residual"]]
+    q = read_jobs(where, "ihvp_queries")
+    ref = read_jobs(where, "ihvp")[["damping", "ref_converged", "ref_rel_residual"]]
     stats = q.groupby("damping").agg(
         error_q25=("rel_error", lambda s: s.quantile(0.25)), error_median=("rel_error", "median"),
         error_q75=("rel_error", lambda s: s.quantile(0.75)),
@@ -34,7 +46,7 @@ def series_frame(spec: str) -> pd.DataFrame:
         spearman_q75=("spearman", lambda s: s.quantile(0.75)), queries=("rel_error", "size")).reset_index()
     out = stats.merge(ref, on="damping", how="left")
     out.insert(0, "series", label)
-    out.insert(1, "source", f"{sweep}/job{job}")
+    out.insert(1, "source", "+".join(f"{sw}/job{j}" for sw, j in jobs(where)))
     return out
 
 

@@ -26,10 +26,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def load(spec: str) -> tuple[str, pd.DataFrame, pd.DataFrame | None]:
     """``LABEL=SWEEP/JOB`` -> (label, per-damping rows, the error trace or None)."""
     label, _, where = spec.partition("=")
-    sweep, _, job = where.partition("/")
-    rows = pd.read_csv(RESULTS / sweep / f"job{job}_ihvp.csv")
-    trace_file = RESULTS / sweep / f"job{job}_ihvp_trace.csv"
-    trace = pd.read_csv(trace_file) if trace_file.exists() else None
+    parts = [part.partition("/")[::2] for part in where.split("+")]  # (SWEEP/JOB, or several joined by +)
+    rows = pd.concat([pd.read_csv(RESULTS / sw / f"job{j}_ihvp.csv") for sw, j in parts], ignore_index=True)
+    traces = [RESULTS / sw / f"job{j}_ihvp_trace.csv" for sw, j in parts]
+    trace = pd.concat([pd.read_csv(t) for t in traces], ignore_index=True) if all(t.exists() for t in traces) \
+        else None
     return label, rows, trace
 
 

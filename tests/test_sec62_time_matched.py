@@ -46,3 +46,16 @@ def test_errors_at_each_others_finishing_time(tm, tmp_path):
     assert pd.isna(df.loc[(0.01, "EK-FAC", "LiSSA"), "time_to_budget_error_s"])
     # a direct solver before its own finishing time has nothing
     assert pd.isna(tm.error_at(pd.read_csv(tmp_path / "direct" / "job0_ihvp.csv"), None, 1.0, 5.0))
+
+
+def test_a_series_joins_dampings_run_as_sweeps_of_their_own(tm, tmp_path):
+    """``LABEL=A/0+B/0``: one series from jobs that each ran some of the dampings (rows and traces joined)."""
+    for lam in (0.01, 1.0):
+        d = tmp_path / f"iter_{lam}"
+        d.mkdir()
+        for name in ("ihvp", "ihvp_trace"):
+            df = pd.read_csv(tmp_path / "iter" / f"job0_{name}.csv")
+            df[df["damping"] == lam].to_csv(d / f"job0_{name}.csv", index=False)
+    whole = tm.table(["EK-FAC=direct/0", "LiSSA=iter/0"])
+    joined = tm.table(["EK-FAC=direct/0", "LiSSA=iter_0.01/0+iter_1.0/0"])
+    pd.testing.assert_frame_equal(whole, joined)
