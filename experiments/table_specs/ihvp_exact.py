@@ -195,3 +195,10 @@ def _tm_header() -> list[str]:
 
 SECTION.table("ihvp_exact_r18_time_matched", _tm_header(), _tm_rows,
               "3.0: the error each solver has when EK-FAC (fit + solve) has finished, ResNet-18")
+
+if "Arnoldi 50, λ elsewhere" in _present("resnet18", R18_SERIES):
+    SECTION.number("x_r18_arnoldi_err_span", cell("{}", span("resnet18", "Arnoldi 50, λ elsewhere", "error_median")))
+    SECTION.number("x_r18_arnoldi_rho_span", cell("{}", span("resnet18", "Arnoldi 50, λ elsewhere",
+                                                             "spearman_median")))
+    SECTION.number("x_r18_arnoldi_fit", cell("{}", Ref("experiments/results/ihvp_resnet18_exact_arnoldi/job0_ihvp.csv",
+                                                       lambda df: fmt(df["fit_s"].iloc[0], "s3"))))
