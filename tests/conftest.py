@@ -95,3 +95,15 @@ def per_example_flat_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
         return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
 
     return ParamLayout(model).flatten(vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y))
+
+
+def load_script(path: Path, name: str):
+    """A repository script (benchmarks/, experiments/) imported as module ``name`` (registered in sys.modules, as
+    dataclasses defined in it need)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,8 +4,6 @@ convention reproducing the shared one, and convergence to the dense damped Hessi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+from conftest import load_script
 from influencelab.data.base import as_labeled
 
 pd = pytest.importorskip("pandas")
@@ -23,11 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lissa.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lissa", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lissa"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH, "bench_lissa")
 
 
 def tiny(n: int = 48, k: int = 2, seed: int = 0):

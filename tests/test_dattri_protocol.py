@@ -7,12 +7,12 @@ ground truth is cached by its recipe's hash (a second run reads it back instead 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import load_script
 
 pytest.importorskip("dattri")
 pytest.importorskip("mlxtend")
@@ -23,11 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "dattri_protocol.
 
 @pytest.fixture(scope="module")
 def dp():
-    spec = importlib.util.spec_from_file_location("dattri_protocol", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dattri_protocol"] = mod  # (its dataclass looks its module up)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "dattri_protocol")
 
 
 def _ctx(dp, kind: str):

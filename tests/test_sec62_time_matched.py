@@ -3,20 +3,19 @@ per-damping rows and error traces (written here as the stage writes them)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "sec62_time_matched.py"
 
 
 @pytest.fixture()
 def tm(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("sec62_time_matched", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT, "sec62_time_matched")
     monkeypatch.setattr(mod, "RESULTS", tmp_path)
     cols = ["solver", "damping", "rel_error", "time_s", "ref_converged"]
     (tmp_path / "direct").mkdir()
