@@ -10,7 +10,8 @@ ResNet-50 (64x64, 16 queries) and ViT-B/16 (``img_size`` 48: 9 patches + the cla
 EK-FAC's few-position path; 4 queries, since one query's gradient is 343 MB there); 32 training points, one batch
 of 32. (Sizes for a shared 2-core machine: each process stays under ~6 GB, the whole run within about 30 min.) ``--tiny``: a tiny CNN on 16x16 images (seconds; for tests). Both sides use the
 empirical Fisher, λ = 1e-3 and the same batch for fitting and scoring. bf16: influencelab's ``autocast="bf16"``
-(its only lower-precision option: bf16 forward/backward, captured tensors and factors in float32);
+(its only lower-precision option: bf16 forward/backward; captured tensors, per-example and query gradients and the
+preconditioned queries stored in bf16; covariances, eigenbases and the inverse in float32);
 kronfluence's documented ``smart_low_precision_{factor,score}_arguments`` (bf16 autocast, covariances, per-sample
 gradients and scores; eigendecompositions and preconditioning in float32).
 

@@ -129,21 +129,24 @@ def test_cli_budget_too_small_names_the_config_key(run_pipeline):
                       "stages=[train,fit,pairwise]", "score.memory_gb=0.0001"])
 
 
-def _measure(solver: str, gb: float, n_query: int, n_train: int, hidden: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, solver, str(gb), str(n_query), str(n_train), str(hidden)],
+def _measure(solver: str, gb: float, n_query: int, n_train: int, hidden: int, autocast: str = "") -> dict:
+    r = subprocess.run([sys.executable, __file__, solver, str(gb), str(n_query), str(n_train), str(hidden),
+                        *([autocast] if autocast else [])],
                        capture_output=True, text=True, cwd=REPO, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("solver", "gb", "n_query", "hidden"), [("identity", 0.3, 200, 1024),
-                                                                  ("ekfac", 0.08, 50, 256)])
-def test_budget_is_honoured(solver, gb, n_query, hidden):
-    """An MLP (identity: 1.9M parameters, 200 queries: 1.5 GB per copy of them; EK-FAC: 0.27M, 50 queries) in a
-    fresh process: the pairwise and self-influence passes' peak resident memory above their start <= budget x 1.1,
-    and the pairwise budget binds (the unbudgeted estimate is far above it)."""
-    out = _measure(solver, gb, n_query, 32, hidden)
+@pytest.mark.parametrize(("solver", "gb", "n_query", "hidden", "autocast"),
+                         [("identity", 0.3, 200, 1024, ""), ("ekfac", 0.08, 50, 256, ""),
+                          ("ekfac", 0.15, 200, 1024, "bf16")])
+def test_budget_is_honoured(solver, gb, n_query, hidden, autocast):
+    """An MLP (identity: 1.9M parameters, 200 queries: 1.5 GB per copy of them; EK-FAC: 0.27M, 50 queries; EK-FAC
+    under bf16, whose gradients and queries are stored in half the bytes) in a fresh process: the pairwise and
+    self-influence passes' peak resident memory above their start <= budget x 1.1, and the pairwise budget binds
+    (the unbudgeted estimate is far above it)."""
+    out = _measure(solver, gb, n_query, 32, hidden, autocast)
     assert out["pairwise"]["query_chunk"] < n_query and out["pairwise"]["unbudgeted_mb"] > 2 * gb * 1024, out
     for what in ("pairwise", "self"):
         assert out[what]["peak_mb"] <= gb * 1024 * 1.10, out
@@ -157,13 +160,15 @@ def main() -> None:
     from peers import PeakRSS  # the peak sampled as the benchmarks sample it
 
     solver, gb, n_query, n_train, hidden = sys.argv[1], float(sys.argv[2]), *map(int, sys.argv[3:6])
+    autocast = sys.argv[6] if len(sys.argv) > 6 else None
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                           nn.Linear(hidden, 10))
     train = TensorDataset(torch.randn(n_train, 1, 28, 28), torch.randint(0, 10, (n_train,)))
     queries = TensorDataset(torch.randn(n_query, 1, 28, 28), torch.randint(0, 10, (n_query,)))
-    attr = Attributor(model, solver=solver, damping=1e-3, memory_gb=gb).fit(train)
+    attr = Attributor(model, solver=solver, damping=1e-3, memory_gb=gb,
+                      **({"autocast": autocast} if autocast else {})).fit(train)
     m = attr.members[0]
     out = {}
     for what, fn in (("pairwise", lambda: attr.pairwise(queries)), ("self", lambda: attr.self_influence())):

@@ -441,10 +441,44 @@ def test_bf16_autocast_gradients_and_scores_track_float32(setup, cls):
         s.fit(model, train) if cls is EKFAC else s.setup(model)
     xf = x.float()
     g, g_amp = full.train_grads(model, xf, y), amp.train_grads(model, xf, y)
-    assert g_amp.dtype == torch.float32 and not torch.equal(g, g_amp)  # bf16 passes really ran
-    assert float((g - g_amp).norm() / g.norm()) < 0.05
+    assert g.dtype == torch.float32 and g_amp.dtype == torch.bfloat16  # stored in bf16: half the memory
+    assert float((g - g_amp.float()).norm() / g.norm()) < 0.05
     a, b = (s.self_influence(model, xf, y, [1e-2])[0] for s in (full, amp))
-    assert spearmanr(a.numpy(), b.numpy()).statistic > 0.98
+    assert b.dtype == torch.float32 and spearmanr(a.numpy(), b.numpy()).statistic > 0.98
+
+
+@pytest.mark.parametrize("cls", [EKFAC, Identity])
+def test_bf16_pairwise_keeps_queries_in_bf16_and_tracks_float32(setup, cls):
+    """Under ``autocast=bf16`` the query gradients (written batch by batch into one matrix), their preconditioned
+    copies and the prepared queries stay bf16 (half of float32's memory), the scores accumulate in float32 and rank
+    the training points as the float32 pass does; the queries' own rows match float32's to bf16 precision."""
+    from scipy.stats import spearmanr
+
+    from influencelab.data.base import LabeledData
+    from influencelab.scores import precondition_queries, query_gradients
+
+    model64, _, train, x, y, _ = setup["cnn"]
+    model = copy.deepcopy(model64).float()
+    full, amp = cls(damping=1e-2, batch_size=16), cls(damping=1e-2, batch_size=16, autocast="bf16")
+    for s in (full, amp):
+        s.fit(model, train) if cls is EKFAC else s.setup(model)
+    xf = x.float()
+    xq, yq = xf[:12], y[:12]
+    queries = LabeledData(xq, yq)
+    pre = {}
+    for name, s in (("full", full), ("amp", amp)):
+        g = query_gradients(s, model, queries, batch_size=5)  # 3 batches, the last one short
+        rows = torch.cat([s.train_grads(model, xq[i:i + 5], yq[i:i + 5]) for i in range(0, 12, 5)])
+        assert g.dtype == s.store_dtype and torch.equal(g, rows)  # each batch's rows, in place
+        pre[name] = precondition_queries(s, g, [1e-2], consume=True)
+        assert pre[name].dtype == s.store_dtype and pre[name].data_ptr() == g.data_ptr()  # solved in place
+    assert amp.store_dtype == torch.bfloat16 and full.store_dtype == torch.float32
+    assert float((pre["full"] - pre["amp"].float()).norm() / pre["full"].norm()) < 0.1  # (factors fitted in bf16 too)
+    a = full.pairwise(model, full.prepare_queries(pre["full"]), xf, y)
+    b = amp.pairwise(model, amp.prepare_queries(pre["amp"]), xf, y)
+    assert b.dtype == torch.float32 and b.shape == a.shape == (12, len(y))
+    rho = [spearmanr(a[i].numpy(), b[i].numpy()).statistic for i in range(12)]
+    assert min(rho) > 0.95, rho
 
 
 def test_autocast_config_errors():

@@ -31,7 +31,16 @@ from . import distributed
 from .artifacts import Artifacts, FitInfo
 from .data.base import LabeledData
 from .errors import SolverDivergedError
-from .memory import Plan, budget_bytes, log_plan, plan_pairwise, plan_self, release_freed, shape_of
+from .memory import (
+    Plan,
+    budget_bytes,
+    log_plan,
+    pin_mmap_threshold,
+    plan_pairwise,
+    plan_self,
+    release_freed,
+    shape_of,
+)
 from .metric_names import damping_label, metric_name
 from .scores import pairwise_scores, precondition_queries, query_gradients, self_scores
 from .solvers.base import Convergence, Damping, Solver, merge_diagnostics
@@ -112,6 +121,8 @@ class Member:
         are taken in the chunks the memory plan allows, each one pass over the training data (with its own cache
         key; one chunk keeps the key of the whole)."""
         budget, explicit = budget_bytes(self.memory_gb, self.solver.device)
+        if explicit:
+            pin_mmap_threshold(self.solver.device)
         n_query, n_damping = len(queries), len(dampings)
         shape = shape_of(self.solver, self.model, train, n_damping, self.chunk_size)
         self.plan = plan = plan_pairwise(shape, n_query, self.batch_size, budget, explicit,
@@ -154,6 +165,8 @@ class Member:
         """Self-influence ``[n_damping, n_train]``; ``None`` while other partitions' chunks are missing."""
         key = self.artifacts.score_key("self", self.fit_key, dampings, train_key)
         budget, explicit = budget_bytes(self.memory_gb, self.solver.device)
+        if explicit:
+            pin_mmap_threshold(self.solver.device)
         shape = shape_of(self.solver, self.model, train, len(dampings), self.chunk_size)
         self.plan = plan = plan_self(shape, self.batch_size, budget, explicit, key=self.names.memory)
         log_plan("self-influence", plan, 0, self.batch_size, explicit)

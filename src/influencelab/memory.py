@@ -2,11 +2,14 @@
 a pairwise or self-influence pass holds and picks the largest query chunk and training batch that fit.
 
 What a pass holds, in numbers of the solver's dtype (``P``: tracked parameters; ``q``: queries of a chunk;
-``k = n_damping x q``: preconditioned rows; ``b``: training examples per batch):
+``k = n_damping x q``: preconditioned rows; ``b``: training examples per batch); gradients and preconditioned
+queries in the solver's ``store_dtype`` (the block solvers keep them in bf16 under ``solver.autocast=bf16``):
 
-* **query phase**: the chunk's query gradients ``[q, P]`` (a batch of them ``[min(b, q), P]`` being formed), then
+* **query phase**: the chunk's query gradients ``[q, P]`` (other than the block solvers, which write each batch
+  into its rows, a batch of them ``[min(b, q), P]`` being formed beside them), then
   the preconditioned copies: one damping is solved in place (``[q, P]``), several fill ``[n_damping, q, P]`` beside
-  the gradients; plus the solver's own work space (EK-FAC/K-FAC: a few ``[q, out, in]`` of the largest block;
+  the gradients; plus the solver's own work space (EK-FAC/K-FAC: a few ``[rows, out, in]`` of the largest block,
+  its rows within :data:`~influencelab.solvers.ekfac.CHUNK_BYTES`;
   identity: none; any other solver: :data:`WORK_COPIES` copies of ``[q, P]``);
 * **training phase**: ``[k, P]`` preconditioned queries, plus the contiguous copies that the block solvers make of
   one-position blocks (plain Linear layers: their share of ``[k, P]`` again); per batch the activations
@@ -44,7 +47,7 @@ from .data.base import LabeledData, batch_to
 from .errors import ConfigError
 from .solvers.base import Solver
 from .solvers.blocks import BlockGradSolver
-from .solvers.ekfac import CHUNK_BYTES, EKFAC, PAIRS_MAX_T
+from .solvers.ekfac import CHUNK_BYTES, EKFAC, PAIRS_MAX_T, precondition_rows
 from .solvers.identity import Identity
 
 log = logging.getLogger("influencelab")
@@ -75,6 +78,11 @@ class Shape:
     n_damping: int
     n_train: int
     chunk_size: int
+    store_itemsize: int = 0  # bytes of a stored gradient / preconditioned query (bf16 under autocast; 0: itemsize)
+
+    @property
+    def g(self) -> int:
+        return self.store_itemsize or self.itemsize
 
 
 @dataclass(frozen=True)
@@ -108,24 +116,28 @@ def _reserve(b: float) -> int:
 
 def pairwise_bytes(shape: Shape, n_query: int, q: int, b: int) -> int:
     """Estimated peak bytes of a pairwise pass over ``n_query`` queries, ``q`` at a time, batch ``b``."""
-    s, P, nd = shape.itemsize, shape.params, shape.n_damping
+    s, g, P, nd = shape.itemsize, shape.g, shape.params, shape.n_damping
     k = nd * q
     big = max(o * i for o, i, _ in shape.blocks)
     bq = min(b, q)
-    # query phase: gradients [q, P] written batch by batch (a batch's [bq, P] is the whole when q <= bq), each
-    # batch's formed block by block (per-example gradients and their bias column: [bq, out, in] twice), then
-    # preconditioned (in place for one damping)
-    blockwise = 3 * bq * P * s if shape.kind == "generic" else bq * P * s + 2 * bq * big * s
-    grads = (q * P * s if q > bq else 0) + blockwise + bq * shape.example_bytes
-    work = {"ekfac": 4 * q * big * s, "identity": 0}.get(shape.kind, WORK_COPIES * q * P * s)
-    precond = q * P * s * (nd + (1 if nd > 1 else 0)) + work
+    # query phase: gradients [q, P] (stored in g bytes) written batch by batch, the block solvers' straight into
+    # their rows, each batch's formed block by block (per-example gradients and their bias column: [bq, out, in]
+    # twice), then preconditioned (in place for one damping)
+    if shape.kind == "generic":
+        grads = (q * P * s if q > bq else 0) + 3 * bq * P * s
+    else:
+        grads = max(q, bq) * P * g + 2 * bq * big * g
+    grads += bq * shape.example_bytes
+    rows = min(q, precondition_rows(big, s, "cpu" if shape.cpu else "cuda"))  # EK-FAC: a few rows at a time
+    work = {"ekfac": 4 * rows * big * s, "identity": 0}.get(shape.kind, WORK_COPIES * q * P * s)
+    precond = q * P * g * (nd + (1 if nd > 1 else 0)) + work
     # training phase: the preconditioned rows, the one-position blocks' contiguous copies, one batch's work
     split = sum(o * i for o, i, t in shape.blocks if t == 1) if shape.kind != "generic" else 0
-    held = k * (P + split) * s
+    held = k * (P + split) * g
     if shape.kind == "generic":
         per_batch = 3 * b * P * s
     else:
-        per_batch = max(b * k * o * s if t == 1 else 2 * b * o * i * s for o, i, t in shape.blocks)
+        per_batch = max(b * k * o * g if t == 1 else 2 * b * o * i * g for o, i, t in shape.blocks)
     cols = 2 * k * min(shape.chunk_size, shape.n_train) * s + 2 * k * b * s
     train = held + per_batch + b * shape.example_bytes + cols
     if shape.cpu:  # the scores: this chunk's parts and their concatenation, and the whole when queries are chunked
@@ -139,7 +151,8 @@ def self_bytes(shape: Shape, b: int) -> int:
     if shape.kind == "ekfac":
         per = 0
         for o, i, t in shape.blocks:
-            rot = 2 * b * t * (o + i) * s
+            # the rotated factors (and, stored in bf16, their float32 copies)
+            rot = (2 if shape.g == s else 3) * b * t * (o + i) * s
             if t <= PAIRS_MAX_T:
                 pairs = t * (t + 1) // 2
                 extra = 2 * b * pairs * (o + i) * s
@@ -235,7 +248,8 @@ def shape_of(solver: Solver, model: nn.Module, train: LabeledData, n_damping: in
     assert solver.layout is not None
     blocks, example = probe(solver, model, train)
     return Shape(solver.layout.size, torch.empty((), dtype=solver.dtype).element_size(), blocks, example,
-                 _kind(solver), solver.device.type == "cpu", n_damping, len(train), chunk_size)
+                 _kind(solver), solver.device.type == "cpu", n_damping, len(train), chunk_size,
+                 torch.empty((), dtype=solver.store_dtype).element_size())
 
 
 def _halvings(start: int, stop: int) -> list[int]:
@@ -317,6 +331,24 @@ def release_freed(device: torch.device) -> None:
 
 
 _LIBC: Any = None
+#: under an explicit CPU budget, allocations from this size up are mapped (and unmapped when freed) by glibc
+MMAP_THRESHOLD = 4 * 2**20
+_PINNED = False
+
+
+def pin_mmap_threshold(device: torch.device) -> None:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (CPU, under an explicit budget; once per process).
+    glibc raises the threshold to the size of each mapped block freed (up to 32 MB), after which a pass's
+    megabyte-sized work tensors come from the heap, whose holes stay resident: measured, an EK-FAC pass planned at
+    152 MB peaked at 207-240 MB that way, and at 131 MB with the threshold fixed. A no-op elsewhere."""
+    global _PINNED
+    if device.type != "cpu" or _PINNED:
+        return
+    _PINNED = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def log_plan(what: str, plan: Plan, n_query: int, batch_size: int, explicit: bool) -> None:

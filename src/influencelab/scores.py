@@ -19,6 +19,7 @@ from .artifacts import Artifacts
 from .data.base import LabeledData
 from .errors import ConfigError, SolverDivergedError
 from .solvers.base import Damping, Solver, diagnostics_from_json, diagnostics_json, merge_diagnostics
+from .solvers.blocks import BlockGradSolver
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,20 @@ def finite_or_raise(t: torch.Tensor, what: str, solver: Solver) -> None:
 
 def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batch_size: int) -> torch.Tensor:
     """Flat gradients ``[n_query, P]`` of the queries' measurement (the task's; their loss by default), written batch
-    by batch into one preallocated matrix (for a big model ``n_query x P`` is gigabytes: no concatenated copy)."""
+    by batch into one preallocated matrix (for a big model ``n_query x P`` is gigabytes: no concatenated copy). The
+    block-hook solvers write each batch's blocks straight into its rows (no ``[batch, P]`` copy beside them)."""
     out: torch.Tensor | None = None
+    if (solver.task.measures_loss and type(solver).query_grads is Solver.query_grads
+            and type(solver).train_grads is BlockGradSolver.train_grads and len(queries) > batch_size):
+        assert solver.layout is not None
+        out = torch.empty(len(queries), solver.layout.size, dtype=solver.store_dtype, device=solver.device)
+        for x, y, pos in queries.batches(batch_size):
+            s = int(pos[0])
+            if not torch.equal(pos.cpu(), torch.arange(s, s + len(pos))):  # (batches are contiguous ranges)
+                out[pos.to(out.device)] = solver.train_grads(model, x, y)
+            else:
+                solver.train_grads(model, x, y, out=out[s:s + len(pos)])
+        return out
     for x, y, pos in queries.batches(batch_size):
         g = solver.query_grads(model, x, y)
         if out is None:

@@ -300,6 +300,12 @@ class Solver(ABC):
         return None
 
     # -- scoring (defaults use torch.func per-example gradients; solvers may specialise) ------------
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """The dtype gradients and preconditioned queries are kept in (:class:`~.blocks.BlockGradSolver` keeps them
+        in bf16 under ``solver.autocast=bf16``); ``solver.dtype`` for every other solver."""
+        return self.dtype
+
     def amp(self) -> torch.autocast:
         """The autocast context of ``solver.autocast`` (disabled when null)."""
         return torch.autocast(self.device.type, dtype=AUTOCAST.get(self.autocast or "bf16"),
@@ -336,5 +342,5 @@ class Solver(ABC):
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
         """``g^T (G + λI)^-1 g`` for each example of a batch and each damping: ``[len(dampings), b]``."""
-        g = self.train_grads(model, x, y)
+        g = self.train_grads(model, x, y).to(self.dtype)
         return torch.stack([(self.precondition(g, d) * g).sum(dim=1) for d in dampings])

@@ -149,7 +149,17 @@ class PreparedQueries:
 
 
 class BlockGradSolver(Solver):
-    """A solver whose training gradients, pairwise scores and self-influence come from captured ``a``/``s``."""
+    """A solver whose training gradients, pairwise scores and self-influence come from captured ``a``/``s``.
+
+    Under ``solver.autocast=bf16`` what a scoring pass holds is kept in bf16: the captured inputs and output
+    gradients, per-example and query gradients and the preconditioned queries (half of float32's memory; their
+    products accumulate in float32). What needs float32's accuracy (covariances, eigenbases, the inverse applied to a
+    query block, self-influence) is computed from float32 copies of one block at a time. fp16 keeps float32 storage
+    (its range, 6.5e4, does not hold every gradient)."""
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.autocast == "bf16" else self.dtype
 
     # -- gradients of a batch, block by block ------------------------------------------------------------
     @contextmanager
@@ -160,7 +170,7 @@ class BlockGradSolver(Solver):
         ``curvature="fisher"``, targets are sampled from the model's own predictions (the task's
         :meth:`~influencelab.tasks.Task.fisher_targets`: positions the data's targets ignore stay ignored)."""
         assert self.layout is not None
-        with Capture(self.layout.modules, self.layout.blocks, self.dtype) as cap, torch.enable_grad():
+        with Capture(self.layout.modules, self.layout.blocks, self.store_dtype) as cap, torch.enable_grad():
             params = list(model.parameters())
             req = [p.requires_grad for p in params]
             for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
@@ -194,11 +204,13 @@ class BlockGradSolver(Solver):
         return torch.cat([g, s.sum(1, keepdim=True).transpose(1, 2)], dim=2) if blk.bias is not None else g
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def train_grads(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
-        """Flat ``[b, P]``, each block written into its slice (no list of blocks concatenated: one copy, not two)."""
+    def train_grads(self, model: nn.Module, x: Any, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat ``[b, P]``, each block written into its slice (no list of blocks concatenated: one copy, not two);
+        into ``out`` (``[b, P]`` rows of a larger matrix, e.g. every query's gradients) when given."""
         assert self.layout is not None
         with self._captured(model, x, y) as cap:
-            out = torch.empty(len(y), self.layout.size, dtype=self.dtype, device=self.device)
+            if out is None:
+                out = torch.empty(len(y), self.layout.size, dtype=self.store_dtype, device=self.device)
             for b in self.layout.blocks:
                 self.layout.block(out, b).copy_(self._block_grads(cap, b))
             return out
@@ -206,7 +218,7 @@ class BlockGradSolver(Solver):
     def prepare_queries(self, preconditioned: torch.Tensor) -> PreparedQueries:
         """Per-block ``[k, out, in]`` views of the preconditioned queries (see :class:`PreparedQueries`)."""
         assert self.layout is not None
-        pre = preconditioned.to(self.dtype)
+        pre = preconditioned.to(self.store_dtype)
         return PreparedQueries(len(pre), [self.layout.block(pre, b) for b in self.layout.blocks])
 
     def pairwise(self, model: nn.Module, preconditioned: torch.Tensor | PreparedQueries, x: Any,

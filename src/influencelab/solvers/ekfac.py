@@ -49,6 +49,12 @@ PAIRS_MAX_T = 8
 CHUNK_BYTES = {"cpu": 16 * 2**20, "other": 256 * 2**20}
 
 
+def precondition_rows(block_numel: int, itemsize: int, device_type: str) -> int:
+    """Rows of ``[k, P]`` preconditioned at a time in one block: its ``[rows, out, in]`` work space within
+    :data:`CHUNK_BYTES` (at least one row)."""
+    return max(1, CHUNK_BYTES["cpu" if device_type == "cpu" else "other"] // (block_numel * itemsize))
+
+
 def _cov_a(a: torch.Tensor, bias: bool) -> torch.Tensor:
     """``sum_rows [a, 1]^T [a, 1]`` for ``a [N, in]`` without materialising the column of ones."""
     if not bias:
@@ -176,7 +182,7 @@ class EKFAC(BlockGradSolver):
             for _ in range(self.fisher_samples):
                 with self._captured(model, x, y, gen) as cap:
                     for b in blocks:
-                        a, s = cap.a[b.name], cap.s[b.name]
+                        a, s = cap.a[b.name].to(self.dtype), cap.s[b.name].to(self.dtype)  # (stored bf16)
                         A[b.name] += _cov_a(a.flatten(0, 1), b.bias is not None).double()
                         S[b.name] += (s.flatten(0, 1).T @ s.flatten(0, 1)).double()
                         positions[b.name] += a.shape[0] * a.shape[1]
@@ -240,7 +246,7 @@ class EKFAC(BlockGradSolver):
                          qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``s Q_S`` ``[b, T, out]`` and ``[a, 1] Q_A`` ``[b, T, in]``, the factors of a block's per-example
         gradients in its eigenbasis: ``Q_S^T G_i Q_A = sum_t (s_t Q_S)^T ([a_t, 1] Q_A)``."""
-        return _matmul_rows(cap.s[b.name], qs), _rot_a(cap.a[b.name], qa, b.bias is not None)
+        return _matmul_rows(cap.s[b.name].to(qs.dtype), qs), _rot_a(cap.a[b.name].to(qa.dtype), qa, b.bias is not None)
 
     # -- applying the inverse --------------------------------------------------------------------------------
     def mean_eigenvalue(self) -> float:
@@ -256,16 +262,21 @@ class EKFAC(BlockGradSolver):
         return self._precondition_into(v, damping, torch.empty_like(v))
 
     def precondition_(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
-        """In place, block by block (each block is read whole before it is overwritten): no ``[k, P]`` copy."""
+        """In place, block by block (each block is read before it is overwritten): no ``[k, P]`` copy."""
         return self._precondition_into(v, damping, v)
 
     def _precondition_into(self, v: torch.Tensor, damping: Damping, out: torch.Tensor) -> torch.Tensor:
+        """Block by block, a few rows at a time (:func:`precondition_rows`: the work space of a block's products,
+        ``[rows, out, in]`` in ``self.dtype`` a few times over, stays within :data:`CHUNK_BYTES` whatever ``k``)."""
         assert self.layout is not None and self.state, "fit the solver first"
         for i, b in enumerate(self.layout.blocks):
             qa, qs = self.state[f"{i}.QA"], self.state[f"{i}.QS"]
-            V = self.layout.block(v, b).to(self.dtype)
-            rot = qs.T @ V @ qa
-            out[:, b.slice] = (qs @ (rot * self._inverse_eigenvalues(i, damping)) @ qa.T).reshape(len(v), -1).to(v.dtype)
+            inv = self._inverse_eigenvalues(i, damping)
+            step = precondition_rows(b.out_dim * b.in_dim, self.dtype.itemsize, v.device.type)
+            for r in range(0, len(v), step):
+                V = self.layout.block(v[r:r + step], b).to(self.dtype)
+                rot = qs.T @ V @ qa
+                out[r:r + step, b.slice] = (qs @ (rot * inv) @ qa.T).reshape(len(V), -1).to(v.dtype)
         return out
 
     # -- scoring specialisation ------------------------------------------------------------------------------

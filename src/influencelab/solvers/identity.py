@@ -57,10 +57,10 @@ class Identity(BlockGradSolver):
         out = torch.zeros(len(y), dtype=torch.float64, device=self.device)
         with self._captured(model, x, y) as cap:
             for b in self.layout.blocks:
-                a, s = cap.a[b.name], cap.s[b.name]
+                a, s = cap.a[b.name].to(self.dtype), cap.s[b.name].to(self.dtype)  # (stored bf16 under autocast)
                 if a.shape[1] == 1:
                     a2 = a[:, 0].square().sum(1) + (1.0 if b.bias is not None else 0.0)
                     out += (s[:, 0].square().sum(1) * a2).double()
                 else:
-                    out += self._block_grads(cap, b).square().sum((1, 2)).double()
+                    out += self._block_grads(cap, b).to(self.dtype).square().sum((1, 2)).double()
         return out.to(self.dtype).expand(len(dampings), -1).clone()

@@ -211,7 +211,7 @@ class TRAK(BlockGradSolver):
             return out
         with self._measuring(fn), self._captured(model, x, y) as cap:
             for b in self.layout.blocks:
-                self._project_into(out, self._block_grads(cap, b).reshape(len(y), -1), b.offset)
+                self._project_into(out, self._block_grads(cap, b).reshape(len(y), -1).to(self.dtype), b.offset)
         return out
 
     def weights(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor | None:
