@@ -206,3 +206,21 @@ def test_the_held_out_noise_estimate_is_what_the_exact_solution_shows():
     c = attr2.diagnostics[lam]
     assert not c.converged and c.floor > 0.5 * c.rel_residual_max
     assert c.suggest["check_examples"] > 64 and "held-out sample's own noise" in c.rule
+
+
+def test_repeats_are_traced_after_each_repeat_with_their_running_average(problem):
+    """With ``repeats > 1`` the per-iteration monitor (the ihvp stage's error trace, the time-matched comparison's
+    input) is called after each repeat with the average of the repeats done, at the steps taken in all: the last
+    call is the returned solution, the first one a single repeat's (different: the repeats' streams differ)."""
+    net, x, y, v, *_ = problem
+    dampings = [1.0, 3.0]
+    solver = LiSSA(damping=dampings, dtype="float64", scale=10.0, depth=20, repeats=3, batch_size=32)
+    attr = Attributor(net, solver=solver).fit(TensorDataset(x, y))
+    seen: list[tuple[float, int, torch.Tensor]] = []
+    attr.members[0].solver.set_monitor(lambda d, it, sol: seen.append((d, it, sol.clone())))
+    out = attr.precondition(v)
+    for i, lam in enumerate(dampings):
+        calls = [(it, sol) for d, it, sol in seen if d == lam]
+        assert [it for it, _ in calls] == [20, 40, 60]
+        torch.testing.assert_close(calls[-1][1], out[i], rtol=1e-12, atol=0)
+        assert float((calls[0][1] - out[i]).norm()) > 1e-6 * float(out[i].norm())

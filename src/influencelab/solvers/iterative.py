@@ -133,7 +133,9 @@ class IterativeSolver(Solver):
     # -- convergence ---------------------------------------------------------------------------------------
     def set_monitor(self, fn: Callable[[Damping, int, torch.Tensor], None] | None) -> None:
         """Call ``fn(damping, iteration, x)`` after every iteration with the current solution ``x`` ``[k, P]`` of
-        that damping (e.g. to record the error against a reference per iteration); ``None`` stops."""
+        that damping (e.g. to record the error against a reference per iteration); ``None`` stops. LiSSA with
+        ``repeats > 1`` calls it after each repeat instead, with the average of the repeats done and ``iteration``
+        the steps taken in all (repeats done x depth)."""
         self._monitor = fn
 
     def diagnostics(self) -> dict[Damping, Convergence]:

@@ -255,6 +255,10 @@ class LiSSA(IterativeSolver):
             if not bool(active.any()):
                 break
             total += x
+            if self._monitor is not None and self.repeats > 1:  # the average of the repeats done: what stopping
+                for i, damping in enumerate(dampings):          # here would return, after (rep + 1) x depth steps
+                    if active[i]:
+                        self._monitor(damping, (rep + 1) * depth, total[i * k:(i + 1) * k] / (rep + 1))
         return _Run(total / self.repeats, half / self.repeats, mid, visited, diverged, s, lam)
 
     def _diverged_message(self, div: _Diverged, scale: float, damping: Damping, fixed: bool) -> str:

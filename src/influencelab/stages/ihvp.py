@@ -76,6 +76,7 @@ class ErrorTrace:
     def __init__(self, target: torch.Tensor):
         self.target, self.tnorm = target, target.norm(dim=1).clamp_min(1e-30)
         self.errors: list[float] = []
+        self.iterations: list[int] = []  # the solver's iteration count at each record (steps in all, for LiSSA)
         self.times: list[float] = []  # solving time (s) when each error was reached
         self.reached: dict[float, tuple[int, float]] = {}
         self.t0 = time.perf_counter()
@@ -85,6 +86,7 @@ class ErrorTrace:
         t = time.perf_counter()
         err = ((x.to(self.target) - self.target).norm(dim=1) / self.tnorm).mean().item()
         self.errors.append(err)
+        self.iterations.append(int(iteration))
         self.times.append(t - self.t0 - self.paused)
         for e in ERROR_LEVELS:
             if err <= e and e not in self.reached:
@@ -120,8 +122,8 @@ def ihvp_stage(ctx: Context) -> None:
             if iterative:
                 solver.set_monitor(None)
         own = solver.diagnostics().get(d)
-        trace_rows += [[solver.label, float(d), i + 1, attr.fit_seconds + t, e]
-                       for i, (t, e) in enumerate(zip(trace.times, trace.errors, strict=True))]
+        trace_rows += [[solver.label, float(d), i, attr.fit_seconds + t, e]
+                       for i, t, e in zip(trace.iterations, trace.times, trace.errors, strict=True)]
         # (solving, not measuring residuals or tracing errors)
         prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0) - trace.paused
         errs, coss = vector_agreement(x, target)
