@@ -29,11 +29,10 @@ Writes benchmarks/results/memory_cpu.csv (``--tiny``: memory_cpu_tiny.csv; or ``
 threads and every size, and prints the ratios influencelab / kronfluence as a markdown table; the rows done so far
 are in ``<out>.partial.csv`` while it runs (precisions outermost, then models).
 
-The committed memory_cpu.csv is ``OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --models resnet50`` on a shared
-2-core, 24 GB machine (wall times there are load-dependent; the memory is not): ViT-B/16 was left out, since
-influencelab's fit snapshots its float64 covariances (2.5 GB for ViT-B/16) through an in-memory safetensors
-serialisation, about 2 more copies, past the ~6 GB a process could take there, and its four fits' eigendecompositions
-took longer than the run's half hour.
+The committed memory_cpu.csv is ``OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --models resnet50,vit_b16`` on a
+shared 2-core, 24 GB machine (wall times there are load-dependent; the memory is not). memory_cpu_before.csv is the
+first run (ResNet-50 only: ViT-B/16's fit then held its float64 covariance snapshots as in-memory safetensors bytes,
+about 2 more copies, past what a process could take there).
 """
 
 from __future__ import annotations

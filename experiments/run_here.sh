@@ -184,6 +184,9 @@ run ihvp_resnet18_exact_arnoldi experiment=ihvp dataset.subset=256 dataset.test_
   'solver.damping=[1e-6,1e-4,1e-2]' solver=arnoldi solver.complement=damping
 run ihvp_resnet18_exact_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=cg_ekfac ++solver.max_iter=30
+# the ladder's first step on ResNet-18 (issue 29 item 5): the exact block-diagonal GGN, one Gram per layer
+run ihvp_resnet18_ladder_blockdiag experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[1e-6,1e-4,1e-2]' solver=gram solver.block_diagonal=true
 run ihvp_resnet18_exact_lissa_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
@@ -285,6 +288,8 @@ M33="experiment=mnist5k_mislabel trainer.checkpoints=5"
 run detectors_mnist5k_fresh $M33 seed=1,2 solver=trak query.n=1000 mislabel.heldout=true
 run detectors_mnist5k_fresh_ekfac $M33 seed=1,2 solver=ekfac
 run detectors_memorize_fresh_ekfac experiment=mislabel_memorize seed=3 solver=ekfac 'solver.damping=[1e-8,1e-3]'
+# the choice (loss + held-out harm) and TRAK on the same memorised draw (seed 3): does it keep that regime's lead?
+run detectors_memorize_fresh experiment=mislabel_memorize seed=3 solver=trak query.n=1000 mislabel.heldout=true
 if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" detectors_summary "* ]]; then  # every detectors_* sweep above, one table
   "${PY:-.venv/bin/python}" experiments/detectors_summary.py --out experiments/results/detectors_summary.csv
 fi

@@ -316,47 +316,59 @@ SECTION.number("sl_mismatches", cell("{:d}", Ref("benchmarks/results/sweep_load.
 
 
 # peak CPU memory of EK-FAC's fit, self and pairwise against kronfluence (python benchmarks/bench_memory.py; issue 31
-# item 3): the first run (memory_cpu_before.csv) and the run after the streamed safetensors write and the
-# one-product bias column (memory_cpu.csv)
+# item 3): the first run (memory_cpu_before.csv: ResNet-50 only) and the latest (memory_cpu.csv)
 _MEM = {"before": "benchmarks/results/memory_cpu_before.csv", "after": "benchmarks/results/memory_cpu.csv"}
+_MODEL_NAMES = {"resnet50": "ResNet-50", "vit_b16": "ViT-B/16"}
 
 
 def _mem(which: str, model: str, precision: str, impl: str, phase: str, key: str = "peak_inc_mb") -> Ref:
     return ref1(_MEM[which], key, model=model, precision=precision, impl=impl, phase=phase)
 
 
-def _mem_ratio(which: str, model: str, precision: str, phase: str) -> Ref:
+def _mem_ratio(which: str, model: str, precision: str, phase: str, key: str = "peak_inc_mb") -> Ref:
     def get(df: pd.DataFrame) -> str:
         sel = df[(df["model"] == model) & (df["precision"] == precision) & (df["phase"] == phase)]
-        il = float(sel[sel["impl"] == "influencelab"]["peak_inc_mb"].iloc[0])
-        kf = float(sel[sel["impl"] == "kronfluence"]["peak_inc_mb"].iloc[0])
+        il = float(sel[sel["impl"] == "influencelab"][key].iloc[0])
+        kf = float(sel[sel["impl"] == "kronfluence"][key].iloc[0])
         return fmt(il / kf, ".2")
     return Ref(_MEM[which], get)
 
 
+def _mem_pair(which: str, model: str, precision: str, phase: str) -> bool:
+    if not exists(_MEM[which]):
+        return False
+    df = load(_MEM[which])
+    have = df[(df["model"] == model) & (df["precision"] == precision) & (df["phase"] == phase)]
+    return set(have["impl"]) == {"influencelab", "kronfluence"}
+
+
 def _mem_rows() -> list[list[Any]]:
     rows: list[list[Any]] = []
-    if not (exists(_MEM["before"]) and exists(_MEM["after"])):
+    if not exists(_MEM["after"]):
         return rows
-    after = load(_MEM["after"])
-    for precision in ("fp32", "bf16"):
-        for phase in ("fit", "self", "pairwise"):
-            have = after[(after["model"] == "resnet50") & (after["precision"] == precision) & (after["phase"] == phase)]
-            if set(have["impl"]) != {"influencelab", "kronfluence"}:
-                continue
-            rows.append([f"{phase} {precision}",
-                         cell("{:,0} / {:,0}", _mem("before", "resnet50", precision, "influencelab", phase),
-                              _mem("before", "resnet50", precision, "kronfluence", phase)),
-                         _mem_ratio("before", "resnet50", precision, phase),
-                         cell("{:,0} / {:,0}", _mem("after", "resnet50", precision, "influencelab", phase),
-                              _mem("after", "resnet50", precision, "kronfluence", phase)),
-                         cell("**{}**", _mem_ratio("after", "resnet50", precision, phase)),
-                         cell("{:.2}", _mem("after", "resnet50", precision, "influencelab", phase,
-                                            "spearman_vs_kronfluence"))])
+    for model in ("resnet50", "vit_b16"):
+        for precision in ("fp32", "bf16"):
+            for phase in ("fit", "self", "pairwise"):
+                if not _mem_pair("after", model, precision, phase):
+                    continue
+                before: Any = (cell("{:.2}", _mem_ratio("before", model, precision, phase))
+                               if _mem_pair("before", model, precision, phase) else "–")
+                agree = ("–" if phase == "fit" else
+                         cell("{:.3} / {:.3}", _mem("after", model, precision, "influencelab", phase,
+                                                 "spearman_vs_kronfluence"),
+                              _mem("after", model, precision, "influencelab", phase, "spearman_vs_fp32"))
+                         if precision == "bf16" else
+                         cell("{:.3}", _mem("after", model, precision, "influencelab", phase,
+                                            "spearman_vs_kronfluence")))
+                rows.append([f"{_MODEL_NAMES[model]} {phase} {precision}", before,
+                             cell("{:,0} / {:,0}", _mem("after", model, precision, "influencelab", phase),
+                                  _mem("after", model, precision, "kronfluence", phase)),
+                             cell("**{}**", _mem_ratio("after", model, precision, phase)),
+                             cell("{}", _mem_ratio("after", model, precision, phase, "seconds")), agree])
     return rows
 
 
-SECTION.table("memory_cpu", ["ResNet-50 phase", "first run: peak RSS increase MB, influencelab / kronfluence",
-                             "ratio", "now: influencelab / kronfluence", "ratio now",
-                             "Spearman of scores vs kronfluence fp32"], _mem_rows,
+SECTION.table("memory_cpu", ["model, phase, precision", "first run: ratio", "peak RSS increase MB, influencelab / "
+                             "kronfluence", "ratio", "wall-time ratio (loaded machine)",
+                             "Spearman of scores vs kronfluence fp32 (bf16: / vs own fp32)"], _mem_rows,
               "6: peak CPU memory against kronfluence (bench_memory.py)")
