@@ -397,6 +397,12 @@ def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], lis
                 record = {"scores": torch.as_tensor(np.asarray(scores, dtype=np.float64)),
                           "seconds": torch.tensor(sec), "cpu_seconds": torch.tensor(cpu)}
                 cached(where, lambda record=record: record)
+            bad = int((~np.isfinite(np.asarray(scores, dtype=np.float64))).sum())
+            if bad:  # (dattri's Arnoldi on the LR: a Ritz value below 0 under its sqrt makes every score NaN)
+                print(f"[{kind}] {lib} {method}: FAILED {bad} of {np.size(scores)} scores not finite", flush=True)
+                time_rows.append({"model": kind, "method": method, "library": lib, "seconds": sec,
+                                  "cpu_seconds": cpu, "error": f"failed: {bad:,} of {np.size(scores):,} scores NaN"})
+                continue
             pred = torch.from_numpy(np.asarray(scores, dtype=np.float64)) @ masks.T  # [n_query, S]
             vals = lds_per_query(pred, target, dropna=False)
             per[(method, lib)] = vals

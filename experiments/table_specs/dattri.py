@@ -94,7 +94,7 @@ def _vs_trak() -> list[list[str | Cell]]:
     df = load(PAIRED)
     rows: list[list[str | Cell]] = []
     for model, a, b in zip(df["model"], df["a"], df["b"], strict=True):
-        if not b.split()[-1].startswith("trak-"):
+        if not (a.startswith("influencelab ") and b.startswith("influencelab trak-")):
             continue
         m, t = a.split()[-1], b.split()[-1]
         rows.append([MODEL[model], f"{name(m)} − {name(t)}" + (" (influence function)" if is_if(m) else ""),
@@ -160,7 +160,7 @@ def _equal_and_faster(model: str, method: str) -> tuple[Cell, Callable[[], str]]
 def _both_run() -> list[tuple[str, str]]:
     df = load(PAIRED)
     return [(m, a.split()[-1]) for m, a, b in zip(df["model"], df["a"], df["b"], strict=True)
-            if b.startswith("dattri ")]
+            if a.startswith("influencelab ") and b == f"dattri {a.split()[-1]}"]
 
 
 def _best_if_vs_trak(model: str) -> tuple[str, str]:
@@ -234,26 +234,6 @@ SECTION.number("dattri_mislabel_flipped", cell("{:%0}", ref(MISLABEL, lambda df:
     (df["flipped"] / df["n_train"]).unique().item()))))
 
 
-def _not_run_list() -> str:
-    """"dattri: LiSSA, Arnoldi, ... (LR); ...; influencelab: Arnoldi (MLP)" from times.csv's "not run" rows."""
-    df = load(TIMES)
-    df = df[df["error"].fillna("").str.startswith("not run")]
-    parts = []
-    for lib in df["library"].unique():
-        per = [f"{', '.join(name(m) for m in g['method'])} ({MODEL[model]})"
-               for model, g in df[df["library"] == lib].groupby("model", sort=False)]
-        parts.append(f"{lib}: {'; '.join(per)}")
-    return "; ".join(parts)
-
-
-def _not_run_reason() -> str:
-    df = load(TIMES)
-    (reason,) = {e.split(":", 1)[1].strip() for e in df["error"].dropna()}
-    return reason
-
-
-SECTION.number("dattri_not_run", _not_run_list)
-SECTION.number("dattri_not_run_reason", _not_run_reason)
 SECTION.number("dattri_mlp_trak10_cpu", cell("{:,0}", _cpu("mlp", "trak-10", "influencelab")))
 SECTION.number("dattri_lr_ekfac_il", cell("{:.3}", ref1(LDS, "lds", model="lr", method="ekfac",
                                                         library="influencelab")))
