@@ -10,7 +10,7 @@ batch, instead of torch.func's vmapped per-example graphs, and scores against pl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,10 +46,17 @@ class _Inputs(dict):
 class Capture:
     """Forward/backward hooks that record each tracked block's inputs ``[b, T, in]`` (without the bias column;
     ``x``: the raw module inputs they are made from on first use of ``a``) and output gradients ``[b, T, out]``
-    (a conv's: a view of ``[b, out, H, W]``, whose ``(H, W)`` is in ``out_hw``)."""
+    (a conv's: a view of ``[b, out, H, W]``, whose ``(H, W)`` is in ``out_hw``).
 
-    def __init__(self, modules: dict[str, nn.Module], blocks: list[Block], dtype: torch.dtype):
+    ``on_grad(name)``, when given, consumes block ``name`` inside the backward pass, as soon as its output gradient
+    arrives; the block's captured tensors are then released (:meth:`release`), so that the backward pass frees its
+    activations as an ordinary one does instead of every block's inputs and output gradients being held to its end
+    (what a pass holds is then that of training, plus one block's work)."""
+
+    def __init__(self, modules: dict[str, nn.Module], blocks: list[Block], dtype: torch.dtype,
+                 on_grad: Callable[[str], None] | None = None):
         self.blocks = blocks
+        self.on_grad = on_grad
         self.modules = modules
         self.dtype = dtype  # captured tensors are cast to it (they are bf16/fp16 under autocast)
         self.x: dict[str, torch.Tensor] = {}
@@ -78,7 +85,8 @@ class Capture:
             m = self.modules[blk.name]
 
             def fwd(mod, inp, out, blk=blk):
-                self.x[blk.name] = inp[0].detach().to(self.dtype)
+                # the input itself (autograd keeps it for the backward pass anyway): cast on use, not copied here
+                self.x[blk.name] = inp[0].detach()
                 self.versions[blk.name] = self.x[blk.name]._version
                 conv = isinstance(mod, nn.Conv2d)
                 # the backward pass starts at the tracked outputs: the first one (nothing upstream needs a
@@ -93,6 +101,9 @@ class Capture:
                         self.out_hw[blk.name] = tuple(g.shape[2:])
                     self.s[blk.name] = (g.flatten(2).transpose(1, 2) if conv
                                         else g.reshape(g.shape[0], -1, g.shape[-1]))
+                    if self.on_grad is not None:
+                        self.on_grad(blk.name)
+                        self.release(blk.name)
                 (out if leaf is None else leaf).register_hook(bwd)
                 return None if leaf is None else leaf.clone()
 
@@ -100,19 +111,25 @@ class Capture:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.on_grad = None  # (a closure over this capture: the cycle would keep its caller's tensors until gc runs)
         for h in self.handles:
             h.remove()
         for d in (self.x, self.versions, self.a, self.s, self.out_hw):
             d.clear()
 
+    def release(self, name: str) -> None:
+        """Drop block ``name``'s captured tensors (consumed)."""
+        for d in (self.x, self.versions, self.a, self.s):
+            d.pop(name, None)
+
     def input(self, name: str) -> torch.Tensor:
-        """The raw input of block ``name`` as its module saw it."""
+        """The raw input of block ``name`` as its module saw it (in the capture's dtype)."""
         x = self.x[name]
         if x._version != self.versions[name]:
             raise ConfigError(f"the input of {name!r} was changed in place after {name!r} ran (e.g. by an in-place "
                               f"op on a tensor the model reuses); its per-example gradients cannot be formed. Make "
                               f"that op out of place, or exclude {name!r} with solver.modules=re:PATTERN")
-        return x
+        return x.to(self.dtype)
 
 
 def _conv_example_grads(m: nn.Conv2d, x: torch.Tensor, s: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -163,14 +180,23 @@ class BlockGradSolver(Solver):
 
     # -- gradients of a batch, block by block ------------------------------------------------------------
     @contextmanager
-    def _captured(self, model: nn.Module, x: Any, y: torch.Tensor,
-                  generator: torch.Generator | None = None) -> Iterator[Capture]:
+    def _captured(self, model: nn.Module, x: Any, y: torch.Tensor, generator: torch.Generator | None = None,
+                  each: Callable[[Capture, int, Block], None] | None = None) -> Iterator[Capture]:
         """Run forward (the task's, on the batch inputs ``x``: a tensor or a dict / tuple of them) + backward of the
-        summed per-example loss against ``y``; yields the captured a / s per block. With a ``generator`` and
+        summed per-example loss against ``y``; yields the captured a / s per block, or, with ``each``, calls
+        ``each(cap, i, block)`` for every block during the backward pass (blocks in reverse order, each released
+        once consumed: see :class:`Capture`) and yields the emptied capture. With a ``generator`` and
         ``curvature="fisher"``, targets are sampled from the model's own predictions (the task's
         :meth:`~influencelab.tasks.Task.fisher_targets`: positions the data's targets ignore stay ignored)."""
         assert self.layout is not None
-        with Capture(self.layout.modules, self.layout.blocks, self.store_dtype) as cap, torch.enable_grad():
+        index = {b.name: (i, b) for i, b in enumerate(self.layout.blocks)}
+        cap: Capture
+
+        def on_grad(name: str) -> None:
+            each(cap, *index[name])  # type: ignore[misc]
+
+        with Capture(self.layout.modules, self.layout.blocks, self.store_dtype,
+                     None if each is None else on_grad) as cap, torch.enable_grad():
             params = list(model.parameters())
             req = [p.requires_grad for p in params]
             for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
@@ -208,11 +234,14 @@ class BlockGradSolver(Solver):
         """Flat ``[b, P]``, each block written into its slice (no list of blocks concatenated: one copy, not two);
         into ``out`` (``[b, P]`` rows of a larger matrix, e.g. every query's gradients) when given."""
         assert self.layout is not None
-        with self._captured(model, x, y) as cap:
-            if out is None:
-                out = torch.empty(len(y), self.layout.size, dtype=self.store_dtype, device=self.device)
-            for b in self.layout.blocks:
-                self.layout.block(out, b).copy_(self._block_grads(cap, b))
+        if out is None:
+            out = torch.empty(len(y), self.layout.size, dtype=self.store_dtype, device=self.device)
+        dest = out
+
+        def write(cap: Capture, i: int, b: Block) -> None:
+            self.layout.block(dest, b).copy_(self._block_grads(cap, b))
+
+        with self._captured(model, x, y, each=write):
             return out
 
     def prepare_queries(self, preconditioned: torch.Tensor) -> PreparedQueries:
@@ -230,18 +259,20 @@ class BlockGradSolver(Solver):
             self.prepare_queries(preconditioned)
         k, n = len(prepared), len(y)
         out = torch.zeros(k, n, dtype=self.dtype, device=self.device)
-        with self._captured(model, x, y) as cap:
-            for i, (b, Q) in enumerate(zip(self.layout.blocks, prepared.blocks, strict=True)):
-                s = cap.s[b.name]  # [b, T, out]: T positions (a conv's patches are unfolded only where needed)
-                bias = b.bias is not None
-                if s.shape[1] == 1:  # [b, in] @ [in, k * out], then each example's [k, out] times its s: [b, k]
-                    a = cap.a[b.name]
-                    Qw, Qb = prepared.split(i, bias)
-                    t = (a[:, 0] @ Qw.reshape(k * b.out_dim, -1).T).view(n, k, b.out_dim)
-                    out += torch.bmm(t, s[:, 0, :, None])[..., 0].T
-                    if Qb is not None:
-                        out += Qb @ s[:, 0].T
-                else:  # the view [k, out * in] (row stride P) multiplies without a copy
-                    g = self._block_grads(cap, b)
-                    out += Q.reshape(k, -1) @ g.reshape(n, -1).T
+
+        def score(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
+            s = cap.s[b.name]  # [b, T, out]: T positions (a conv's patches are unfolded only where needed)
+            if s.shape[1] == 1:  # [b, in] @ [in, k * out], then each example's [k, out] times its s: [b, k]
+                a = cap.a[b.name]
+                Qw, Qb = prepared.split(i, b.bias is not None)
+                t = (a[:, 0] @ Qw.reshape(k * b.out_dim, -1).T).view(n, k, b.out_dim)
+                out.add_(torch.bmm(t, s[:, 0, :, None])[..., 0].T)
+                if Qb is not None:
+                    out.add_(Qb @ s[:, 0].T)
+            else:  # the view [k, out * in] (row stride P) multiplies without a copy
+                g = self._block_grads(cap, b)
+                out.add_(prepared.blocks[i].reshape(k, -1) @ g.reshape(n, -1).T)
+
+        with self._captured(model, x, y, each=score):
+            pass
         return out

@@ -178,14 +178,17 @@ class EKFAC(BlockGradSolver):
                 **{f"T/{k}": v for k, v in positions.items()}}
         done = self._resume("covariances", sums, gen)
         t0 = time.perf_counter()
+
+        def accumulate(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
+            a, s = cap.a[b.name].to(self.dtype), cap.s[b.name].to(self.dtype)  # (stored bf16)
+            A[b.name] += _cov_a(a.flatten(0, 1), b.bias is not None).double()
+            S[b.name] += (s.flatten(0, 1).T @ s.flatten(0, 1)).double()
+            positions[b.name] += a.shape[0] * a.shape[1]
+
         for x, y, _ in progress(shard.batches(self.batch_size, skip=done), desc=f"{self.name} covariances"):
             for _ in range(self.fisher_samples):
-                with self._captured(model, x, y, gen) as cap:
-                    for b in blocks:
-                        a, s = cap.a[b.name].to(self.dtype), cap.s[b.name].to(self.dtype)  # (stored bf16)
-                        A[b.name] += _cov_a(a.flatten(0, 1), b.bias is not None).double()
-                        S[b.name] += (s.flatten(0, 1).T @ s.flatten(0, 1)).double()
-                        positions[b.name] += a.shape[0] * a.shape[1]
+                with self._captured(model, x, y, gen, each=accumulate):
+                    pass
             n += len(y) * self.fisher_samples
             done += 1
             self._snapshot("covariances", done, sums, gen)
@@ -208,6 +211,8 @@ class EKFAC(BlockGradSolver):
         t2 = time.perf_counter()
         if self.correct:
             self._correct(model, shard, gen)
+        for i in range(len(blocks)):  # accumulated in float64; kept (and cached) in self.dtype, as the bases
+            self.state[f"{i}.lambda"] = self.state[f"{i}.lambda"].to(self.dtype)
         log.info("%s fit: covariances %.1fs, eigendecomposition %.1fs%s", self.name, t1 - t0, t2 - t1,
                  f", correction {time.perf_counter() - t2:.1f}s" if self.correct else "")
 
@@ -219,11 +224,14 @@ class EKFAC(BlockGradSolver):
         n = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = {"n": n, **{f"lambda/{i}": v for i, v in lam.items()}}
         done = self._resume("correction", sums, gen)
+
+        def accumulate(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
+            self._add_squared_rotated(cap, b, self.state[f"{i}.QA"], self.state[f"{i}.QS"], lam[i])
+
         for x, y, _ in progress(data.batches(self.batch_size, skip=done), desc=f"{self.name} eigenvalue correction"):
             for _ in range(self.fisher_samples):
-                with self._captured(model, x, y, gen) as cap:
-                    for i, b in enumerate(blocks):
-                        self._add_squared_rotated(cap, b, self.state[f"{i}.QA"], self.state[f"{i}.QS"], lam[i])
+                with self._captured(model, x, y, gen, each=accumulate):
+                    pass
             n += len(y) * self.fisher_samples
             done += 1
             self._snapshot("correction", done, sums, gen)
@@ -251,7 +259,7 @@ class EKFAC(BlockGradSolver):
     # -- applying the inverse --------------------------------------------------------------------------------
     def mean_eigenvalue(self) -> float:
         assert self.layout is not None and self.state, "fit the solver first"
-        total = sum(float(self.state[f"{i}.lambda"].sum()) for i in range(len(self.layout.blocks)))
+        total = sum(float(self.state[f"{i}.lambda"].sum(dtype=torch.float64)) for i in range(len(self.layout.blocks)))
         return total / self.layout.size
 
     def _inverse_eigenvalues(self, i: int, damping: Damping) -> torch.Tensor:
@@ -287,18 +295,21 @@ class EKFAC(BlockGradSolver):
         assert self.layout is not None
         n = len(y)
         out = torch.zeros(len(dampings), n, dtype=torch.float64, device=self.device)
-        with self._captured(model, x, y) as cap:
-            for i, b in enumerate(self.layout.blocks):
-                s_rot, a_rot = self._rotated_factors(cap, b, self.state[f"{i}.QA"], self.state[f"{i}.QS"])
-                inv = [self._inverse_eigenvalues(i, d) for d in dampings]
-                if s_rot.shape[1] <= PAIRS_MAX_T:
-                    ps, pa = _pair_products(s_rot, a_rot)
-                    for j, v in enumerate(inv):
-                        out[j] += ((ps @ v) * pa).view(n, -1).sum(1).double()
-                else:
-                    flat = torch.stack(inv).flatten(1)  # [n_damping, out * in]
-                    for rows, sq in _rotated_squares(s_rot, a_rot):
-                        out[:, rows] += (flat @ sq.flatten(1).T).double()
+
+        def score(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
+            s_rot, a_rot = self._rotated_factors(cap, b, self.state[f"{i}.QA"], self.state[f"{i}.QS"])
+            inv = [self._inverse_eigenvalues(i, d) for d in dampings]
+            if s_rot.shape[1] <= PAIRS_MAX_T:
+                ps, pa = _pair_products(s_rot, a_rot)
+                for j, v in enumerate(inv):
+                    out[j] += ((ps @ v) * pa).view(n, -1).sum(1).double()
+            else:
+                flat = torch.stack(inv).flatten(1)  # [n_damping, out * in]
+                for rows, sq in _rotated_squares(s_rot, a_rot):
+                    out[:, rows] += (flat @ sq.flatten(1).T).double()
+
+        with self._captured(model, x, y, each=score):
+            pass
         return out.to(self.dtype)
 
     # -- caching --------------------------------------------------------------------------------------------
@@ -306,7 +317,8 @@ class EKFAC(BlockGradSolver):
         return dict(self.state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = {k: v.to(self.device) for k, v in state.items()}
+        # (fits cached before the eigenvalues were kept in self.dtype hold them in float64: cast like a new fit's)
+        self.state = {k: v.to(self.device, self.dtype if k.endswith(".lambda") else v.dtype) for k, v in state.items()}
         self._mean_eig = None
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..data.base import LabeledData
 from .base import Damping, Solver
-from .blocks import BlockGradSolver, capturable
-from .layout import ParamLayout
+from .blocks import BlockGradSolver, Capture, capturable
+from .layout import Block, ParamLayout
 
 
 class Identity(BlockGradSolver):
@@ -55,12 +55,15 @@ class Identity(BlockGradSolver):
             return Solver.self_influence(self, model, x, y, dampings)
         assert self.layout is not None
         out = torch.zeros(len(y), dtype=torch.float64, device=self.device)
-        with self._captured(model, x, y) as cap:
-            for b in self.layout.blocks:
-                a, s = cap.a[b.name].to(self.dtype), cap.s[b.name].to(self.dtype)  # (stored bf16 under autocast)
-                if a.shape[1] == 1:
-                    a2 = a[:, 0].square().sum(1) + (1.0 if b.bias is not None else 0.0)
-                    out += (s[:, 0].square().sum(1) * a2).double()
-                else:
-                    out += self._block_grads(cap, b).to(self.dtype).square().sum((1, 2)).double()
+
+        def score(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
+            a, s = cap.a[b.name].to(self.dtype), cap.s[b.name].to(self.dtype)  # (stored bf16 under autocast)
+            if a.shape[1] == 1:
+                a2 = a[:, 0].square().sum(1) + (1.0 if b.bias is not None else 0.0)
+                out.add_((s[:, 0].square().sum(1) * a2).double())
+            else:
+                out.add_(self._block_grads(cap, b).to(self.dtype).square().sum((1, 2)).double())
+
+        with self._captured(model, x, y, each=score):
+            pass
         return out.to(self.dtype).expand(len(dampings), -1).clone()

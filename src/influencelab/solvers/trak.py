@@ -53,8 +53,8 @@ from ..errors import ConfigError, check
 from ..progress import progress
 from ..tasks import ClassificationTask, Task
 from .base import Damping, Solver
-from .blocks import BlockGradSolver, capturable
-from .layout import ParamLayout
+from .blocks import BlockGradSolver, Capture, capturable
+from .layout import Block, ParamLayout
 
 #: rows of the projection generated together from one seed (the unit in which ``R`` is reproduced)
 ROWS = 1024
@@ -209,9 +209,12 @@ class TRAK(BlockGradSolver):
         if not self._hooks:
             self._project_into(out, Solver._grads(self, model, x, y, fn), 0)
             return out
-        with self._measuring(fn), self._captured(model, x, y) as cap:
-            for b in self.layout.blocks:
-                self._project_into(out, self._block_grads(cap, b).reshape(len(y), -1).to(self.dtype), b.offset)
+
+        def project(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
+            self._project_into(out, self._block_grads(cap, b).reshape(len(y), -1).to(self.dtype), b.offset)
+
+        with self._measuring(fn), self._captured(model, x, y, each=project):
+            pass
         return out
 
     def weights(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor | None:
