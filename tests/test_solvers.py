@@ -428,18 +428,23 @@ def test_modules_selection_and_errors(setup):
             ParamLayout(model, bad)
 
 
+def _fp32_and_bf16(setup, cls):
+    """The CNN in float32 with a float32 and a bf16-autocast solver of ``cls``, fitted (EK-FAC) or set up."""
+    model64, _, train, x, y, _ = setup["cnn"]
+    model = copy.deepcopy(model64).float()
+    full, amp = cls(damping=1e-2, batch_size=16), cls(damping=1e-2, batch_size=16, autocast="bf16")
+    for s in (full, amp):
+        s.fit(model, train) if cls is EKFAC else s.setup(model)
+    return model, full, amp, x.float(), y
+
+
 @pytest.mark.parametrize("cls", [EKFAC, Identity])
 def test_bf16_autocast_gradients_and_scores_track_float32(setup, cls):
     """``solver.autocast=bf16`` runs the gradient passes in bfloat16 (results change at bf16 precision) while
     sums and inverses stay in float32/float64: self-influence keeps its ranking."""
     from scipy.stats import spearmanr
 
-    model64, _, train, x, y, _ = setup["cnn"]
-    model = copy.deepcopy(model64).float()
-    full, amp = cls(damping=1e-2, batch_size=16), cls(damping=1e-2, batch_size=16, autocast="bf16")
-    for s in (full, amp):
-        s.fit(model, train) if cls is EKFAC else s.setup(model)
-    xf = x.float()
+    model, full, amp, xf, y = _fp32_and_bf16(setup, cls)
     g, g_amp = full.train_grads(model, xf, y), amp.train_grads(model, xf, y)
     assert g.dtype == torch.float32 and g_amp.dtype == torch.bfloat16  # stored in bf16: half the memory
     assert float((g - g_amp.float()).norm() / g.norm()) < 0.05
@@ -457,12 +462,7 @@ def test_bf16_pairwise_keeps_queries_in_bf16_and_tracks_float32(setup, cls):
     from influencelab.data.base import LabeledData
     from influencelab.scores import precondition_queries, query_gradients
 
-    model64, _, train, x, y, _ = setup["cnn"]
-    model = copy.deepcopy(model64).float()
-    full, amp = cls(damping=1e-2, batch_size=16), cls(damping=1e-2, batch_size=16, autocast="bf16")
-    for s in (full, amp):
-        s.fit(model, train) if cls is EKFAC else s.setup(model)
-    xf = x.float()
+    model, full, amp, xf, y = _fp32_and_bf16(setup, cls)
     xq, yq = xf[:12], y[:12]
     queries = LabeledData(xq, yq)
     pre = {}
