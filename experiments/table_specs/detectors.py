@@ -34,6 +34,8 @@ DRAWS = {
 FRESH = ("fmnist1", "fmnist2", "mnist5k1", "mnist5k2")
 SOLVER = {"tracin": "tracin", "trak": "trak", "heldout": "trak", "ekfac": "ekfac", "relatif": "ekfac"}
 MEMORISED = "detectors_memorize_fresh_ekfac"  # experiment=mislabel_memorize seed=3, EK-FAC at λ = [1e-8, 1e-3]
+# the same draw and model, TRAK with the held-out harm over query.n test points (the choice and its parts)
+MEMORISED_TRAK = "detectors_memorize_fresh"
 
 
 def row_of(draw: str, kind: str, detector: str, key: str) -> Ref:
@@ -79,9 +81,10 @@ SECTION.table("detectors_vs_loss", ["detector: top 10% / this − loss at 10%, p
 
 # ---------------------------------------------------------------------------------------------------------------
 # the memorised regime's fresh draw (seed 3): the summary's rows, and λ = 1e-3 (the sweep's second damping, which
-# the summary leaves out) from the sweep's report.csv
+# the summary leaves out) from the sweep's report.csv; the choice and TRAK from the TRAK sweep on the same model
 
-_MEM = Sweep(MEMORISED)
+_MEM, _MEM_TRAK = Sweep(MEMORISED), Sweep(MEMORISED_TRAK)
+_MEM_SWEEPS = {"ekfac": MEMORISED, "trak": MEMORISED_TRAK}  # solver -> the memorised draw's sweep
 
 
 def _first_damping(df: pd.DataFrame) -> str:
@@ -91,18 +94,19 @@ def _first_damping(df: pd.DataFrame) -> str:
     return fmt(float(d.strip("[]").split(",")[0]), "e1")
 
 
-def _mem(detector: str, key: str) -> Ref:
-    return ref1(SUMMARY, key, sweep=MEMORISED, seed=3, solver="ekfac", detector=detector)
+def _mem(detector: str, key: str | Callable, solver: str = "ekfac") -> Ref:
+    return ref1(SUMMARY, key, sweep=_MEM_SWEEPS[solver], seed=3, solver=solver, detector=detector)
 
 
-def mem_cells(detector: str) -> list[Cell | str]:
+def mem_cells(detector: str, solver: str = "ekfac") -> list[Cell | str]:
     """top 10% [Wilson CI], this − loss at 10% paired [95% CI] (McNemar p), from the summary."""
-    top = cell("{:%1} [{:p1}, {:p1}]", *(_mem(detector, f"recall@10{x}") for x in ("", "_ci_low", "_ci_high")))
+    top = cell("{:%1} [{:p1}, {:p1}]", *(_mem(detector, f"recall@10{x}", solver)
+                                         for x in ("", "_ci_low", "_ci_high")))
     if detector == "loss":
         return [top, "(the baseline)"]
-    return [top, cell("{:+p1} [{:+p1}, {:+p1}] ({})", *(_mem(detector, f"minus_loss_top10{x}")
+    return [top, cell("{:+p1} [{:+p1}, {:+p1}] ({})", *(_mem(detector, f"minus_loss_top10{x}", solver)
                                                        for x in ("", "_ci_low", "_ci_high")),
-                      _mem(detector, lambda r: _p_text(float(r["minus_loss_top10_p"].iloc[0]))))]
+                      _mem(detector, lambda r: _p_text(float(r["minus_loss_top10_p"].iloc[0])), solver))]
 
 
 def _p_text(p: float) -> str:
@@ -119,6 +123,10 @@ SECTION.table("detectors_memorised", ["ranking (memorised regime, seed 3)", "top
      cell("{:%1} [{:p1}, {:p1}]", *(_MEM(f"{_SI3}/recall@10{x}") for x in ("", "_ci_low", "_ci_high"))),
      cell("{:+p1} [{:+p1}, {:+p1}] ({})", *(_MEM(f"{_SI3}/minus_loss_top10{x}") for x in ("", "_ci_low", "_ci_high")),
           _MEM(lambda r: _p_text(float(r[f"{_SI3}/minus_loss_top10_p"].iloc[0]))))],
+    ["**loss + held-out harm (rank average): the choice**", *mem_cells("loss_and_heldout_harm", "trak")],
+    [cell("held-out harm (TRAK, {:,0} test queries)", _MEM_TRAK("query.n")), *mem_cells("heldout_harm", "trak")],
+    ["TRAK self-influence", *mem_cells("self_influence", "trak")],
+    ["loss + TRAK (rank average)", *mem_cells("loss_and_self_influence", "trak")],
     ["gradient norm (identity)", *mem_cells("identity")],
     ["loss", *mem_cells("loss")],
     ["random", *mem_cells("random")],
@@ -191,3 +199,12 @@ for _name, _det in (("si", "self_influence"), ("rankavg", "loss_and_self_influen
     SECTION.number(f"det_mem_{_name}", cell("{:+p1} [{:+p1}, {:+p1}]", *(_mem(_det, f"minus_loss_top10{x}")
                                                                          for x in ("", "_ci_low", "_ci_high"))))
 SECTION.number("det_mem_loss_top10", cell("{:%1}", _mem("loss", "recall@10")))
+# the choice (loss + held-out harm, TRAK) on the memorised draw, against the loss and behind EK-FAC at λ = 1e-8
+SECTION.number("det_mem_choice", cell("{:+p1} [{:+p1}, {:+p1}]", *(_mem("loss_and_heldout_harm", f"minus_loss_top10{x}",
+                                                                        "trak") for x in ("", "_ci_low", "_ci_high"))))
+SECTION.number("det_mem_choice_top10", cell("{:%1}", _mem("loss_and_heldout_harm", "recall@10", "trak")))
+SECTION.number("det_mem_choice_behind_si", lambda: fmt(float(_mem("self_influence", "recall@10").value())
+                                                       - float(_mem("loss_and_heldout_harm", "recall@10", "trak").value()),
+                                                       "p1"))
+SECTION.number("det_mem_trak_si", cell("{:+p1} [{:+p1}, {:+p1}]", *(_mem("self_influence", f"minus_loss_top10{x}",
+                                                                         "trak") for x in ("", "_ci_low", "_ci_high"))))
