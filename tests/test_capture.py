@@ -95,3 +95,23 @@ def test_an_input_changed_in_place_after_its_layer_is_an_error():
     s.fit(model, as_labeled(torch.utils.data.TensorDataset(x, y)))
     with pytest.raises(ConfigError, match="'conv' was changed in place"):
         s.train_grads(model, x, y)
+
+
+def test_patch_embedding_conv_gradients_equal_torch_func():
+    """A conv with kernel = stride (a ViT's patch embedding, with and without bias) takes the unfolded-patch product
+    on the CPU (no grouped weight-gradient convolution): its per-example gradients, pairwise scores and
+    self-influence equal torch.func's."""
+    from influencelab.solvers.blocks import _patchify
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 2, stride=2), nn.ReLU(), nn.Conv2d(4, 3, (1, 3), stride=(1, 3), bias=False),
+                          nn.Flatten(), nn.Linear(3 * 3 * 1, 3)).double().eval()
+    assert _patchify(model[0]) and _patchify(model[2]) and not _patchify(nn.Conv2d(2, 4, 2, stride=1))
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    want = per_example_flat_grads(model, x, y)
+    s = Identity(curvature="empirical_fisher", dtype="float64")
+    s.fit(model, as_labeled(torch.utils.data.TensorDataset(x, y)))
+    torch.testing.assert_close(s.train_grads(model, x, y), want, rtol=1e-10, atol=1e-12)
+    q = torch.randn(3, want.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(s.pairwise(model, s.prepare_queries(q), x, y), q @ want.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s.self_influence(model, x, y, [0.0])[0], want.square().sum(1), rtol=1e-10, atol=1e-12)
