@@ -10,7 +10,8 @@ solver's error (empty when it never did).
 
     python experiments/sec62_time_matched.py OUT.csv "EK-FAC=ihvp_resnet18_exact/0" "LiSSA=ihvp_resnet18_exact_lissa/0"
 
-Series without a trace are treated as direct. Errors are means over the queries (as the trace records them).
+Series without a trace are treated as direct, per damping (a series joined from several jobs, ``A/0+B/0``, is
+iterative at the dampings whose job recorded a trace). Errors are means over the queries (as the trace records them).
 """
 
 from __future__ import annotations
@@ -28,16 +29,22 @@ def load(spec: str) -> tuple[str, pd.DataFrame, pd.DataFrame | None]:
     label, _, where = spec.partition("=")
     parts = [part.partition("/")[::2] for part in where.split("+")]  # (SWEEP/JOB, or several joined by +)
     rows = pd.concat([pd.read_csv(RESULTS / sw / f"job{j}_ihvp.csv") for sw, j in parts], ignore_index=True)
-    traces = [RESULTS / sw / f"job{j}_ihvp_trace.csv" for sw, j in parts]
-    trace = pd.concat([pd.read_csv(t) for t in traces], ignore_index=True) if all(t.exists() for t in traces) \
-        else None
-    return label, rows, trace
+    traces = [pd.read_csv(t) for t in (RESULTS / sw / f"job{j}_ihvp_trace.csv" for sw, j in parts) if t.exists()]
+    return label, rows, pd.concat(traces, ignore_index=True) if traces else None
+
+
+def _traced(trace: pd.DataFrame | None, damping: float) -> pd.DataFrame | None:
+    """The trace's rows at ``damping`` (None: no trace there: the solver counts as direct at that damping)."""
+    if trace is None:
+        return None
+    t = trace[trace["damping"] == damping]
+    return t if len(t) else None
 
 
 def error_at(rows: pd.DataFrame, trace: pd.DataFrame | None, damping: float, budget: float) -> float:
     """The error a solver has at ``budget`` seconds (NaN: a direct solver not yet finished)."""
-    if trace is not None:
-        t = trace[trace["damping"] == damping]
+    t = _traced(trace, damping)
+    if t is not None:
         done = t[t["time_s"] <= budget]
         return float(done["rel_error"].iloc[-1]) if len(done) else 1.0
     r = rows[rows["damping"] == damping].iloc[0]
@@ -61,11 +68,12 @@ def table(specs: list[str]) -> pd.DataFrame:
             budget, b_err = float(b["time_s"]), float(b["rel_error"])
             for label, rows, trace in present:
                 r = rows[rows["damping"] == lam].iloc[0]
+                traced = _traced(trace, lam) is not None
                 out.append({
                     "damping": lam, "budget_of": b_label, "budget_s": budget, "series": label,
-                    "iterative": trace is not None, "rel_error_at_budget": error_at(rows, trace, lam, budget),
+                    "iterative": traced, "rel_error_at_budget": error_at(rows, trace, lam, budget),
                     "final_rel_error": float(r["rel_error"]), "final_time_s": float(r["time_s"]),
-                    "time_to_budget_error_s": time_to(trace, lam, b_err) if trace is not None else float("nan"),
+                    "time_to_budget_error_s": time_to(trace, lam, b_err) if traced else float("nan"),
                     "ref_converged": bool(r.get("ref_converged", True)),
                 })
     return pd.DataFrame(out)

@@ -58,3 +58,11 @@ def test_a_series_joins_dampings_run_as_sweeps_of_their_own(tm, tmp_path):
     whole = tm.table(["EK-FAC=direct/0", "LiSSA=iter/0"])
     joined = tm.table(["EK-FAC=direct/0", "LiSSA=iter_0.01/0+iter_1.0/0"])
     pd.testing.assert_frame_equal(whole, joined)
+    # a joined job without a trace (a LiSSA run from before repeats were traced) is direct at its own dampings only
+    (tmp_path / "iter_1.0" / "job0_ihvp_trace.csv").unlink()
+    part = tm.table(["EK-FAC=direct/0", "LiSSA=iter_0.01/0+iter_1.0/0"]).set_index(["damping", "budget_of", "series"])
+    full = whole.set_index(["damping", "budget_of", "series"])
+    assert bool(part.loc[(0.01, "EK-FAC", "LiSSA"), "iterative"]) and not bool(part.loc[(1.0, "EK-FAC", "LiSSA"),
+                                                                                        "iterative"])
+    assert part.loc[(0.01, "EK-FAC", "LiSSA"), "rel_error_at_budget"] == full.loc[(0.01, "EK-FAC", "LiSSA"),
+                                                                                  "rel_error_at_budget"]

@@ -368,6 +368,30 @@ def _mem_rows() -> list[list[Any]]:
     return rows
 
 
+def _mem_span(phases: tuple[str, ...], models: tuple[str, ...] = ("resnet50", "vit_b16"),
+              key: str = "peak_inc_mb") -> Callable[[pd.DataFrame], str]:
+    """The range over models and precisions of influencelab / kronfluence (``key``) for ``phases``."""
+    def get(df: pd.DataFrame) -> str:
+        r = []
+        for _, sel in df[df["model"].isin(models) & df["phase"].isin(phases)].groupby(
+                ["model", "precision", "phase"]):
+            if set(sel["impl"]) == {"influencelab", "kronfluence"}:
+                r.append(float(sel[sel["impl"] == "influencelab"][key].iloc[0])
+                         / float(sel[sel["impl"] == "kronfluence"][key].iloc[0]))
+        return f"{fmt(min(r), '.2')}–{fmt(max(r), '.2')}"
+    return get
+
+
+def _bf16_agreement(df: pd.DataFrame) -> str:
+    v = df[(df["impl"] == "influencelab") & (df["precision"] == "bf16")]["spearman_vs_fp32"].dropna()
+    return f"{fmt(v.min(), '.3')}–{fmt(v.max(), '.3')}"
+
+
+for _name, _phases in (("fit", ("fit",)), ("self", ("self",)), ("pairwise", ("pairwise",))):
+    SECTION.number(f"mem_{_name}_ratio_span", cell("{}", Ref(_MEM["after"], _mem_span(_phases))))
+SECTION.number("mem_bf16_agreement", cell("{}", Ref(_MEM["after"], _bf16_agreement)))
+
+
 SECTION.table("memory_cpu", ["model, phase, precision", "first run: ratio", "peak RSS increase MB, influencelab / "
                              "kronfluence", "ratio", "wall-time ratio (loaded machine)",
                              "Spearman of scores vs kronfluence fp32 (bf16: / vs own fp32)"], _mem_rows,
