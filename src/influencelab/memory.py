@@ -319,24 +319,30 @@ def budget_bytes(memory_gb: float | None, device: torch.device) -> tuple[int | N
     return free_bytes(device), False
 
 
+_LIBC: Any = None  # glibc once loaded; False where it is not there
+
+
+def _libc() -> Any:
+    """glibc (``None`` where it is not there), loaded once."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 (both must exist)
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
 def release_freed(device: torch.device) -> None:
     """Hand the memory freed by a finished query chunk back to the system (glibc's ``malloc_trim``, CPU only):
     otherwise the holes its ``[k, P]`` pieces leave in the heap stay resident and the next chunk's grow beside
     them (measured: ~90 MB kept per ~110 MB chunk on an MLP). A no-op elsewhere."""
-    global _LIBC
-    if device.type != "cpu" or _LIBC is False:
-        return
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim(0)
-        except (OSError, AttributeError):
-            _LIBC = False
-        return
-    _LIBC.malloc_trim(0)
+    libc = _libc() if device.type == "cpu" else None
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-_LIBC: Any = None
 #: under an explicit CPU budget, allocations from this size up are mapped (and unmapped when freed) by glibc
 MMAP_THRESHOLD = 4 * 2**20
 _PINNED = False
@@ -348,13 +354,10 @@ def pin_mmap_threshold(device: torch.device) -> None:
     megabyte-sized work tensors come from the heap, whose holes stay resident: measured, an EK-FAC pass planned at
     152 MB peaked at 207-240 MB that way, and at 131 MB with the threshold fixed. A no-op elsewhere."""
     global _PINNED
-    if device.type != "cpu" or _PINNED:
-        return
-    _PINNED = True
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    libc = _libc() if device.type == "cpu" and not _PINNED else None
+    if libc is not None:
+        _PINNED = True
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
 
 def log_plan(what: str, plan: Plan, n_query: int, batch_size: int, explicit: bool) -> None:

@@ -40,15 +40,11 @@ def query_gradients(solver: Solver, model: nn.Module, queries: LabeledData, batc
     block-hook solvers write each batch's blocks straight into its rows (no ``[batch, P]`` copy beside them)."""
     out: torch.Tensor | None = None
     if (solver.task.measures_loss and type(solver).query_grads is Solver.query_grads
-            and type(solver).train_grads is BlockGradSolver.train_grads and len(queries) > batch_size):
+            and type(solver).train_grads is BlockGradSolver.train_grads):
         assert solver.layout is not None
         out = torch.empty(len(queries), solver.layout.size, dtype=solver.store_dtype, device=solver.device)
-        for x, y, pos in queries.batches(batch_size):
-            s = int(pos[0])
-            if not torch.equal(pos.cpu(), torch.arange(s, s + len(pos))):  # (batches are contiguous ranges)
-                out[pos.to(out.device)] = solver.train_grads(model, x, y)
-            else:
-                solver.train_grads(model, x, y, out=out[s:s + len(pos)])
+        for x, y, pos in queries.batches(batch_size):  # (unshuffled: each batch is a contiguous range of rows)
+            solver.train_grads(model, x, y, out=out[int(pos[0]):int(pos[0]) + len(pos)])
         return out
     for x, y, pos in queries.batches(batch_size):
         g = solver.query_grads(model, x, y)

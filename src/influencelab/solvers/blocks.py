@@ -225,6 +225,13 @@ class BlockGradSolver(Solver):
                     p.requires_grad_(r)
             yield cap
 
+    def _each_block(self, model: nn.Module, x: Any, y: torch.Tensor, each: Callable[[Capture, int, Block], None],
+                    generator: torch.Generator | None = None) -> None:
+        """One forward + backward pass of the batch calling ``each(cap, i, block)`` for every block as its output
+        gradient arrives (see :meth:`_captured`)."""
+        with self._captured(model, x, y, generator, each=each):
+            pass
+
     def _block_grads(self, cap: Capture, blk: Block) -> torch.Tensor:
         """Per-example gradients ``[b, out, in]`` of one block (bias gradient as the last column)."""
         s = cap.s[blk.name]
@@ -252,8 +259,8 @@ class BlockGradSolver(Solver):
         def write(cap: Capture, i: int, b: Block) -> None:
             self.layout.block(dest, b).copy_(self._block_grads(cap, b))
 
-        with self._captured(model, x, y, each=write):
-            return out
+        self._each_block(model, x, y, write)
+        return out
 
     def prepare_queries(self, preconditioned: torch.Tensor) -> PreparedQueries:
         """Per-block ``[k, out, in]`` views of the preconditioned queries (see :class:`PreparedQueries`)."""
@@ -284,6 +291,5 @@ class BlockGradSolver(Solver):
                 g = self._block_grads(cap, b)
                 out.add_(prepared.blocks[i].reshape(k, -1) @ g.reshape(n, -1).T)
 
-        with self._captured(model, x, y, each=score):
-            pass
+        self._each_block(model, x, y, score)
         return out

@@ -187,8 +187,7 @@ class EKFAC(BlockGradSolver):
 
         for x, y, _ in progress(shard.batches(self.batch_size, skip=done), desc=f"{self.name} covariances"):
             for _ in range(self.fisher_samples):
-                with self._captured(model, x, y, gen, each=accumulate):
-                    pass
+                self._each_block(model, x, y, accumulate, gen)
             n += len(y) * self.fisher_samples
             done += 1
             self._snapshot("covariances", done, sums, gen)
@@ -230,8 +229,7 @@ class EKFAC(BlockGradSolver):
 
         for x, y, _ in progress(data.batches(self.batch_size, skip=done), desc=f"{self.name} eigenvalue correction"):
             for _ in range(self.fisher_samples):
-                with self._captured(model, x, y, gen, each=accumulate):
-                    pass
+                self._each_block(model, x, y, accumulate, gen)
             n += len(y) * self.fisher_samples
             done += 1
             self._snapshot("correction", done, sums, gen)
@@ -308,8 +306,7 @@ class EKFAC(BlockGradSolver):
                 for rows, sq in _rotated_squares(s_rot, a_rot):
                     out[:, rows] += (flat @ sq.flatten(1).T).double()
 
-        with self._captured(model, x, y, each=score):
-            pass
+        self._each_block(model, x, y, score)
         return out.to(self.dtype)
 
     # -- caching --------------------------------------------------------------------------------------------

@@ -64,6 +64,5 @@ class Identity(BlockGradSolver):
             else:
                 out.add_(self._block_grads(cap, b).to(self.dtype).square().sum((1, 2)).double())
 
-        with self._captured(model, x, y, each=score):
-            pass
+        self._each_block(model, x, y, score)
         return out.to(self.dtype).expand(len(dampings), -1).clone()

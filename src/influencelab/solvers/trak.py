@@ -213,8 +213,8 @@ class TRAK(BlockGradSolver):
         def project(cap: Capture, i: int, b: Block) -> None:  # (during the backward pass: see _captured)
             self._project_into(out, self._block_grads(cap, b).reshape(len(y), -1).to(self.dtype), b.offset)
 
-        with self._measuring(fn), self._captured(model, x, y, each=project):
-            pass
+        with self._measuring(fn):
+            self._each_block(model, x, y, project)
         return out
 
     def weights(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor | None:
