@@ -146,13 +146,14 @@ class Budget:
 
 
 def ours(model: torch.nn.Module, train: LabeledData, queries: LabeledData, strategy: str, precision: str,
-         batch: int, device: str) -> tuple[StageTimes, torch.Tensor, torch.Tensor]:
-    """influencelab through its public API: fit, self-influence ``[n_train]``, pairwise ``[n_query, n_train]``."""
+         batch: int, device: str, self_scores: bool = True) -> tuple[StageTimes, torch.Tensor | None, torch.Tensor]:
+    """influencelab through its public API: fit, self-influence ``[n_train]`` (unless ``self_scores`` is off),
+    pairwise ``[n_query, n_train]``."""
     attr = Attributor(model, solver=strategy, damping=DAMPING, curvature="empirical_fisher", device=device,
                       batch_size=batch, score_batch_size=batch, autocast="bf16" if precision == "bf16" else None)
     times = StageTimes()
     timed_stage(times, "fit", device, lambda: attr.fit(train))
-    sv = timed_stage(times, "self", device, lambda: attr.self_influence())[0].float().cpu()
+    sv = timed_stage(times, "self", device, lambda: attr.self_influence())[0].float().cpu() if self_scores else None
     pw = timed_stage(times, "pairwise", device, lambda: attr.pairwise(queries))[0].float().cpu()
     return times, sv, pw
 
@@ -190,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available (--tiny: cpu)")
     ap.add_argument("--peer", choices=["auto", "on", "off"], default="auto",
                     help="kronfluence: auto = when importable (never with --tiny unless on)")
-    ap.add_argument("--cases", default="cnn,resnet18,resnet50,vit_b16")
+    ap.add_argument("--cases", default="cnn,resnet18,resnet50,vit_b16", help="in the order to run them")
     ap.add_argument("--configs", default=",".join(f"{s}:{p}" for s, p in CONFIGS))
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--no-self", action="store_true",
+                    help="skip self-influence on both sides (fit and pairwise only: the memory table of issue 31)")
     args = ap.parse_args(argv)
+    do_self = not args.no_self
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     n_query = min(args.queries, 8) if args.tiny else args.queries
     try:
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(), "tiny": args.tiny,
            "peer": peer, "damping": DAMPING, "curvature": "empirical_fisher", "queries": n_query,
-           "tf32": torch.backends.cuda.matmul.allow_tf32}
+           "tf32": torch.backends.cuda.matmul.allow_tf32, "self": do_self}
     if peer:
         import kronfluence
 
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "env.json").write_text(json.dumps(env, indent=1))
     print(f"device {name}, torch {torch.__version__}, peer kronfluence: {peer}", flush=True)
     w = Writer(out / "bench.csv", {"device": name, "torch": torch.__version__, "date": env["date"]})
-    wanted = [c for c in cases(args.tiny) if c.name in args.cases.split(",")]
+    by_name = {c.name: c for c in cases(args.tiny)}
+    wanted = [by_name[n] for n in args.cases.split(",")]  # in the order asked for (a budget cut drops the last)
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
     loaded: dict[str, tuple[torch.nn.Module, LabeledData, LabeledData]] = {}
     fp32_self: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -247,20 +252,25 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with budget, tempfile.TemporaryDirectory() as tmp:
                         if impl == "influencelab":
-                            t, s_self, s_pair = ours(model, train, queries, strategy, precision, case.batch, device)
+                            t, s_self, s_pair = ours(model, train, queries, strategy, precision, case.batch, device,
+                                                    do_self)
                         else:
                             t, s_self, s_pair = kronfluence_run(model, tensors(train), tensors(queries), tmp,
                                                                 strategy, DAMPING, True, case.batch, device,
-                                                                precision)
-                    cols = dict(fit_s=t.seconds["fit"], self_s=t.seconds["self"], pairwise_s=t.seconds["pairwise"],
-                                fit_self_s=t.seconds["fit"] + t.seconds["self"], peak_fit_mb=t.peak_mb["fit"],
-                                peak_self_mb=t.peak_mb["self"], peak_pairwise_mb=t.peak_mb["pairwise"])
+                                                                precision, self_scores=do_self)
+                    sec, mb = t.seconds, t.peak_mb
+                    cols = dict(fit_s=sec["fit"], pairwise_s=sec["pairwise"], peak_fit_mb=mb["fit"],
+                                peak_pairwise_mb=mb["pairwise"])
+                    if do_self:
+                        cols.update(self_s=sec["self"], fit_self_s=sec["fit"] + sec["self"], peak_self_mb=mb["self"])
                     if impl == "influencelab":
                         sv, pw = s_self, s_pair
                     else:
                         cols.update(spearman_self=spearman(s_self, sv), spearman_pairwise=spearman(s_pair, pw))
                     key = (case.name, strategy, impl)
-                    if precision == "fp32":
+                    if s_self is None:
+                        pass
+                    elif precision == "fp32":
                         fp32_self[key] = s_self
                     elif key in fp32_self:
                         cols["spearman_self_vs_fp32"] = spearman(s_self, fp32_self[key])
