@@ -104,6 +104,32 @@ SECTION.table("ekfac_compression", ["score.query_rank", "pairwise s", "query mat
               "6: low-rank query compression vs full rank (bench_ekfac.py --compression)")
 
 
+# Pairwise scoring on the path users run: `python benchmarks/bench_pairwise_path.py --n 20000,60000` (issue 31 item
+# 5; one row per n, subnormal setting and path: cli / api / kronfluence)
+_PP = "benchmarks/results/pairwise_path.csv"
+_PATHS = {"cli": "CLI: the pairwise stage (`time/pairwise_s`, a fresh process)", "api": "API: `Attributor.pairwise`",
+          "kronfluence": "kronfluence: `compute_pairwise_scores`"}
+
+
+def pairwise_path_rows(src: str = _PP) -> list[list[str | Cell]]:
+    if not exists(src):
+        return []
+    rows: list[list[str | Cell]] = []
+    for _, r in load(src).iterrows():
+        w = dict(n=r["n"], denormals=r["denormals"], path=r["path"])
+        rows.append([f"{int(r['n']):,}", {"flush": "flushed", "keep": "kept (PyTorch's default)"}[r["denormals"]],
+                     _PATHS[r["path"]], cell("{:s3}", ref(src, "pairwise_s", **w)),
+                     r["runs_s"].replace(";", ", "),
+                     "1" if r["path"] == "kronfluence" else cell("**{:.2}**", ref(src, "ratio_vs_kronfluence", **w)),
+                     cell("{:.4}", ref(src, "spearman_vs_kronfluence", **w))])
+    return rows
+
+
+SECTION.table("pairwise_path", ["n_train", "subnormal floats", "path", "pairwise s (median of 3)", "runs (s)",
+                                "ratio to kronfluence (target ≤ 0.5)", "Spearman vs kronfluence"],
+              pairwise_path_rows, "6: the pairwise figure users see: CLI, API and kronfluence back to back")
+
+
 # Subnormal floats: `python benchmarks/bench_subnormal.py`
 _SN = "benchmarks/results/subnormal.csv"
 
@@ -396,3 +422,15 @@ SECTION.table("memory_cpu", ["model, phase, precision", "first run: ratio", "pea
                              "kronfluence", "ratio", "wall-time ratio (loaded machine)",
                              "Spearman of scores vs kronfluence fp32 (bf16: / vs own fp32)"], _mem_rows,
               "6: peak CPU memory against kronfluence (bench_memory.py)")
+
+
+def _pp(n: int, path: str, col: str) -> Ref:
+    return ref(_PP, col, n=n, denormals="keep", path=path)
+
+
+for _n in (20000, 60000):
+    for _p in ("cli", "api"):
+        SECTION.number(f"pairwise_path_{_p}_{_n // 1000}k", cell("{:.2}", _pp(_n, _p, "ratio_vs_kronfluence")))
+    SECTION.number(f"pairwise_path_kron_{_n // 1000}k", cell("{:s3}", _pp(_n, "kronfluence", "pairwise_s")))
+    SECTION.number(f"pairwise_path_cli_s_{_n // 1000}k", cell("{:s3}", _pp(_n, "cli", "pairwise_s")))
+    SECTION.number(f"pairwise_path_api_s_{_n // 1000}k", cell("{:s3}", _pp(_n, "api", "pairwise_s")))
