@@ -114,6 +114,48 @@ def test_trak_equals_dense_projected_kernel_solve(kind, cache_gb):
     assert attr.solver.resolve_damping("auto") == pytest.approx(float(lams[1]), rel=1e-10)
 
 
+def test_trak_ensemble_is_traks_estimator_with_a_projection_per_model(tmp_path):
+    """An ensemble of M = 3 models (two of them the same weights): TRAK's estimator, the mean over models of the
+    unweighted kernel scores φ_q^T (G + λI)^-1 φ_z times the mean over models of 1 - p_z (not the mean of the
+    weighted products), pairwise and self; model i's features projected by R drawn from seed ``seed + 10,000 i``
+    (as the trak library seeds per model id), all built here. Two equal models' kernel scores differ (independent
+    projections, whose error the ensemble averages out); the first model's fit is keyed as a single model's, and a
+    single model's cached (weighted) scores are not read back as an ensemble member's (unweighted) ones."""
+    train, queries = _data()
+    m1 = _trained_mlp(train)
+    m2 = _trained_mlp(train, hidden=12)
+    models = [m1, m2, m1]
+    kw = dict(solver="trak", dtype="float64", proj_dim=64, projection="gaussian", damping=1e-2, seed=5,
+              batch_size=16, score_batch_size=16, cache_dir=tmp_path)
+    single = Attributor(m1, **kw).fit(train)
+    single_pw, single_self = single.pairwise(queries)[0], single.self_influence()[0]  # cached under the cache
+    attr = Attributor(models, **kw).fit(train)
+    pairwise, self_inf = attr.pairwise(queries)[0], attr.self_influence()[0]
+    x, y, xq, yq = train.x.double(), train.targets, queries.x.double(), queries.targets
+    kernel, kernel_self, weights = [], [], []
+    for i, m in enumerate(models):
+        g, gq = layout_grads(m, ref_margin, x, y), layout_grads(m, ref_margin, xq, yq)
+        R = ref_projection(g.shape[1], 64, "gaussian", 5 + 10_000 * i)
+        phi, phi_q = g @ R, gq @ R
+        inv = torch.linalg.inv(phi.T @ phi / len(x) + 1e-2 * torch.eye(64, dtype=phi.dtype))
+        kernel.append(phi_q @ inv @ phi.T)
+        kernel_self.append(((phi @ inv) * phi).sum(1))
+        weights.append(1 - torch.softmax(m(x), -1).gather(1, y[:, None])[:, 0].detach())
+    w = torch.stack(weights).mean(0)
+    ref, ref_self = torch.stack(kernel).mean(0) * w, torch.stack(kernel_self).mean(0) * w
+    torch.testing.assert_close(pairwise, ref, rtol=1e-7, atol=1e-9 * ref.abs().max())
+    torch.testing.assert_close(self_inf, ref_self, rtol=1e-7, atol=1e-9 * ref_self.abs().max())
+    # not TRAK's estimator: the mean of each model's weighted scores differs from it (1 - p differs across models)
+    products = torch.stack([k * wi for k, wi in zip(kernel, weights, strict=True)]).mean(0)
+    assert (products - ref).abs().max() > 1e-3 * ref.abs().max()
+    assert (kernel[0] - kernel[2]).abs().max() > 1e-3 * kernel[0].abs().max()  # same model, another R
+    torch.testing.assert_close(single_pw, kernel[0] * weights[0], rtol=1e-7, atol=1e-9 * ref.abs().max())
+    torch.testing.assert_close(single_self, kernel_self[0] * weights[0], rtol=1e-7,
+                               atol=1e-9 * ref_self.abs().max())
+    assert attr.members[0].solver.fit_config() == single.solver.fit_config()
+    assert attr.members[2].solver.fit_config() != single.solver.fit_config()
+
+
 def test_trak_identity_projection_of_loss_gradients_is_the_exact_empirical_fisher_solve():
     """With no projection (R = I) and output=loss, TRAK's score is g_q^T (F + λI)^-1 g_z with F the empirical Fisher
     (mean g g^T): equal to a dense solve built here and to solver=exact with curvature=empirical_fisher."""

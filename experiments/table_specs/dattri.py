@@ -257,3 +257,18 @@ SECTION.number("dattri_damping", cell("{}", _same_for_both("damping")))
 SECTION.number("dattri_train_gap", cell("{:,0}", Ref(LDS, lambda df: float(
     _notes("lr", r"split \(dattri: ([\d,]+)/").value().replace(",", "")) - float(_same_for_both("n_train").value()),
     via=(RUN,))))
+
+
+# TRAK before and after each ensemble model got its own projection (2026-12-05): the rows of lds.csv as the run
+# with one projection R shared by the models wrote them (lds_shared_projection.csv), the TRAK-1 rows of both
+# libraries (where the projection cannot differ in kind: one model, one R each) and the ensembles now
+SHARED = f"{D}/lds_shared_projection.csv"
+for _lib in LIBS:
+    SECTION.number(f"dattri_lr_trak1_{_lib}", cell("{:.3}", ref1(LDS, "lds", model="lr", method="trak-1",
+                                                                 library=_lib)))
+for _meth in ("trak-10", "trak-50"):
+    SECTION.number(f"dattri_lr_{_meth.replace('-', '')}_shared", cell("{:.3}", ref1(
+        SHARED, "lds", model="lr", method=_meth, library="influencelab")))
+    SECTION.number(f"dattri_lr_{_meth.replace('-', '')}_diff", _pair("lr", f"influencelab {_meth}",
+                                                                      f"dattri {_meth}"))
+SECTION.number("dattri_mlp_trak10_diff", _pair("mlp", "influencelab trak-10", "dattri trak-10"))

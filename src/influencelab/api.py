@@ -164,6 +164,7 @@ class Attributor:
         fitted at once when :meth:`fit` has been called. ``model_key``: its key in the cache (default: a digest
         of its weights)."""
         solver = solver if solver is not None else self._new_solver()
+        solver.for_member(len(self.members))
         if self.members and solver.dampings != self.dampings:
             raise ConfigError(f"an ensemble's members score the same dampings: {solver.dampings} != {self.dampings}")
         model = on_solver(model, solver)
@@ -253,7 +254,7 @@ class Attributor:
         data, data_key = self._train(train)
         q = as_data(queries, self.task)
         qkey = query_key if query_key is not None else self._key(_data_digest, q)
-        return self._score("pairwise", self._dampings(dampings), partition,
+        return self._score("pairwise", data, self._dampings(dampings), partition,
                            lambda m, d, p: m.pairwise(q, data, data_key, d, qkey, query_rank, p))
 
     def self_influence(self, train: Data | None = None, dampings: Any = None,
@@ -261,14 +262,16 @@ class Attributor:
         """Self-influence ``g_z^T (G + λI)^-1 g_z`` of every training point: ``[n_damping, n_train]``, averaged
         over the ensemble's models. ``partition``: as in :meth:`pairwise`."""
         data, data_key = self._train(train)
-        return self._score("self", self._dampings(dampings), partition,
+        return self._score("self", data, self._dampings(dampings), partition,
                            lambda m, d, p: m.self_influence(data, data_key, d, p))
 
-    def _score(self, what: str, own: list[Damping], partition: tuple[int, int] | None,
+    def _score(self, what: str, data: Any, own: list[Damping], partition: tuple[int, int] | None,
                compute: Callable[[Member, list[Damping], tuple[int, int]], torch.Tensor | None]
                ) -> torch.Tensor | None:
         """``compute(member, dampings, partition)`` for every member, over the shared pass's dampings, the own
-        rows kept; their mean, or ``None`` while a partition's share is all that is cached."""
+        rows kept; their mean (for a solver with per-training-point weights, TRAK's ``1 - p``: the mean of the
+        unweighted scores times the mean of the members' weights over ``data``), or ``None`` while a partition's
+        share is all that is cached."""
         part = parse_partition(partition, key=self.names.partition)
         if part[1] > 1 and self.artifacts.cache is None:
             raise ConfigError(f"{self.names.partition}={part[0]}/{part[1]} needs a cache, where the partitions' "
@@ -276,7 +279,16 @@ class Attributor:
         dampings = pass_dampings(own, self.shared_dampings, self.solver)
         if dampings != own and distributed.is_main():
             log.info("scoring all of the dampings %s in one pass (cached under one key); keeping %s", dampings, own)
-        parts = [for_own_dampings(lambda d, m=m: compute(m, d, part), own, dampings) for m in self.members]
+        # TRAK's estimator: the mean of the models' unweighted scores times the mean of their weights (1 - p)
+        deferred = len(self.members) > 1 and all([m.solver.defer_weights(True) for m in self.members])
+        if not deferred:  # (a member without such weights: every member scores as it would alone)
+            for m in self.members:
+                m.solver.defer_weights(False)
+        try:
+            parts = [for_own_dampings(lambda d, m=m: compute(m, d, part), own, dampings) for m in self.members]
+        finally:
+            for m in self.members:
+                m.solver.defer_weights(False)
         self.diagnostics = merge_diagnostics(*({d: c for d, c in m.diagnostics.items() if d in own}
                                                for m in self.members))
         if any(p is None for p in parts):
@@ -285,7 +297,11 @@ class Attributor:
                      "(with any or no %s) returns the merged scores", i, k, what, self.names.partition)
             return None
         self.report_convergence(what, self.diagnostics)
-        return parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+        scores = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+        if deferred:
+            w = torch.stack([m.solver.train_weights(m.model, data).to(scores) for m in self.members]).mean(0)
+            scores = scores * w
+        return scores
 
     # -- convergence ----------------------------------------------------------------------------------------------
     @property

@@ -2,7 +2,9 @@
 per trained model (its solver, fitted under the model's own cache key, and the scores computed on it), and the
 scoring policies over the members that the API and the CLI share:
 
-* **ensembles**: scores averaged over independently trained models (the mean of the members' scores);
+* **ensembles**: scores averaged over independently trained models (the mean of the members' scores; for a solver
+  with per-training-point weights, TRAK's ``1 - p``, the mean of the unweighted scores times the mean weights:
+  :meth:`~influencelab.solvers.base.Solver.defer_weights`, whose :meth:`~.Solver.score_config` keys those scores);
 * **damping sharing**: one pass over a list of dampings (e.g. every value of a multirun's ``solver.damping`` sweep,
   cached under one key the sweep's jobs share), keeping the rows of the caller's own dampings; should another
   damping make the shared pass diverge, the own dampings are scored alone (:func:`pass_dampings`,
@@ -141,7 +143,8 @@ class Member:
             del grads
             release_freed(self.solver.device)
             record = merge_diagnostics(record, self.solver.diagnostics())
-            extra = [query_key, query_rank] + ([[q0, q1]] if len(slices) > 1 else [])
+            extra = [query_key, query_rank] + ([[q0, q1]] if len(slices) > 1 else []) + \
+                ([sc] if (sc := self.solver.score_config()) else [])
             key = self.artifacts.score_key("pairwise", self.fit_key, dampings, train_key, extra)
             s = pairwise_scores(self.solver, self.model, train, pre, self.artifacts, key, plan.batch_size,
                                 self.chunk_size, partition, query_rank)
@@ -163,7 +166,7 @@ class Member:
     def self_influence(self, train: LabeledData, train_key: Any, dampings: list[Damping],
                        partition: Partition) -> torch.Tensor | None:
         """Self-influence ``[n_damping, n_train]``; ``None`` while other partitions' chunks are missing."""
-        key = self.artifacts.score_key("self", self.fit_key, dampings, train_key)
+        key = self.artifacts.score_key("self", self.fit_key, dampings, train_key, self.solver.score_config() or None)
         budget, explicit = budget_bytes(self.memory_gb, self.solver.device)
         if explicit:
             pin_mmap_threshold(self.solver.device)

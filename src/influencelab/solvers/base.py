@@ -269,6 +269,12 @@ class Solver(ABC):
             self._snapshots.save(phase, done, {**sums, **extra}, final)
 
     # -- caching ----------------------------------------------------------------------------------
+    def for_member(self, index: int) -> None:
+        """Called once when this solver joins an ensemble as its model number ``index`` (0 for the first): a solver
+        whose fit draws randomness that must be independent across the ensemble's models (TRAK's projection)
+        makes it so here; the others keep one configuration for all members."""
+        return None
+
     def fit_config(self) -> dict[str, Any]:
         """Everything the fitted state depends on (not the damping when ``damping_free_fit``)."""
         cfg = {k: v for k, v in vars(self).items()
@@ -284,6 +290,23 @@ class Solver(ABC):
 
     def solve_config(self) -> dict[str, Any]:
         """What a solve depends on beyond the fit and the damping (empty for most solvers; keys of cached solves)."""
+        return {}
+
+    # -- ensembles ------------------------------------------------------------------------------------------------
+    def defer_weights(self, on: bool) -> bool:
+        """Leave the per-training-point weights out of this solver's scores (``on``) so that an ensemble applies
+        their mean over its models to the mean of their scores (TRAK's estimator, see :meth:`train_weights`);
+        returns whether the solver has such weights (``False``: a model's scores are complete on their own, as for
+        every influence-function solver)."""
+        return False
+
+    def train_weights(self, model: nn.Module, data: Any) -> torch.Tensor:
+        """The weights :meth:`defer_weights` leaves out, ``[n_train]`` over ``data``'s training points."""
+        raise NotImplementedError(f"{self.name} has no per-training-point weights")
+
+    def score_config(self) -> dict[str, Any]:
+        """What this solver's scores depend on beyond the fit, the damping and the data (part of their cache key
+        when not empty; e.g. weights deferred to an ensemble)."""
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

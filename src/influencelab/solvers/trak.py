@@ -23,18 +23,22 @@ are dropped; TRAK's own default is no regularisation).
 **Projection** (``projection``): ``rademacher`` (entries ``±1 / sqrt(proj_dim)``), ``gaussian`` (``N(0, 1 /
 proj_dim)``) or ``identity`` (no projection: ``φ = ∇f``, ``proj_dim`` unused; tiny models). ``R`` is never needed
 whole: its rows come in chunks of :data:`ROWS` consecutive flat parameters (the :mod:`.layout` order), chunk ``c``
-drawn from a generator on the solver's device seeded with ``seed x 1,000,003 + c`` (rademacher: ``randint(0, 2)``
-mapped to ±1; gaussian: float32 ``randn``), so any block of ``R`` is reproduced on its own and the result does not
-depend on batch sizes. ``R`` is kept in memory when it fits in ``cache_gb`` and otherwise regenerated chunk by
+drawn from a generator on the solver's device seeded with ``s x 1,000,003 + c`` (``s``: the projection seed, ``seed``
+for a single model; see Ensembles) (rademacher: ``randint(0, 2)`` mapped to ±1; gaussian: float32 ``randn``), so
+any block of ``R`` is reproduced on its own and the result does not depend on batch sizes. ``R`` is kept in memory when it fits in ``cache_gb`` and otherwise regenerated chunk by
 chunk for every batch. Per-example gradients come from the hooks of :mod:`.blocks` (torch.func for modules they
 cannot express), layer by layer, each projected at once (no ``[batch, P]`` matrix on the hook path).
 
-**Ensembles** (TRAK's ``M`` models): ``score.ensemble=M`` / ``Attributor([m1, ..., mM])`` average the models'
-scores, each model with its own kernel, features and ``Q`` (one projection seed for all of them, as the ``trak``
-library's single projector). TRAK's estimator averages ``φ_q^T (G + λI)^-1 φ_z`` and ``Q`` over the models
-separately and multiplies the two means; the engine's mean of the products differs from it only through the
-spread of ``Q_z`` across models (run with ``weighting=false`` and multiply by the models' mean ``1 - p`` for
-TRAK's exact form). TRAK's optional soft-thresholding of the scores is not applied.
+**Ensembles** (TRAK's ``M`` models): ``score.ensemble=M`` / ``Attributor([m1, ..., mM])`` give TRAK's estimator,
+``τ(q, z) = mean_m[φ_q,m^T (G_m + λI)^-1 φ_z,m] · mean_m[1 - p_z,m]``: the models' unweighted kernel scores and their
+``Q = 1 - p`` averaged separately, then multiplied (Park et al. 2023, Alg. 1; the ``trak`` library and dattri do the
+same), each model with its own kernel, features and **projection**: model ``i`` (0, 1, ...) draws ``R`` from seed
+``seed + 10,000 i``, as the ``trak`` library seeds its projector per model id and dattri per ensemble id. Averaging
+over models then averages out the projection's error as well as training noise (experiments/RESULTS.md section
+4b: on dattri's MNIST logistic regression, where the models barely differ, one ``R`` shared by all of them kept
+TRAK-10's LDS at TRAK-1's; on its MLP, the mean of the weighted products in place of the product of the means cost
+0.05 LDS). With ``weighting=false`` the scores are the mean kernel scores alone.
+TRAK's optional soft-thresholding of the scores is not applied.
 """
 
 from __future__ import annotations
@@ -121,6 +125,29 @@ class TRAK(BlockGradSolver):
         self.cache_gb = float(cache_gb)
         self.state: dict[str, torch.Tensor] = {}
         self._R: torch.Tensor | None = None
+        self._member = 0
+        self._deferred = False  # Q left to the ensemble (defer_weights)
+
+    def defer_weights(self, on: bool) -> bool:
+        """An ensemble multiplies the mean of its models' kernel scores by the mean of their ``1 - p``: each
+        model's scores are then unweighted (see the module docstring)."""
+        if self.output != "margin" or not self.weighting:
+            return False
+        self._deferred = bool(on)
+        return True
+
+    def train_weights(self, model: nn.Module, data: Any) -> torch.Tensor:
+        """``1 - p_z`` of every training point of ``data`` under ``model``, ``[n]``."""
+        parts = [self.weights(model, x, y) for x, y, _ in data.batches(self.batch_size)]
+        return torch.cat([p for p in parts if p is not None])
+
+    def score_config(self) -> dict[str, Any]:
+        return {"weights": "deferred to the ensemble"} if self._deferred else {}
+
+    def for_member(self, index: int) -> None:
+        """Model ``index`` of an ensemble projects with its own ``R`` (seed ``seed + 10,000 index``)."""
+        if index != self._member:
+            self._member, self._R = int(index), None
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> ParamLayout:
@@ -148,6 +175,8 @@ class TRAK(BlockGradSolver):
     def fit_config(self) -> dict[str, Any]:
         cfg = super().fit_config()
         cfg.pop("cache_gb", None)  # (where R lives, not what it is)
+        if self._member:  # another R (the first model's key is what it was before members had their own)
+            cfg["projection_seed"] = self.projection_seed
         return cfg
 
     # -- the projection -------------------------------------------------------------------------------------------
@@ -161,7 +190,13 @@ class TRAK(BlockGradSolver):
     def _chunk(self, c: int) -> torch.Tensor:
         assert self.layout is not None
         rows = min(ROWS, self.layout.size - c * ROWS)
-        return projection_chunk(c, rows, self.proj_dim, self.projection, self.seed, self.dtype, self.device)
+        return projection_chunk(c, rows, self.proj_dim, self.projection, self.projection_seed, self.dtype,
+                                self.device)
+
+    @property
+    def projection_seed(self) -> int:
+        """The seed ``R`` is drawn from: ``seed`` for an ensemble's first model, ``seed + 10,000 i`` for model i."""
+        return int(self.seed) + 10_000 * self._member
 
     def _kept(self) -> torch.Tensor | None:
         """``R`` when it fits in ``cache_gb`` (built once), else ``None``."""
@@ -279,7 +314,7 @@ class TRAK(BlockGradSolver):
     def train_grads(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
         """The training side of a score, ``[b, dim]``: ``φ_z (1 - p_z)`` (``φ_z`` unweighted, see :meth:`weights`)."""
         phi = self.features(model, x, y)
-        w = self.weights(model, x, y)
+        w = None if self._deferred else self.weights(model, x, y)
         return phi if w is None else phi * w[:, None]
 
     def query_grads(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
@@ -296,6 +331,6 @@ class TRAK(BlockGradSolver):
                        dampings: Sequence[Damping]) -> torch.Tensor:
         """``φ_z^T (G + λI)^-1 φ_z (1 - p_z)`` per example and damping: ``[len(dampings), b]``."""
         phi = self.features(model, x, y)
-        w = self.weights(model, x, y)
+        w = None if self._deferred else self.weights(model, x, y)
         out = torch.stack([(self.precondition(phi, d) * phi).sum(1) for d in dampings])
         return out if w is None else out * w[None]
