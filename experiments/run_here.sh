@@ -151,6 +151,11 @@ run ihvp_cnn_exact_lissa experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.
 run ihvp_cnn_exact_lissa_ekfac experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
   '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=lissa_ekfac \
   solver.scale=search solver.depth=auto solver.repeats=4
+# CG + EK-FAC against the same reference, at most 30 iterations per damping (ihvp_cnn_exact's job 2 ran without a cap
+# and did not finish: 56 iterations at λ = 1e-6 in 5 minutes)
+run ihvp_cnn_exact_cg_ekfac experiment=ihvp_cnn dataset.subset=500 query.n=16 ihvp.reference=gram \
+  '~ihvp.reference_args.max_examples' 'solver.damping=[1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1,10]' solver=cg_ekfac \
+  ++solver.max_iter=30
 # the approximation ladder on the same model, queries and reference (issue 29 item 5): exact GGN (the reference) ->
 # exact block-diagonal per layer -> K-FAC -> EK-FAC (ihvp_cnn_exact), with EK-FAC's Monte Carlo Fisher samples per
 # point (1 there, 10 here), the empirical Fisher (exact and EK-FAC) against the true one, and EK-FAC fitted on

@@ -23,7 +23,7 @@ figure() {  # figure SETTING TITLE LABEL=SWEEP/JOB ...
 }
 figure cnn "CNN, FashionMNIST 500 points, against solver=gram" \
   "EK-FAC=ihvp_cnn_exact/0" "K-FAC=ihvp_cnn_exact/1" "LiSSA (tuned)=ihvp_cnn_exact_lissa/0" \
-  "LiSSA+EK-FAC (tuned)=ihvp_cnn_exact_lissa_ekfac/0" \
+  "LiSSA+EK-FAC (tuned)=ihvp_cnn_exact_lissa_ekfac/0" "CG+EK-FAC (30 it.)=ihvp_cnn_exact_cg_ekfac/0" \
   "Arnoldi 50, dropped=ihvp_cnn_exact_arnoldi/0" "Arnoldi 50, λ elsewhere=ihvp_cnn_exact_arnoldi/1" \
   "Arnoldi 200, dropped=ihvp_cnn_exact_arnoldi/2" "Arnoldi 200, λ elsewhere=ihvp_cnn_exact_arnoldi/3"
 figure cnn_ladder "CNN: the approximation ladder (exact GGN = the reference)" \

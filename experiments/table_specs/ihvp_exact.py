@@ -70,13 +70,21 @@ def worst_overall(setting: str, dampings: Sequence[str] | None = None) -> Ref:
     return Ref(src(setting), get)
 
 
+def _present(setting: str, series: Sequence[str]) -> list[str]:
+    from tables_engine import exists, load
+    if not exists(src(setting)):
+        return []
+    have = set(load(src(setting))["series"])
+    return [s for s in series if s in have]
+
+
 CNN_DAMPINGS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0")
 R18_DAMPINGS = ("1e-06", "0.0001", "0.01")
-CNN_SERIES = ("EK-FAC", "K-FAC", "LiSSA (tuned)", "Arnoldi 50, dropped", "Arnoldi 200, dropped",
-              "Arnoldi 200, λ elsewhere")
+CNN_SERIES = ("EK-FAC", "K-FAC", "LiSSA (tuned)", "LiSSA+EK-FAC (tuned)", "CG+EK-FAC (30 it.)", "Arnoldi 50, dropped",
+              "Arnoldi 200, dropped", "Arnoldi 200, λ elsewhere")
 R18_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, λ elsewhere", "LiSSA (tuned)", "CG+EK-FAC (30 it.)",
               "LiSSA+EK-FAC (tuned)")
-table("ihvp_exact_cnn", "cnn", CNN_SERIES, CNN_DAMPINGS,
+table("ihvp_exact_cnn", "cnn", _present("cnn", CNN_SERIES), CNN_DAMPINGS,
       "3.0: IHVP error and score Spearman against the exact reference, CNN (medians over 16 queries)")
 
 # prose numbers
@@ -122,14 +130,6 @@ SECTION.number("x_cnn_lissa_cg_error_small", cell("{}", _lissa_cg_errors(hi=0.01
 # the approximation ladder (issue 29 item 5): experiments/results/sec62/cnn_ladder.csv (series present in it)
 LADDER = ("exact block-diagonal", "K-FAC", "EK-FAC", "EK-FAC, 10 Fisher samples", "K-FAC, 10 Fisher samples",
           "exact, empirical Fisher", "EK-FAC, empirical Fisher", "EK-FAC on 50 points", "EK-FAC on 150 points")
-
-
-def _present(setting: str, series: Sequence[str]) -> list[str]:
-    from tables_engine import exists, load
-    if not exists(src(setting)):
-        return []
-    have = set(load(src(setting))["series"])
-    return [s for s in series if s in have]
 
 
 table("ihvp_exact_resnet18", "resnet18", _present("resnet18", R18_SERIES), R18_DAMPINGS,
