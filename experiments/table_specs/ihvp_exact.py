@@ -6,6 +6,7 @@ each series one job of a committed sweep, named in the file's ``source`` column)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pandas as pd
@@ -230,3 +231,25 @@ for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
     SECTION.number(f"x_r18_ekfac_rho_{_tag}", median("resnet18", "EK-FAC", _lam, "spearman_median"))
     SECTION.number(f"x_r18_lissa_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0], ".2"))))
     SECTION.number(f"x_r18_lissa_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+
+
+# EK-FAC-preconditioned CG (30 iterations) and tuned LiSSA on the CNN (run ihvp_cnn_exact_cg_ekfac, ..._lissa_ekfac)
+_CGEK, _LEK = "CG+EK-FAC (30 it.)", "LiSSA+EK-FAC (tuned)"
+for _lab, _ser in (("cgek", _CGEK), ("lek", _LEK)):
+    for _lam, _tag in (("1e-06", "1e-6"), ("0.0001", "1e-4"), ("0.01", "1e-2")):
+        SECTION.number(f"x_cnn_{_lab}_err_{_tag}", median("cnn", _ser, _lam))
+        SECTION.number(f"x_cnn_{_lab}_rho_{_tag}", median("cnn", _ser, _lam, "spearman_median"))
+
+
+def _job_span(sweep: str, col: str, f: str = ".2", below: float = math.inf) -> Ref:
+    """"min–max" of ``col`` over the damping rows (λ < ``below``) of a sweep's job0_ihvp.csv."""
+    def get(df: pd.DataFrame) -> str:
+        v = df[df["damping"] < below][col]
+        return f"{fmt(v.min(), f)}–{fmt(v.max(), f)}"
+    return Ref(f"experiments/results/{sweep}/job0_ihvp.csv", get)
+
+
+SECTION.number("x_cnn_cgek_res", cell("{}", _job_span("ihvp_cnn_exact_cg_ekfac", "rel_residual", "e2", below=1)))
+SECTION.number("x_cnn_cgek_time", cell("{}", _job_span("ihvp_cnn_exact_cg_ekfac", "time_s", ".0")))
+SECTION.number("x_cnn_lek_res", cell("{}", _job_span("ihvp_cnn_exact_lissa_ekfac", "rel_residual", "e2", below=1)))
+SECTION.number("x_cnn_lek_time", cell("{}", _job_span("ihvp_cnn_exact_lissa_ekfac", "time_s", ".0")))
