@@ -253,3 +253,5 @@ SECTION.number("x_cnn_cgek_res", cell("{}", _job_span("ihvp_cnn_exact_cg_ekfac",
 SECTION.number("x_cnn_cgek_time", cell("{}", _job_span("ihvp_cnn_exact_cg_ekfac", "time_s", ".0")))
 SECTION.number("x_cnn_lek_res", cell("{}", _job_span("ihvp_cnn_exact_lissa_ekfac", "rel_residual", "e2", below=1)))
 SECTION.number("x_cnn_lek_time", cell("{}", _job_span("ihvp_cnn_exact_lissa_ekfac", "time_s", ".0")))
+SECTION.number("x_cnn_ekfac_err_1e-4", median("cnn", "EK-FAC", "0.0001"))
+SECTION.number("x_cnn_ekfac_rho_1e-4", median("cnn", "EK-FAC", "0.0001", "spearman_median"))
