@@ -255,3 +255,10 @@ SECTION.number("x_cnn_lek_res", cell("{}", _job_span("ihvp_cnn_exact_lissa_ekfac
 SECTION.number("x_cnn_lek_time", cell("{}", _job_span("ihvp_cnn_exact_lissa_ekfac", "time_s", ".0")))
 SECTION.number("x_cnn_ekfac_err_1e-4", median("cnn", "EK-FAC", "0.0001"))
 SECTION.number("x_cnn_ekfac_rho_1e-4", median("cnn", "EK-FAC", "0.0001", "spearman_median"))
+
+# CG + EK-FAC on the reduced ResNet-18 (run ihvp_resnet18_exact_cg_ekfac)
+for _lam, _tag in (("1e-06", "1e-6"), ("0.0001", "1e-4"), ("0.01", "1e-2")):
+    SECTION.number(f"x_r18_cgek_err_{_tag}", median("resnet18", _CGEK, _lam))
+    SECTION.number(f"x_r18_cgek_rho_{_tag}", median("resnet18", _CGEK, _lam, "spearman_median"))
+SECTION.number("x_r18_cgek_res", cell("{}", _job_span("ihvp_resnet18_exact_cg_ekfac", "rel_residual", "e2")))
+SECTION.number("x_r18_cgek_time", cell("{}", _job_span("ihvp_resnet18_exact_cg_ekfac", "time_s", ",0")))
