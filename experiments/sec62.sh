@@ -31,6 +31,8 @@ figure cnn_ladder "CNN: the approximation ladder (exact GGN = the reference)" \
   "EK-FAC, 10 Fisher samples=ihvp_cnn_ladder_samples/0" "K-FAC, 10 Fisher samples=ihvp_cnn_ladder_samples/1" \
   "exact, empirical Fisher=ihvp_cnn_ladder_empirical/0" "EK-FAC, empirical Fisher=ihvp_cnn_ladder_empirical/1" \
   "EK-FAC on 50 points=ihvp_cnn_ladder_points/0" "EK-FAC on 150 points=ihvp_cnn_ladder_points/1"
+figure resnet18_ladder "ResNet-18 (reduced): the approximation ladder (exact GGN = the reference)" \
+  "exact block-diagonal=ihvp_resnet18_ladder_blockdiag/0" "K-FAC=ihvp_resnet18_exact/1" "EK-FAC=ihvp_resnet18_exact/0"
 figure resnet18 "ResNet-18 (reduced: 256 points), against solver=gram" \
   "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1" \
   "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0" \

@@ -262,3 +262,12 @@ for _lam, _tag in (("1e-06", "1e-6"), ("0.0001", "1e-4"), ("0.01", "1e-2")):
     SECTION.number(f"x_r18_cgek_rho_{_tag}", median("resnet18", _CGEK, _lam, "spearman_median"))
 SECTION.number("x_r18_cgek_res", cell("{}", _job_span("ihvp_resnet18_exact_cg_ekfac", "rel_residual", "e2")))
 SECTION.number("x_r18_cgek_time", cell("{}", _job_span("ihvp_resnet18_exact_cg_ekfac", "time_s", ",0")))
+
+
+# the ladder's first step on the reduced ResNet-18 (run ihvp_resnet18_ladder_blockdiag): experiments/results/sec62/resnet18_ladder.csv
+R18_LADDER = ("exact block-diagonal", "K-FAC", "EK-FAC")
+table("ihvp_exact_ladder_r18", "resnet18_ladder", _present("resnet18_ladder", R18_LADDER), R18_DAMPINGS,
+      "3.0: the approximation ladder on the reduced ResNet-18 (exact GGN = the reference)")
+for _lam, _tag in (("1e-06", "1e-6"), ("0.01", "1e-2")):
+    SECTION.number(f"x_r18_bd_err_{_tag}", median("resnet18_ladder", "exact block-diagonal", _lam))
+SECTION.number("x_r18_bd_rho_span", cell("{}", span("resnet18_ladder", "exact block-diagonal", "spearman_median")))
