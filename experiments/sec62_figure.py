@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             ax.scatter(bad["damping"], bad[col], facecolors="white", edgecolors=line.get_color(), zorder=3)
     n = int(data["queries"].max())
     a1.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error ‖x − x*‖ / ‖x*‖",
-           title=f"IHVP error vs the exact reference (median, quartiles over {n} queries)")
+           title=f"IHVP error vs the exact reference\n(median, quartiles over {n} queries)")
     a2.set(xscale="log", xlabel="damping λ", ylabel="Spearman ρ with the reference's scores",
            title="rank agreement of pairwise scores", ylim=(min(0.0, float(data["spearman_q25"].min())), 1.02))
     if not data["ref_converged"].astype(bool).all():
