@@ -192,8 +192,11 @@ run ihvp_resnet18_exact_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_
 # the ladder's first step on ResNet-18 (issue 29 item 5): the exact block-diagonal GGN, one Gram per layer
 run ihvp_resnet18_ladder_blockdiag experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=gram solver.block_diagonal=true
-run ihvp_resnet18_exact_lissa_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
-  'solver.damping=[1e-6,1e-4,1e-2]' solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
+# (one sweep per damping, as LiSSA's above)
+for L in 1e-6 1e-4 1e-2; do
+  run ihvp_resnet18_exact_lissa_ekfac_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+    "solver.damping=[$L]" solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
+done
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers
