@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import os
 import statistics
 import subprocess
@@ -63,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     from influencelab.train import Trainer
 
     sys.path.insert(0, str(HERE))
-    from peers import StageTimes, kronfluence_run, timed_stage
+    from peers import StageTimes, dist_version, kronfluence_run, timed_stage
 
     try:
         train, test = FashionMNIST(subset=args.n, label_noise=0.1, download=False).load()
@@ -77,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     Trainer(epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device="cpu").fit(model, train)
     model.eval()
     common = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "kronfluence": _version("kronfluence"), "threads": torch.get_num_threads(),
+              "kronfluence": dist_version("kronfluence"), "threads": torch.get_num_threads(),
               "denormals": args.denormals, "n": len(train)}
     print(f"{name}: {len(train)} training points, {N_QUERIES} queries, CNN with "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, batch {BATCH}, {common['threads']} threads, "
@@ -120,12 +119,6 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     pd.DataFrame(rows, columns=COLUMNS).to_csv(out, mode="a", header=not out.exists(), index=False)
 
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 def _report(r: dict) -> None:

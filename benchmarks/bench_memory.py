@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -151,23 +150,17 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.row).write_text(json.dumps(row))
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
 def run(args: argparse.Namespace, out: Path) -> list[dict]:
     """Every (model, precision, impl, phase) in a fresh process, back to back; the rows with score agreement."""
     import pandas as pd
     import torch
+    from peers import dist_version
     from scipy.stats import spearmanr
 
     partial = out.with_suffix(".partial.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     common = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "kronfluence": _version("kronfluence"), "n_train": args.n, "batch": args.batch}
+              "kronfluence": dist_version("kronfluence"), "n_train": args.n, "batch": args.batch}
     rows: list[dict] = []
     scores: dict[tuple, torch.Tensor] = {}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import re
@@ -48,7 +47,7 @@ from torch.utils.data import TensorDataset
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from peers import kronfluence_analyzer  # noqa: E402
+from peers import dist_version, kronfluence_analyzer  # noqa: E402
 
 from influencelab import Attributor, load_run  # noqa: E402
 from influencelab.files import read_tensors  # noqa: E402
@@ -157,15 +156,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.denormals == "flush":  # first, before any thread pool exists (a pool started earlier keeps its own)
         assert torch.set_flush_denormal(True), "this CPU cannot flush denormals"
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return ""
-
     common = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "kronfluence": version("kronfluence"), "threads": torch.get_num_threads(), "logger": args.logger, "denormals": args.denormals}
+              "kronfluence": dist_version("kronfluence"), "threads": torch.get_num_threads(), "logger": args.logger,
+              "denormals": args.denormals}
     rows = []
     for n in map(int, args.n.split(",")):
         rows += one_n(n, args.repeats, args.logger, common, cli_paths=args.denormals == "keep")

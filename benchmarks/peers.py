@@ -10,6 +10,7 @@ per-sample gradients, eigendecompositions and preconditioning in float32); ``"fp
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import os
 import threading
 import time
@@ -20,6 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
+
+
+def dist_version(dist: str) -> str:
+    """The installed version of distribution ``dist`` ("" when it is not installed), for the benchmarks' CSVs."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 @dataclass
