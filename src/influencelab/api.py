@@ -280,10 +280,9 @@ class Attributor:
         if dampings != own and distributed.is_main():
             log.info("scoring all of the dampings %s in one pass (cached under one key); keeping %s", dampings, own)
         # TRAK's estimator: the mean of the models' unweighted scores times the mean of their weights (1 - p)
-        deferred = len(self.members) > 1 and all([m.solver.defer_weights(True) for m in self.members])
-        if not deferred:  # (a member without such weights: every member scores as it would alone)
-            for m in self.members:
-                m.solver.defer_weights(False)
+        deferred = len(self.members) > 1 and all(m.solver.has_train_weights for m in self.members)
+        for m in self.members:
+            m.solver.defer_weights(deferred)
         try:
             parts = [for_own_dampings(lambda d, m=m: compute(m, d, part), own, dampings) for m in self.members]
         finally:

@@ -293,12 +293,14 @@ class Solver(ABC):
         return {}
 
     # -- ensembles ------------------------------------------------------------------------------------------------
-    def defer_weights(self, on: bool) -> bool:
+    #: whether the scores carry per-training-point weights that an ensemble averages apart from them (TRAK's
+    #: ``1 - p``; ``False``: a model's scores are complete on their own, as for every influence-function solver)
+    has_train_weights = False
+
+    def defer_weights(self, on: bool) -> None:
         """Leave the per-training-point weights out of this solver's scores (``on``) so that an ensemble applies
-        their mean over its models to the mean of their scores (TRAK's estimator, see :meth:`train_weights`);
-        returns whether the solver has such weights (``False``: a model's scores are complete on their own, as for
-        every influence-function solver)."""
-        return False
+        their mean over its models to the mean of their scores (TRAK's estimator, see :meth:`train_weights`)."""
+        return None
 
     def train_weights(self, model: nn.Module, data: Any) -> torch.Tensor:
         """The weights :meth:`defer_weights` leaves out, ``[n_train]`` over ``data``'s training points."""

@@ -25,9 +25,10 @@ proj_dim)``) or ``identity`` (no projection: ``φ = ∇f``, ``proj_dim`` unused;
 whole: its rows come in chunks of :data:`ROWS` consecutive flat parameters (the :mod:`.layout` order), chunk ``c``
 drawn from a generator on the solver's device seeded with ``s x 1,000,003 + c`` (``s``: the projection seed, ``seed``
 for a single model; see Ensembles) (rademacher: ``randint(0, 2)`` mapped to ±1; gaussian: float32 ``randn``), so
-any block of ``R`` is reproduced on its own and the result does not depend on batch sizes. ``R`` is kept in memory when it fits in ``cache_gb`` and otherwise regenerated chunk by
-chunk for every batch. Per-example gradients come from the hooks of :mod:`.blocks` (torch.func for modules they
-cannot express), layer by layer, each projected at once (no ``[batch, P]`` matrix on the hook path).
+any block of ``R`` is reproduced on its own and the result does not depend on batch sizes. ``R`` is kept in memory
+when it fits in ``cache_gb`` and otherwise regenerated chunk by chunk for every batch. Per-example gradients come from
+the hooks of :mod:`.blocks` (torch.func for modules they cannot express), layer by layer, each projected at once (no
+``[batch, P]`` matrix on the hook path).
 
 **Ensembles** (TRAK's ``M`` models): ``score.ensemble=M`` / ``Attributor([m1, ..., mM])`` give TRAK's estimator,
 ``τ(q, z) = mean_m[φ_q,m^T (G_m + λI)^-1 φ_z,m] · mean_m[1 - p_z,m]``: the models' unweighted kernel scores and their
@@ -36,8 +37,7 @@ same), each model with its own kernel, features and **projection**: model ``i`` 
 ``seed + 10,000 i``, as the ``trak`` library seeds its projector per model id and dattri per ensemble id. Averaging
 over models then averages out the projection's error as well as training noise (experiments/RESULTS.md section
 4b: on dattri's MNIST logistic regression, where the models barely differ, one ``R`` shared by all of them kept
-TRAK-10's LDS at TRAK-1's; on its MLP, the mean of the weighted products in place of the product of the means cost
-0.05 LDS). With ``weighting=false`` the scores are the mean kernel scores alone.
+TRAK-10's LDS at TRAK-1's). With ``weighting=false`` the scores are the mean kernel scores alone.
 TRAK's optional soft-thresholding of the scores is not applied.
 """
 
@@ -128,18 +128,18 @@ class TRAK(BlockGradSolver):
         self._member = 0
         self._deferred = False  # Q left to the ensemble (defer_weights)
 
-    def defer_weights(self, on: bool) -> bool:
+    @property
+    def has_train_weights(self) -> bool:  # type: ignore[override]
+        return self.output == "margin" and self.weighting
+
+    def defer_weights(self, on: bool) -> None:
         """An ensemble multiplies the mean of its models' kernel scores by the mean of their ``1 - p``: each
         model's scores are then unweighted (see the module docstring)."""
-        if self.output != "margin" or not self.weighting:
-            return False
-        self._deferred = bool(on)
-        return True
+        self._deferred = bool(on) and self.has_train_weights
 
     def train_weights(self, model: nn.Module, data: Any) -> torch.Tensor:
         """``1 - p_z`` of every training point of ``data`` under ``model``, ``[n]``."""
-        parts = [self.weights(model, x, y) for x, y, _ in data.batches(self.batch_size)]
-        return torch.cat([p for p in parts if p is not None])
+        return torch.cat([self.weights(model, x, y) for x, y, _ in data.batches(self.batch_size)])
 
     def score_config(self) -> dict[str, Any]:
         return {"weights": "deferred to the ensemble"} if self._deferred else {}
