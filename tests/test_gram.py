@@ -5,6 +5,8 @@ path and its recorded residuals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,3 +160,34 @@ def test_ihvp_stage_with_the_gram_reference(run_pipeline):
         assert m[f"ihvp/rel_error_q25@{d}"] <= m[f"ihvp/rel_error_median@{d}"] <= m[f"ihvp/rel_error_q75@{d}"]
     q = pd.read_csv(run_dir / "ihvp_queries.csv")
     assert len(q) == 6 and q["spearman"].min() > 1 - 1e-9
+
+
+def test_ihvp_stage_reads_a_cached_reference_without_fitting_it(run_pipeline, cache_dir):
+    """A second ihvp run on the same model and queries (another solver) takes the reference's solutions from the
+    cache and neither fits nor loads the reference (its fit deleted from the cache stays absent), with the same
+    errors as a run that has the reference fitted."""
+    import json
+
+    base = ["dataset.subset=60", "trainer.epochs=1", "stages=[train,fit,ihvp]", "query.n=3", "model=mlp",
+            "model.hidden=4", "ihvp.reference=gram", "solver.damping=[1e-4,1e-2]", "solver=kfac"]
+    _, first = run_pipeline([*base[:-1], "solver=exact"], name="exact")
+
+    def gram_fits() -> list[Path]:
+        return [p for p in (cache_dir / "factors").glob("*.json")
+                if json.loads(p.read_text())["config"]["solver"]["solver"] == "gram"]
+
+    fits = gram_fits()
+    assert len(fits) == 1  # the first run fitted the reference
+    for p in fits:
+        p.unlink()
+        p.with_suffix(".safetensors").unlink()
+    _, m = run_pipeline(base, name="kfac")
+    assert gram_fits() == []
+    assert m["ihvp/ref_rel_residual@0.01"] == first["ihvp/ref_rel_residual@0.01"]
+    # against the reference computed anew (a fresh cache): the same errors
+    for p in (cache_dir / "ihvp_reference").glob("*"):
+        p.unlink()
+    _, again = run_pipeline(base, name="kfac_fresh_reference")
+    assert len(gram_fits()) == 1
+    for d in ("0.0001", "0.01"):
+        assert abs(m[f"ihvp/rel_error@{d}"] - again[f"ihvp/rel_error@{d}"]) < 1e-6  # (the solve's rounding)

@@ -103,7 +103,7 @@ def ihvp_stage(ctx: Context) -> None:
     solver = attr.solver
     queries = ctx.test_data.subset(ctx.query_positions)
     grads = query_gradients(solver, attr.model, queries, ctx.score.batch_size)
-    ref = ctx.attributor_for(ctx.model, ctx.model_key, ctx.new_solver(reference_node(ctx)))
+    ref = Reference(ctx)
     rows, metrics, per_query = [], {}, []
     nan = float("nan")
     scored = ctx.section("ihvp").scores
@@ -233,7 +233,28 @@ def reference_node(ctx: Context):
     return ctx.solver_node(c.reference, **{**keys, **c.reference_args})  # (reference_args win: curvature too)
 
 
-def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: float
+class Reference:
+    """The stage's reference solver, fitted (or its cached fit loaded) only when a damping's reference IHVP is not in
+    the cache: a sweep's later jobs read the cached solutions without loading ``gram``'s rows (gigabytes on
+    ResNet-18) or fitting anything. ``fit_key``: the key its fit has (or will have) in the cache."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.solver = ctx.new_solver(reference_node(ctx))
+        self.fit_key = ctx.artifacts.fit_key(self.solver, ctx.model_key)  # (fit_config needs no setup)
+        self.attributor: Attributor | None = None
+
+    def solve(self, grads: torch.Tensor, damping: float) -> tuple[torch.Tensor, Convergence | None]:
+        if self.attributor is None:
+            self.attributor = self.ctx.attributor_for(self.ctx.model, self.ctx.model_key, self.solver)
+            assert self.attributor.fit_key == self.fit_key, "the reference's fit key changed by fitting"
+        self.solver.reset_diagnostics()
+        with activity(f"ihvp reference {self.solver.label} at damping {damping:g}"):  # named in the heartbeat
+            out = self.solver.precondition(grads, damping)
+        return out, self.solver.diagnostics().get(damping)
+
+
+def reference_ihvp(ctx: Context, ref: Reference, grads: torch.Tensor, damping: float
                    ) -> tuple[torch.Tensor, Convergence | None]:
     """Reference ``(G + λI)^-1 g`` for the query gradients and its convergence (``None`` for a direct reference),
     cached per (model, queries, damping)."""
@@ -246,10 +267,7 @@ def reference_ihvp(ctx: Context, ref: Attributor, grads: torch.Tensor, damping: 
     if hit is not None and "convergence" in hit[1]:  # (entries without it predate convergence records)
         conv = hit[1]["convergence"]
         return hit[0]["ihvp"].to(grads), None if conv is None else Convergence(**conv)
-    ref.solver.reset_diagnostics()
-    with activity(f"ihvp reference {ref.solver.label} at damping {damping:g}"):  # named in the heartbeat lines
-        out = ref.solver.precondition(grads, damping)
-    conv = ref.solver.diagnostics().get(damping)
+    out, conv = ref.solve(grads, damping)
     if cache is not None:
         cache.put("ihvp_reference", key, {"ihvp": out}, {"damping": damping},
                   {"convergence": None if conv is None else conv.as_dict()})
