@@ -21,8 +21,11 @@ dattri's recipe (dattri 0.x package source: ``dattri.benchmark.datasets.mnist``,
 * method settings (dattri ``benchmark_result.py``): CG ``max_iter`` 10; LiSSA ``recursion_depth`` 100, batch 100,
   scaling 50; Arnoldi ``max_iter`` 50 (its ``proj_dim`` capped at the iterations: 50 eigenpairs); TRAK-M: M models
   trained on random halves (``models_half``), projection 512 (normal), no regularisation; TracIn: 10 independently
-  trained full models as its "checkpoints", each weighted 1e-3. dattri searches the regularisation per method on the
-  test points; here one damping per model (``--damping``), the same for every IF method of both libraries. dattri's
+  trained full models as its "checkpoints", each weighted 1e-3. influencelab only: EK-FAC averaged over 10 full-data
+  models (``ekfac-ens-10``) and over TRAK-M's own M half-data models (``ekfac-halves-M``, MLP: TRAK-M's
+  models, with EK-FAC's influence function where TRAK has its projected kernel; CG's, ``cg-halves-M``, for the
+  smallest M only: ten CG fits cost minutes here). dattri searches the regularisation
+  per method on the test points; here one damping per model (``--damping``), the same for every IF method of both libraries. dattri's
   IF/Arnoldi/LiSSA/CG use the Hessian: influencelab's runs use ``curvature=hessian`` for those; EK-FAC of both on the
   empirical Fisher (the training labels, what dattri's EK-FAC gets from its loss).
 
@@ -296,6 +299,14 @@ def influencelab_scores(method: str, ctx: dict) -> np.ndarray:
     elif method.startswith("ekfac-ens"):
         m = int(method.split("-")[2])
         att = Attributor(ctx["full"][:m], solver="ekfac", damping=lam, curvature="empirical_fisher", **common)
+    elif "-halves-" in method:  # the same M models TRAK-M averages over (each on a random half)
+        base, m = method.split("-halves-")
+        models = ctx["half"][:int(m)]
+        if base == "cg":
+            att = Attributor(models, solver="cg", damping=lam, curvature="hessian", max_iter=ctx["cg_iters"], tol=1e-7,
+                             **common)
+        else:
+            att = Attributor(models, solver=base, damping=lam, curvature="empirical_fisher", **common)
     elif method in ("ekfac", "kfac"):
         att = Attributor(ctx["model"], solver=method, damping=lam, curvature="empirical_fisher", **common)
     elif method == "cg":
@@ -324,6 +335,9 @@ def method_list(kind: str, trak_ms: list[int], ens: int) -> list[str]:
     methods += [f"trak-{m}" for m in trak_ms] + ["tracin"]
     if kind == "mlp" and ens > 1:
         methods.append(f"ekfac-ens-{ens}")
+    if kind == "mlp":  # an influence-function ensemble over TRAK's own models: the like-for-like configuration
+        methods += [f"ekfac-halves-{m}" for m in trak_ms if m > 1]
+        methods += [f"cg-halves-{m}" for m in [min(trak_ms, default=0)] if m > 1]
     return methods
 
 
@@ -372,6 +386,12 @@ def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], lis
             fn = influencelab_scores if lib == "influencelab" else dattri_scores
             settings = {k: v for k, v in ctx.items() if isinstance(v, (int, float, str))}
             where = cache / "scores" / f"{kind}_{lib}_{method}_{setup.key(json.dumps([settings, nq, lib, method]))}.pt"
+            failed = where.with_suffix(".failed.json")  # a method that raised: its error, kept like scores
+            if failed.exists():
+                print(f"[{kind}] {lib} {method}: FAILED (cached) {json.loads(failed.read_text())['error']}", flush=True)
+                time_rows.append({"model": kind, "method": method, "library": lib, "seconds": float("nan"),
+                                  "cpu_seconds": float("nan"), **json.loads(failed.read_text())})
+                continue
             if where.exists():  # a finished method of an interrupted run: its scores and the times it took then
                 got = torch.load(where, weights_only=True)
                 scores, sec, cpu = got["scores"].numpy(), float(got["seconds"]), float(got["cpu_seconds"])
@@ -388,8 +408,11 @@ def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], lis
                         scores = fn(method, ctx)
                 except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
                     print(f"[{kind}] {lib} {method}: FAILED {type(e).__name__}: {e}", flush=True)
+                    error = {"error": f"{type(e).__name__}: {e}"[:200]}
                     time_rows.append({"model": kind, "method": method, "library": lib, "seconds": float("nan"),
-                                      "cpu_seconds": float("nan"), "error": f"{type(e).__name__}: {e}"[:200]})
+                                      "cpu_seconds": float("nan"), **error})
+                    failed.parent.mkdir(parents=True, exist_ok=True)
+                    failed.write_text(json.dumps(error))
                     continue
                 sec, cpu = time.perf_counter() - t, time.process_time() - c
                 if _fingerprint(ctx) != before:

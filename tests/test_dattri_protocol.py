@@ -110,3 +110,37 @@ def test_tiny_run_writes_csvs_and_reuses_truth(dp, tmp_path):
     again = dp.main(args)  # the cached truth is read back, not rebuilt: same LDS, file untouched
     assert truth[0].stat().st_mtime_ns == stamp
     assert [r["lds"] for r in again["lds"]] == pytest.approx([r["lds"] for r in res["lds"]], abs=1e-9)
+
+
+def test_ekfac_over_trak_models_is_the_mean_of_each_models_ekfac(dp):
+    """``ekfac-halves-M``: EK-FAC averaged over TRAK's first M half-data models (not the full-data ones)."""
+    ctx, torch = _ctx(dp, "mlp")
+    full = ctx["full"]
+    ctx["half"] = [full[1], full[0]]  # (distinct from "full"'s order: the first half-data model is full[1])
+    one = dp.influencelab_scores("ekfac-halves-1", ctx)
+    per = [dp.influencelab_scores("ekfac", {**ctx, "model": m}) for m in (full[1], full[0])]
+    np.testing.assert_allclose(one, per[0], rtol=1e-5, atol=1e-7 * np.abs(per[0]).max())
+    assert np.abs(one - per[1]).max() > 1e-3 * np.abs(per[1]).max()
+    two = dp.influencelab_scores("ekfac-halves-2", ctx)
+    np.testing.assert_allclose(two, (per[0] + per[1]) / 2, rtol=1e-5, atol=1e-7 * np.abs(two).max())
+
+
+def test_a_failed_method_is_kept_and_reported_by_a_cached_only_run(dp, tmp_path, monkeypatch):
+    """A method that raises is a times.csv row with its error, and a later --cached-only run (what gathers the
+    committed CSVs) reports that error again instead of "not run"."""
+    real = dp.influencelab_scores
+
+    def failing(method, ctx):
+        if method == "cg":
+            raise RuntimeError("CG broke down (as on an indefinite Hessian)")
+        return real(method, ctx)
+
+    monkeypatch.setattr(dp, "influencelab_scores", failing)
+    args = ["--tiny", "--models", "lr", "--methods", "ekfac,cg", "--no-mislabel", "--skip", "dattri:ekfac,dattri:cg",
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    dp.main(args)
+    monkeypatch.setattr(dp, "influencelab_scores", real)
+    dp.main([*args, "--cached-only"])
+    times = pd.read_csv(tmp_path / "out" / "times.csv").set_index("method")
+    assert times.loc["cg", "error"] == "RuntimeError: CG broke down (as on an indefinite Hessian)"
+    assert times.loc["ekfac", "seconds"] > 0 and pd.isna(times.loc["ekfac", "error"])  # (read back from the cache)

@@ -27,17 +27,21 @@ IF_METHODS = ("ekfac", "kfac", "cg", "lissa", "arnoldi")  # influence functions 
 
 
 def name(method: str) -> str:
-    """A method id of the files as text: ``trak-10`` -> TRAK-10, ``ekfac-ens-10`` -> EK-FAC, 10-model ensemble."""
+    """A method id of the files as text: ``trak-10`` -> TRAK-10, ``ekfac-ens-10`` -> EK-FAC, 10-model ensemble
+    (of full-data models); ``ekfac-halves-50``: over TRAK-50's models."""
     if method.startswith("trak-"):
         return f"TRAK-{method.split('-', 1)[1]}"
     if "-ens-" in method:
         base, k = method.split("-ens-")
         return f"{_NAMES[base]}, {k}-model ensemble"
+    if "-halves-" in method:
+        base, k = method.split("-halves-")
+        return f"{_NAMES[base]}, ensemble of TRAK-{k}'s {k} half-data models"
     return _NAMES[method]
 
 
 def is_if(method: str) -> bool:
-    return method.split("-ens-")[0] in IF_METHODS
+    return re.split("-ens-|-halves-", method)[0] in IF_METHODS
 
 
 def _has(src: str, **where: str) -> bool:
@@ -234,7 +238,15 @@ SECTION.number("dattri_mislabel_flipped", cell("{:%0}", ref(MISLABEL, lambda df:
     (df["flipped"] / df["n_train"]).unique().item()))))
 
 
-SECTION.number("dattri_mlp_trak10_cpu", cell("{:,0}", _cpu("mlp", "trak-10", "influencelab")))
+# the MLP target: influence-function ensembles (full-data models, TRAK's half-data models) against TRAK-50
+for _meth in ("trak-10", "trak-50", "ekfac", "ekfac-ens-10", "ekfac-halves-10", "ekfac-halves-50"):
+    SECTION.number(f"dattri_mlp_{_meth.replace('-', '_')}_lds", cell("{:.3}", ref1(
+        LDS, "lds", model="mlp", method=_meth, library="influencelab")))
+SECTION.number("dattri_mlp_halves50_vs_trak50", _pair("mlp", "influencelab ekfac-halves-50",
+                                                      "influencelab trak-50", "{:+.3} [{:+.3}, {:+.3}]"))
+SECTION.number("dattri_mlp_cg_halves_error", cell("{}", ref1(TIMES, lambda df: str(df["error"].iloc[0]).split(":")[0],
+                                                             model="mlp", method="cg-halves-10",
+                                                             library="influencelab")))
 SECTION.number("dattri_lr_ekfac_il", cell("{:.3}", ref1(LDS, "lds", model="lr", method="ekfac",
                                                         library="influencelab")))
 SECTION.number("dattri_lr_ekfac_dattri", cell("{:.3}", ref1(LDS, "lds", model="lr", method="ekfac",
