@@ -114,6 +114,27 @@ def test_trak_equals_dense_projected_kernel_solve(kind, cache_gb):
     assert attr.solver.resolve_damping("auto") == pytest.approx(float(lams[1]), rel=1e-10)
 
 
+def test_trak_scores_the_fitted_data_from_the_fits_features_and_other_data_from_its_own():
+    """A fit that keeps its training features (cache_gb large enough) scores the fitted data from them: the same
+    scores as a fit that keeps nothing (cache_gb=0, a second pass), weighted and, in an ensemble, unweighted; other
+    training data (the same positions, other points) is scored from its own features, not the fit's."""
+    train, queries = _data()
+    other, _ = Digits(subset=40, seed=1).load()
+    m = _trained_mlp(train)
+    kw = dict(solver="trak", dtype="float64", proj_dim=48, damping=1e-2, seed=2, batch_size=16, score_batch_size=16)
+    kept = Attributor(m, cache_gb=1.0, **kw).fit(train)
+    passed = Attributor(m, cache_gb=0.0, **kw).fit(train)
+    assert kept.solver._kept_train is not None and passed.solver._kept_train is None
+    a, b = kept.pairwise(queries), passed.pairwise(queries)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max())
+    c, d = kept.pairwise(queries, train=other), passed.pairwise(queries, train=other)
+    torch.testing.assert_close(c, d, rtol=1e-10, atol=1e-12 * d.abs().max())
+    assert (c - a).abs().max() > 1e-2 * a.abs().max()
+    ens_kept = Attributor([m, m], cache_gb=1.0, **kw).fit(train).pairwise(queries)
+    ens_passed = Attributor([m, m], cache_gb=0.0, **kw).fit(train).pairwise(queries)
+    torch.testing.assert_close(ens_kept, ens_passed, rtol=1e-10, atol=1e-12 * ens_passed.abs().max())
+
+
 def test_trak_ensemble_is_traks_estimator_with_a_projection_per_model(tmp_path):
     """An ensemble of M = 3 models (two of them the same weights): TRAK's estimator, the mean over models of the
     unweighted kernel scores φ_q^T (G + λI)^-1 φ_z times the mean over models of 1 - p_z (not the mean of the

@@ -92,6 +92,7 @@ class Member:
         self.artifacts, self.batch_size, self.chunk_size = artifacts, batch_size, chunk_size
         self.memory_gb, self.names = memory_gb, names
         self.fit_info: FitInfo | None = None
+        self.fitted_on: LabeledData | None = None  # the training data of the fit (what it kept may serve it)
         self.diagnostics: dict[Damping, Convergence] = {}
         self.plan: Plan | None = None
 
@@ -104,6 +105,7 @@ class Member:
         """Fit the solver on ``train`` (or load its cached factors)."""
         self.solver.setup(self.model)
         self.fit_info = self.artifacts.fit(self.solver, self.model, train, self.model_key)
+        self.fitted_on = train
         return self.fit_info
 
     def query_gradients(self, queries: LabeledData) -> torch.Tensor:
@@ -147,7 +149,7 @@ class Member:
                 ([sc] if (sc := self.solver.score_config()) else [])
             key = self.artifacts.score_key("pairwise", self.fit_key, dampings, train_key, extra)
             s = pairwise_scores(self.solver, self.model, train, pre, self.artifacts, key, plan.batch_size,
-                                self.chunk_size, partition, query_rank)
+                                self.chunk_size, partition, query_rank, fitted=train is self.fitted_on)
             del pre
             if s is None:
                 missing = True

@@ -104,16 +104,20 @@ def parse_partition(spec: str | Sequence[int] | None, key: str = "score.partitio
 
 def pairwise_scores(solver: Solver, model: nn.Module, train: LabeledData, preconditioned: torch.Tensor,
                     artifacts: Artifacts, key: str, batch_size: int = 256, chunk_size: int = 4096,
-                    partition: tuple[int, int] = (0, 1), rank: int | None = None) -> torch.Tensor | None:
+                    partition: tuple[int, int] = (0, 1), rank: int | None = None,
+                    fitted: bool = False) -> torch.Tensor | None:
     """Scores ``[rows of preconditioned, n_train]``; ``preconditioned`` from :func:`precondition_queries`
-    (optionally compressed to ``rank``, see :func:`compress`)."""
+    (optionally compressed to ``rank``, see :func:`compress`). ``fitted``: ``train`` is the data the solver was
+    fitted on, so what its fit kept may serve (:meth:`~influencelab.solvers.base.Solver.pairwise_fitted`)."""
     basis, coef = compress(preconditioned, rank)
     prepared = solver.prepare_queries(basis)  # once per pass, not per batch
 
     def compute(s: int, e: int) -> torch.Tensor:
-        part = train.subset(torch.arange(s, e))
-        cols = [solver.pairwise(model, prepared, x, y).detach() for x, y, _ in part.batches(batch_size)]
-        out = torch.cat(cols, dim=1)
+        out = solver.pairwise_fitted(prepared, torch.arange(s, e)) if fitted else None
+        if out is None:
+            part = train.subset(torch.arange(s, e))
+            out = torch.cat([solver.pairwise(model, prepared, x, y).detach() for x, y, _ in part.batches(batch_size)],
+                            dim=1)
         out = (out if coef is None else coef @ out).cpu()
         finite_or_raise(out, "pairwise scores", solver)
         return out

@@ -364,6 +364,12 @@ class Solver(ABC):
         against a training batch."""
         return preconditioned @ self.train_grads(model, x, y).T
 
+    def pairwise_fitted(self, preconditioned: Any, positions: torch.Tensor) -> torch.Tensor | None:
+        """Scores ``[k, len(positions)]`` against the training points the solver was fitted on, at ``positions`` of
+        that data, from what its fit kept (TRAK's projected features), or ``None``: :meth:`pairwise` computes them
+        from the batch (every solver that keeps nothing)."""
+        return None
+
     def self_influence(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
         """``g^T (G + λI)^-1 g`` for each example of a batch and each damping: ``[len(dampings), b]``."""

@@ -26,7 +26,10 @@ whole: its rows come in chunks of :data:`ROWS` consecutive flat parameters (the 
 drawn from a generator on the solver's device seeded with ``s x 1,000,003 + c`` (``s``: the projection seed, ``seed``
 for a single model; see Ensembles) (rademacher: ``randint(0, 2)`` mapped to ±1; gaussian: float32 ``randn``), so
 any block of ``R`` is reproduced on its own and the result does not depend on batch sizes. ``R`` is kept in memory
-when it fits in ``cache_gb`` and otherwise regenerated chunk by chunk for every batch. Per-example gradients come from
+when it fits in ``cache_gb`` and otherwise regenerated chunk by chunk for every batch. The fit's training features
+``Φ`` (and ``1 - p``) are kept in memory too when they fit in ``cache_gb`` (``n x dim`` numbers; a fit computed in
+this process, whole and on one device): pairwise scores against the fitted training data then take them instead of a
+second pass over it (as the trak library scores from its stored features). Per-example gradients come from
 the hooks of :mod:`.blocks` (torch.func for modules they cannot express), layer by layer, each projected at once (no
 ``[batch, P]`` matrix on the hook path).
 
@@ -127,6 +130,7 @@ class TRAK(BlockGradSolver):
         self._R: torch.Tensor | None = None
         self._member = 0
         self._deferred = False  # Q left to the ensemble (defer_weights)
+        self._kept_train: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the fit's (Φ, 1 - p)
 
     @property
     def has_train_weights(self) -> bool:  # type: ignore[override]
@@ -159,6 +163,7 @@ class TRAK(BlockGradSolver):
                               f"solver.projection=rademacher")
         if self._R is not None and len(self._R) != layout.size:
             self._R = None
+        self._kept_train = None  # (another model's features)
         return layout
 
     def _check_task(self) -> None:
@@ -273,8 +278,16 @@ class TRAK(BlockGradSolver):
             n = torch.zeros((), dtype=torch.float64, device=self.device)
             sums = {"kernel": K, "n": n}
             done = self._resume("kernel", sums, None)
+            # the training features (and 1 - p) kept for scoring this data: a whole, unresumed, unsharded pass
+            # whose features fit in cache_gb (the trak library stores them too)
+            keep = (done == 0 and distributed.world_size() == 1
+                    and len(data) * self.dim * self.dtype.itemsize <= self.cache_gb * 2 ** 30)
+            kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
             for x, y, _ in progress(shard.batches(self.batch_size, skip=done), desc=f"{self.name} kernel"):
-                phi = self.features(model, x, y).double()
+                phi = self.features(model, x, y)
+                if keep:
+                    kept.append((phi, self.weights(model, x, y)))
+                phi = phi.double()
                 K += phi.T @ phi
                 n += len(y)
                 done += 1
@@ -286,6 +299,9 @@ class TRAK(BlockGradSolver):
         G = K / n
         evals, evecs = torch.linalg.eigh((G + G.T) / 2)
         self.load_state_dict({"evals": evals.clamp_min(0), "evecs": evecs, "n": n})
+        if keep:
+            w = [k[1] for k in kept]
+            self._kept_train = (torch.cat([k[0] for k in kept]), None if w[0] is None else torch.cat(w))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.state)
@@ -293,6 +309,7 @@ class TRAK(BlockGradSolver):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = {k: v.to(self.device) for k, v in state.items()}
         self._mean_eig = None
+        self._kept_train = None  # (a cached fit: its features were not stored with it)
 
     def mean_eigenvalue(self) -> float:
         assert self.state, "fit the solver first"
@@ -326,6 +343,17 @@ class TRAK(BlockGradSolver):
 
     def pairwise(self, model: nn.Module, preconditioned: torch.Tensor, x: Any, y: torch.Tensor) -> torch.Tensor:
         return Solver.pairwise(self, model, preconditioned, x, y)
+
+    def pairwise_fitted(self, preconditioned: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """From the features the fit kept (when it kept them): ``φ_q (G + λI)^-1 φ_z (1 - p_z)`` without a second
+        pass over the training data."""
+        if self._kept_train is None:
+            return None
+        phi, w = self._kept_train
+        side = phi[positions]
+        if w is not None and not self._deferred:
+            side = side * w[positions, None]
+        return preconditioned @ side.T
 
     def self_influence(self, model: nn.Module, x: Any, y: torch.Tensor,
                        dampings: Sequence[Damping]) -> torch.Tensor:
