@@ -232,6 +232,16 @@ for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
     SECTION.number(f"x_r18_lissa_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0], ".2"))))
     SECTION.number(f"x_r18_lissa_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
 
+# tuned LiSSA + EK-FAC on ResNet-18, one sweep per damping (run ihvp_resnet18_exact_lissa_ekfac_<λ>), likewise
+for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
+    _job = f"experiments/results/ihvp_resnet18_exact_lissa_ekfac_{_tag}/job0_ihvp.csv"
+    if not (ROOT / _job).exists():
+        continue
+    SECTION.number(f"x_r18_lek_err_{_tag}", median("resnet18", "LiSSA+EK-FAC (tuned)", _lam))
+    SECTION.number(f"x_r18_lek_rho_{_tag}", median("resnet18", "LiSSA+EK-FAC (tuned)", _lam, "spearman_median"))
+    SECTION.number(f"x_r18_lek_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0], ".2"))))
+    SECTION.number(f"x_r18_lek_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+
 
 # EK-FAC-preconditioned CG (30 iterations) and tuned LiSSA on the CNN (run ihvp_cnn_exact_cg_ekfac, ..._lissa_ekfac)
 _CGEK, _LEK = "CG+EK-FAC (30 it.)", "LiSSA+EK-FAC (tuned)"
