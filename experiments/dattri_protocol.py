@@ -388,9 +388,10 @@ def run_model(kind: str, args, cache: Path, notes: str) -> tuple[list[dict], lis
             where = cache / "scores" / f"{kind}_{lib}_{method}_{setup.key(json.dumps([settings, nq, lib, method]))}.pt"
             failed = where.with_suffix(".failed.json")  # a method that raised: its error, kept like scores
             if failed.exists():
-                print(f"[{kind}] {lib} {method}: FAILED (cached) {json.loads(failed.read_text())['error']}", flush=True)
+                error = json.loads(failed.read_text())
+                print(f"[{kind}] {lib} {method}: FAILED (cached) {error['error']}", flush=True)
                 time_rows.append({"model": kind, "method": method, "library": lib, "seconds": float("nan"),
-                                  "cpu_seconds": float("nan"), **json.loads(failed.read_text())})
+                                  "cpu_seconds": float("nan"), **error})
                 continue
             if where.exists():  # a finished method of an interrupted run: its scores and the times it took then
                 got = torch.load(where, weights_only=True)

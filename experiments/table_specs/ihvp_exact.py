@@ -220,27 +220,21 @@ if "Arnoldi 50, λ elsewhere" in _present("resnet18", R18_SERIES):
     SECTION.number("x_r18_arnoldi_fit", cell("{}", Ref("experiments/results/ihvp_resnet18_exact_arnoldi/job0_ihvp.csv",
                                                        lambda df: fmt(df["fit_s"].iloc[0], "s3"))))
 
-# tuned LiSSA on ResNet-18, one sweep per damping (run ihvp_resnet18_exact_lissa_<λ>): each one's numbers once it ran
-for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
-    _job = f"experiments/results/ihvp_resnet18_exact_lissa_{_tag}/job0_ihvp.csv"
-    if not (ROOT / _job).exists():
-        continue
-    SECTION.number(f"x_r18_lissa_err_{_tag}", median("resnet18", "LiSSA (tuned)", _lam))
-    SECTION.number(f"x_r18_lissa_rho_{_tag}", median("resnet18", "LiSSA (tuned)", _lam, "spearman_median"))
-    SECTION.number(f"x_r18_ekfac_err_{_tag}", median("resnet18", "EK-FAC", _lam))
-    SECTION.number(f"x_r18_ekfac_rho_{_tag}", median("resnet18", "EK-FAC", _lam, "spearman_median"))
-    SECTION.number(f"x_r18_lissa_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0], ".2"))))
-    SECTION.number(f"x_r18_lissa_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
-
-# tuned LiSSA + EK-FAC on ResNet-18, one sweep per damping (run ihvp_resnet18_exact_lissa_ekfac_<λ>), likewise
-for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
-    _job = f"experiments/results/ihvp_resnet18_exact_lissa_ekfac_{_tag}/job0_ihvp.csv"
-    if not (ROOT / _job).exists():
-        continue
-    SECTION.number(f"x_r18_lek_err_{_tag}", median("resnet18", "LiSSA+EK-FAC (tuned)", _lam))
-    SECTION.number(f"x_r18_lek_rho_{_tag}", median("resnet18", "LiSSA+EK-FAC (tuned)", _lam, "spearman_median"))
-    SECTION.number(f"x_r18_lek_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0], ".2"))))
-    SECTION.number(f"x_r18_lek_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+# tuned LiSSA and LiSSA + EK-FAC on ResNet-18, one sweep per damping (run ihvp_resnet18_exact_<sweep>_<λ>): each
+# one's numbers once it ran (with EK-FAC's at that damping beside LiSSA's)
+for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac", "LiSSA+EK-FAC (tuned)", "lek")):
+    for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
+        _job = f"experiments/results/ihvp_resnet18_exact_{_sweep}_{_tag}/job0_ihvp.csv"
+        if not (ROOT / _job).exists():
+            continue
+        SECTION.number(f"x_r18_{_lab}_err_{_tag}", median("resnet18", _series, _lam))
+        SECTION.number(f"x_r18_{_lab}_rho_{_tag}", median("resnet18", _series, _lam, "spearman_median"))
+        SECTION.number(f"x_r18_{_lab}_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0],
+                                                                                       ".2"))))
+        SECTION.number(f"x_r18_{_lab}_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+        if _sweep == "lissa":
+            SECTION.number(f"x_r18_ekfac_err_{_tag}", median("resnet18", "EK-FAC", _lam))
+            SECTION.number(f"x_r18_ekfac_rho_{_tag}", median("resnet18", "EK-FAC", _lam, "spearman_median"))
 
 
 # EK-FAC-preconditioned CG (30 iterations) and tuned LiSSA on the CNN (run ihvp_cnn_exact_cg_ekfac, ..._lissa_ekfac)
