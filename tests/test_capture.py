@@ -6,6 +6,8 @@ error, not a wrong gradient."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,41 @@ def test_patch_embedding_conv_gradients_equal_torch_func():
     q = torch.randn(3, want.shape[1], dtype=torch.float64)
     torch.testing.assert_close(s.pairwise(model, s.prepare_queries(q), x, y), q @ want.T, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(s.self_influence(model, x, y, [0.0])[0], want.square().sum(1), rtol=1e-10, atol=1e-12)
+
+
+class _ViewsItsFeatures(nn.Module):
+    """The classic tutorial CNN: ``.view``s a conv's output as NCHW, which images in channels-last order break."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).view(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_float32_cpu_images_run_channels_last_and_equal_the_float64_gradients(views):
+    """On the CPU, float32 images into a model with convs are passed in channels-last order (faster pooling; the
+    model is not touched), unless the model cannot take them (it ``.view``s a conv's output): both ways the
+    per-example gradients, pairwise scores and self-influence equal torch.func's float64 ones to float32 accuracy."""
+    from influencelab.solvers.blocks import _CHANNELS_LAST_OK
+
+    torch.manual_seed(3)
+    model = (_ViewsItsFeatures() if views else nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 1 * 1, 3))).eval()
+    x, y = torch.randn(7, 1, 6, 6), torch.randint(0, 3, (7,))
+    want = per_example_flat_grads(copy.deepcopy(model).double(), x.double(), y).float()
+    s = Identity(curvature="empirical_fisher")
+    s.fit(model, as_labeled(torch.utils.data.TensorDataset(x, y)))
+    seen = []
+    conv = model.conv if views else model[0]  # (its output: with one input channel, the input's order is moot)
+    h = conv.register_forward_hook(lambda m, a, out: seen.append(not out.is_contiguous()))
+    got = s.train_grads(model, x, y)
+    h.remove()
+    assert _CHANNELS_LAST_OK[model] is not views and seen[-1] is not views
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    q = torch.randn(4, want.shape[1])
+    torch.testing.assert_close(s.pairwise(model, s.prepare_queries(q), x, y), q @ want.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s.self_influence(model, x, y, [0.0])[0], want.square().sum(1), rtol=1e-4, atol=1e-6)

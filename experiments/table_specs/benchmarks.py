@@ -434,3 +434,9 @@ for _n in (20000, 60000):
     SECTION.number(f"pairwise_path_kron_{_n // 1000}k", cell("{:s3}", _pp(_n, "kronfluence", "pairwise_s")))
     SECTION.number(f"pairwise_path_cli_s_{_n // 1000}k", cell("{:s3}", _pp(_n, "cli", "pairwise_s")))
     SECTION.number(f"pairwise_path_api_s_{_n // 1000}k", cell("{:s3}", _pp(_n, "api", "pairwise_s")))
+# the same 60,000-point run, back to back, by the code before the pass ran in channels-last order (NCHW)
+_PPN = "benchmarks/results/pairwise_path_nchw.csv"
+for _p in ("cli", "api"):
+    SECTION.number(f"pairwise_path_nchw_{_p}_60k", cell("{:.2}", ref(_PPN, "ratio_vs_kronfluence", n=60000, path=_p)))
+    SECTION.number(f"pairwise_path_nchw_{_p}_s_60k", cell("{:s3}", ref(_PPN, "pairwise_s", n=60000, path=_p)))
+SECTION.number("pairwise_path_nchw_kron_60k", cell("{:s3}", ref(_PPN, "pairwise_s", n=60000, path="kronfluence")))

@@ -65,6 +65,7 @@ class ParamLayout:
         self.blocks: list[Block] = blocks
         self.size: int = offset
         self.modules: dict[str, nn.Module] = {b.name: by_name[b.name] for b in blocks}
+        self.has_conv: bool = any(isinstance(m, nn.Conv2d) for _, m in named)  # tracked or not
         tracked = set(self.param_names)
         self.untracked: list[str] = [n for n, p in model.named_parameters()
                                      if p.requires_grad and n not in tracked]
