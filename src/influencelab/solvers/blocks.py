@@ -10,9 +10,9 @@ batch, instead of torch.func's vmapped per-example graphs, and scores against pl
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import weakref
 from typing import Any
 
 import torch
