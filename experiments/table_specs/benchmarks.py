@@ -417,6 +417,30 @@ for _name, _phases in (("fit", ("fit",)), ("self", ("self",)), ("pairwise", ("pa
     SECTION.number(f"mem_{_name}_ratio_span", cell("{}", Ref(_MEM["after"], _mem_span(_phases))))
 SECTION.number("mem_bf16_agreement", cell("{}", Ref(_MEM["after"], _bf16_agreement)))
 
+# influencelab's side again after CPU passes moved to channels-last order (2026-12-06; kronfluence's is unchanged):
+# `OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --impls influencelab --out <_MEM_CL>`
+_MEM_CL = "benchmarks/results/memory_cpu_channels_last.csv"
+
+
+def _mem_cl(against: str) -> Callable[[pd.DataFrame], str]:
+    """The range over models, precisions and phases of the channels-last peak / ``against``'s peak in memory_cpu.csv
+    (``influencelab``: the change; ``kronfluence``: the ratio of the table above, again)."""
+    def get(df: pd.DataFrame) -> str:
+        old = load(_MEM["after"])
+        r = []
+        for _, row in df.iterrows():
+            sel = old[(old["model"] == row["model"]) & (old["precision"] == row["precision"])
+                      & (old["phase"] == row["phase"]) & (old["impl"] == against)]
+            r.append(float(row["peak_inc_mb"]) / float(sel["peak_inc_mb"].iloc[0]))
+        if against == "influencelab":
+            return f"{fmt(100 * (min(r) - 1), '+.1')}% to {fmt(100 * (max(r) - 1), '+.1')}%"
+        return f"{fmt(min(r), '.2')}–{fmt(max(r), '.2')}"
+    return get
+
+
+for _against in ("influencelab", "kronfluence"):
+    SECTION.number(f"mem_channels_last_vs_{_against}", cell("{}", Ref(_MEM_CL, _mem_cl(_against))))
+
 
 SECTION.table("memory_cpu", ["model, phase, precision", "first run: ratio", "peak RSS increase MB, influencelab / "
                              "kronfluence", "ratio", "wall-time ratio (loaded machine)",
