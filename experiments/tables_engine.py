@@ -630,7 +630,9 @@ def main(argv: list[str] | None = None, description: str = "") -> int:
     bad = problems(text)
     for b in bad:
         print(b, file=sys.stderr)
-    if bad:
+    if bad:  # (a spec whose files now exist, e.g. a finished run's numbers, needs its marker in the prose first)
+        print(f"{a.file} was not {'checked' if a.check else 'written'}: mend the markers or specs above first",
+              file=sys.stderr)
         return 1
     new = render(text)
     if a.check:

@@ -246,3 +246,17 @@ def test_ihvp_figure_combines_sweeps_keeping_the_first_of_a_repeated_solver(tmp_
     _, pts = error_points(rows)
     assert sorted({p[0] for p in pts}) == ["cg", "cg+ekfac", "ekfac", "kfac", "lissa", "lissa+ekfac"]
     assert len(pts) == 21
+
+
+def test_a_spec_without_its_marker_writes_nothing_and_says_so(tmp_path: Path, capsys) -> None:
+    """A number spec whose marker is missing (e.g. a run's numbers, once its files exist, before the prose quotes
+    them) stops the rewrite: exit 1, the file unchanged, and a line saying that nothing was written."""
+    name = next(n for n in tables.numbers_in(TEXT) if TEXT.count(f"<!-- num:{n} -->") == 1)  # quoted once
+    marked = f"<!-- num:{name} -->{tables.number_text(name)}<!-- /num -->"
+    stale = TEXT.replace(marked, "quoted without a marker")
+    f = tmp_path / "RESULTS.md"
+    f.write_text(stale)
+    assert tables.main(["--file", str(f)]) == 1
+    assert f.read_text() == stale
+    err = capsys.readouterr().err
+    assert f"number spec without a marker in RESULTS.md: {name}" in err and "was not written" in err
