@@ -242,6 +242,9 @@ class BlockGradSolver(Solver):
         def on_grad(name: str) -> None:
             each(cap, *index[name])  # type: ignore[misc]
 
+        x = batch_to(x, self.device, self.dtype)  # no gradient of x is needed: see Capture's first output
+        if _cpu_images(x, self.layout.has_conv) and self._runs_channels_last(model, x):  # (probed before any hook)
+            x = _channels_last(x)
         with Capture(self.layout.modules, self.layout.blocks, self.store_dtype,
                      None if each is None else on_grad) as cap, torch.enable_grad():
             params = list(model.parameters())
@@ -249,9 +252,6 @@ class BlockGradSolver(Solver):
             for p in params:  # gradients w.r.t. outputs only: no parameter .grad is touched
                 p.requires_grad_(False)
             try:
-                x = batch_to(x, self.device, self.dtype)  # no gradient of x is needed: see Capture's first output
-                if _cpu_images(x, self.layout.has_conv) and self._runs_channels_last(model, x):
-                    x = _channels_last(x)
                 y = y.to(self.device)
                 with self.amp():
                     out = self.task.forward(model, x).to(self.dtype)
