@@ -215,15 +215,14 @@ class BlockGradSolver(Solver):
         parameters are not touched."""
         if model.training:  # (a probe would move a batch norm's running statistics)
             return False
-        known = _CHANNELS_LAST_OK
-        if model not in known:
+        if model not in _CHANNELS_LAST_OK:
             try:
                 with torch.no_grad(), self.amp():
                     self.task.forward(model, _channels_last(x[:1]))
-                known[model] = True
+                _CHANNELS_LAST_OK[model] = True
             except RuntimeError:
-                known[model] = False
-        return known[model]
+                _CHANNELS_LAST_OK[model] = False
+        return _CHANNELS_LAST_OK[model]
 
     # -- gradients of a batch, block by block ------------------------------------------------------------
     @contextmanager
