@@ -260,3 +260,24 @@ def test_a_spec_without_its_marker_writes_nothing_and_says_so(tmp_path: Path, ca
     assert f.read_text() == stale
     err = capsys.readouterr().err
     assert f"number spec without a marker in RESULTS.md: {name}" in err and "was not written" in err
+
+
+def test_a_series_that_ran_on_another_trained_model_is_marked(tmp_path: Path) -> None:
+    """Section 3.0's tables compare solvers on one trained model: a series whose sweep logged other training
+    metrics (the same config trained on another machine's CPU) gets "†" beside its cell; one on the same model none."""
+    spec = sys.modules["table_specs.ihvp_exact"]
+    series, lam = "LiSSA+EK-FAC (tuned)", "0.0001"
+    assert not spec.other_model("resnet18", series, lam)
+    (plain,) = spec.rows("resnet18", [series], [lam])
+    assert spec.OTHER_MODEL not in plain[2].render()
+    shutil.copytree(ROOT / "experiments" / "results", tmp_path / "experiments" / "results",
+                    ignore=shutil.ignore_patterns("*.png"))
+    report = tmp_path / "experiments/results/ihvp_resnet18_exact_lissa_ekfac_1e-4/report.csv"
+    df = pd.read_csv(report)
+    df["train/test_accuracy"], df["train/train_loss"] = 0.696, 0.0546
+    df.to_csv(report, index=False)
+    with tables.reading_from(tmp_path):
+        assert spec.other_model("resnet18", series, lam)
+        assert not spec.other_model("resnet18", "EK-FAC", lam)
+        (marked,) = spec.rows("resnet18", [series], [lam])
+        assert marked[2].render() == plain[2].render() + f" {spec.OTHER_MODEL}"

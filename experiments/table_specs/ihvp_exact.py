@@ -39,9 +39,40 @@ def _has(setting: str, series: str, lam: str) -> bool:
     return bool(((df["series"] == series) & (df["damping"].astype(float) == float(lam))).any())
 
 
+# the sweep whose trained model a setting's table is about (its EK-FAC and K-FAC jobs): a series that ran on a model
+# with other training metrics (the same config trained on another machine's CPU: the cached model did not travel)
+# is marked "†" in the tables
+MODEL_OF = {"cnn": "ihvp_cnn_exact", "resnet18": "ihvp_resnet18_exact", "cnn_ladder": "ihvp_cnn_exact"}
+OTHER_MODEL = "†"
+
+
+def _model(sweep: str) -> tuple[float, float]:
+    """A sweep's trained model, as its first job's test accuracy and training loss (what the train stage logged)."""
+    from tables_engine import load
+    df = load(f"experiments/results/{sweep}/report.csv")
+    return float(df["train/test_accuracy"].iloc[0]), float(df["train/train_loss"].iloc[0])
+
+
+def _same_model(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """The same model: equal test accuracy and training loss equal to 1e-4 (a cached model's loss, evaluated again
+    by later code, differs in the 7th digit)."""
+    return a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-4)
+
+
+def other_model(setting: str, series: str, lam: str) -> bool:
+    """Whether ``series`` at ``lam`` ran on another model than the setting's (see ``MODEL_OF``)."""
+    from tables_engine import exists, load
+    if setting not in MODEL_OF or not exists(src(setting)):
+        return False
+    df = load(src(setting))
+    got = df[(df["series"] == series) & (df["damping"].astype(float) == float(lam))]["source"]
+    return bool(len(got)) and not _same_model(_model(str(got.iloc[0]).split("/")[0]), _model(MODEL_OF[setting]))
+
+
 def rows(setting: str, series: Sequence[str], dampings: Sequence[str]) -> list[list[str | Cell | Ref]]:
     return [[f"{float(lam):g}", worst_residual(setting, lam),
-             *(cell("{:.2} / {:.2}", value(setting, s, lam, "error_median"), value(setting, s, lam, "spearman_median"))
+             *(cell("{:.2} / {:.2}" + (f" {OTHER_MODEL}" if other_model(setting, s, lam) else ""),
+                    value(setting, s, lam, "error_median"), value(setting, s, lam, "spearman_median"))
                if _has(setting, s, lam) else "not run" for s in series)] for lam in dampings]
 
 
@@ -182,6 +213,10 @@ def _ran(df: pd.DataFrame, series: str, lam: str) -> bool:
                  & (df["budget_of"] == "EK-FAC")).any())
 
 
+def _mark(series: str, lam: str) -> str:
+    return f" {OTHER_MODEL}" if other_model("resnet18", series, lam) else ""
+
+
 def _tm_rows() -> list[list[str | Cell | Ref]]:
     from tables_engine import exists, load
     if not exists(TM):
@@ -192,9 +227,9 @@ def _tm_rows() -> list[list[str | Cell | Ref]]:
     for lam in R18_DAMPINGS:
         w = (("damping", lam), ("budget_of", "EK-FAC"))
         out.append([f"{float(lam):g}", cell("{:s3}", Ref(TM, "budget_s", (*w, ("series", "EK-FAC")), one=True)),
-                    *(cell("{:.2}", Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
+                    *(cell("{:.2}" + _mark(s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
                       if _ran(df, s, lam) else "not run" for s in series),
-                    *((cell("{:s3}", Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True))
+                    *((cell("{:s3}" + _mark(s, lam), Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True))
                        if _ran(df, s, lam) else "not run")
                       for s in series if bool(df[df["series"] == s]["iterative"].iloc[0]))])
     return out
