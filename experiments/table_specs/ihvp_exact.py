@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 
 import pandas as pd
-from tables_engine import ROOT, Cell, Ref, Section, cell, fmt
+from tables_engine import ROOT, Cell, Ref, Section, Sweep, cell, fmt, job
 
 SECTION = Section("3. IHVP accuracy against an exact reference at every damping")
 
@@ -310,3 +310,15 @@ table("ihvp_exact_ladder_r18", "resnet18_ladder", _present("resnet18_ladder", R1
 for _lam, _tag in (("1e-06", "1e-6"), ("0.01", "1e-2")):
     SECTION.number(f"x_r18_bd_err_{_tag}", median("resnet18_ladder", "exact block-diagonal", _lam))
 SECTION.number("x_r18_bd_rho_span", cell("{}", span("resnet18_ladder", "exact block-diagonal", "spearman_median")))
+
+# EK-FAC and K-FAC at 1e-6 on the model that a series marked † ran on (run ihvp_resnet18_retrained_1e-6), beside the
+# two models' training metrics: how far the retrained model moves the comparators
+_RT = Sweep("ihvp_resnet18_retrained_1e-6")
+if (ROOT / _RT.report).exists():
+    for _solver in ("ekfac", "kfac"):
+        for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
+            SECTION.number(f"x_r18_rt_{_solver}_{_col}", cell("{}", _RT.job_ref(
+                job(solver=_solver), "ihvp_queries.csv", lambda df, k=_key: fmt(df[k].median(), ".2"))))
+    for _tag, _sw in (("rt", _RT), ("orig", Sweep(MODEL_OF["resnet18"]))):
+        SECTION.number(f"x_r18_{_tag}_test_acc", cell("{:.3}", _sw("train/test_accuracy", solver="ekfac")))
+        SECTION.number(f"x_r18_{_tag}_train_loss", cell("{:.3}", _sw("train/train_loss", solver="ekfac")))
