@@ -319,6 +319,10 @@ if (ROOT / _RT.report).exists():
         for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
             SECTION.number(f"x_r18_rt_{_solver}_{_col}", cell("{}", _RT.job_ref(
                 job(solver=_solver), "ihvp_queries.csv", lambda df, k=_key: fmt(df[k].median(), ".2"))))
+    SECTION.number("x_r18_rt_ref", cell("{}", _RT.job_ref(job(solver="ekfac"), "ihvp.csv",
+                                                       lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
+    SECTION.number("x_r18_kfac_err_1e-6", median("resnet18", "K-FAC", "1e-06"))
+    SECTION.number("x_r18_kfac_rho_1e-6", median("resnet18", "K-FAC", "1e-06", "spearman_median"))
     for _tag, _sw in (("rt", _RT), ("orig", Sweep(MODEL_OF["resnet18"]))):
         SECTION.number(f"x_r18_{_tag}_test_acc", cell("{:.3}", _sw("train/test_accuracy", solver="ekfac")))
         SECTION.number(f"x_r18_{_tag}_train_loss", cell("{:.3}", _sw("train/train_loss", solver="ekfac")))
