@@ -180,7 +180,7 @@ run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 dataset.test_subset=1
 # Arnoldi 50 with λ elsewhere. LiSSA and CG + EK-FAC are left out: at 256 points they took 0.5-2 h per damping, and
 # their cost grows with n. Not run yet (2026-12-06). At 256 points (2026-12-06, alone on the cores) the reference's
 # rows took 41 s, its Gram 147 s (grows as n^2) and the solve at λ = 1e-6, refined until its residual measured through
-# the network is below 1e-6, ~6.5 min (grows as n): an estimated ~40 min + ~25 min per damping at 1,024, about 2 h
+# the network is below 1e-6, ~6.5 min (grows as n): an estimated ~40 min + ~25 min per damping at 1,024, 2-3 h
 # with Arnoldi's fit, so a session's job of its own here.
 R18_1K='dataset.subset=1024 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 ihvp.reference=gram'
 run ihvp_resnet18_1k_exact experiment=ihvp $R18_1K '~ihvp.reference_args.max_examples' \
