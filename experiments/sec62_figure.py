@@ -28,17 +28,17 @@ def jobs(where: str) -> list[tuple[str, str]]:
 
 
 def read_jobs(where: str, table: str) -> pd.DataFrame:
-    """``job<N>_<table>.csv`` of every job of ``where``, one below the other."""
-    return pd.concat([pd.read_csv(RESULTS / sw / f"job{j}_{table}.csv") for sw, j in jobs(where)],
-                     ignore_index=True)
+    """``job<N>_<table>.csv`` of every job of ``where``, one below the other, each row's job in ``source``."""
+    return pd.concat([pd.read_csv(RESULTS / sw / f"job{j}_{table}.csv").assign(source=f"{sw}/job{j}")
+                      for sw, j in jobs(where)], ignore_index=True)
 
 
 def series_frame(spec: str) -> pd.DataFrame:
-    """``LABEL=SWEEP/JOB`` -> per damping: median and quartiles of rel_error and spearman, and whether the
-    reference converged there."""
+    """``LABEL=SWEEP/JOB`` -> per damping: the job it ran in (``source``), median and quartiles of rel_error and
+    spearman, and whether the reference converged there."""
     label, _, where = spec.partition("=")
     q = read_jobs(where, "ihvp_queries")
-    ref = read_jobs(where, "ihvp")[["damping", "ref_converged", "ref_rel_residual"]]
+    ref = read_jobs(where, "ihvp")[["damping", "source", "ref_converged", "ref_rel_residual"]]
     stats = q.groupby("damping").agg(
         error_q25=("rel_error", lambda s: s.quantile(0.25)), error_median=("rel_error", "median"),
         error_q75=("rel_error", lambda s: s.quantile(0.75)),
@@ -46,7 +46,7 @@ def series_frame(spec: str) -> pd.DataFrame:
         spearman_q75=("spearman", lambda s: s.quantile(0.75)), queries=("rel_error", "size")).reset_index()
     out = stats.merge(ref, on="damping", how="left")
     out.insert(0, "series", label)
-    out.insert(1, "source", "+".join(f"{sw}/job{j}" for sw, j in jobs(where)))
+    out.insert(1, "source", out.pop("source"))
     return out
 
 

@@ -279,5 +279,6 @@ def test_a_series_that_ran_on_another_trained_model_is_marked(tmp_path: Path) ->
     with tables.reading_from(tmp_path):
         assert spec.other_model("resnet18", series, lam)
         assert not spec.other_model("resnet18", "EK-FAC", lam)
+        assert not spec.other_model("resnet18", series, "0.01")  # the same series' other sweep: the cached model
         (marked,) = spec.rows("resnet18", [series], [lam])
         assert marked[2].render() == plain[2].render() + f" {spec.OTHER_MODEL}"

@@ -2,7 +2,7 @@
 scores against solver=gram (exact at every damping), per damping: the median over the queries, from the files
 ``experiments/sec62_figure.py`` writes beside its figures (``experiments/results/sec62/<setting>.csv``: per series
 and damping the median and quartiles of the error and of the Spearman correlation, and the reference's residual;
-each series one job of a committed sweep, named in the file's ``source`` column)."""
+each series one job of a committed sweep per damping, named in the file's ``source`` column)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def other_model(setting: str, series: str, lam: str) -> bool:
         return False
     df = load(src(setting))
     got = df[(df["series"] == series) & (df["damping"].astype(float) == float(lam))]["source"]
-    return bool(len(got)) and not _same_model(_model(str(got.iloc[0]).split("/")[0]), _model(MODEL_OF[setting]))
+    return bool(len(got)) and not _same_model(_model(got.iloc[0].split("/")[0]), _model(MODEL_OF[setting]))
 
 
 def rows(setting: str, series: Sequence[str], dampings: Sequence[str]) -> list[list[str | Cell | Ref]]:
