@@ -69,9 +69,14 @@ def other_model(setting: str, series: str, lam: str) -> bool:
     return bool(len(got)) and not _same_model(_model(got.iloc[0].split("/")[0]), _model(MODEL_OF[setting]))
 
 
+def mark(setting: str, series: str, lam: str) -> str:
+    """`` †`` after a cell of ``series`` at ``lam`` that ran on another model (:func:`other_model`), else nothing."""
+    return f" {OTHER_MODEL}" if other_model(setting, series, lam) else ""
+
+
 def rows(setting: str, series: Sequence[str], dampings: Sequence[str]) -> list[list[str | Cell | Ref]]:
     return [[f"{float(lam):g}", worst_residual(setting, lam),
-             *(cell("{:.2} / {:.2}" + (f" {OTHER_MODEL}" if other_model(setting, s, lam) else ""),
+             *(cell("{:.2} / {:.2}" + mark(setting, s, lam),
                     value(setting, s, lam, "error_median"), value(setting, s, lam, "spearman_median"))
                if _has(setting, s, lam) else "not run" for s in series)] for lam in dampings]
 
@@ -213,10 +218,6 @@ def _ran(df: pd.DataFrame, series: str, lam: str) -> bool:
                  & (df["budget_of"] == "EK-FAC")).any())
 
 
-def _mark(series: str, lam: str) -> str:
-    return f" {OTHER_MODEL}" if other_model("resnet18", series, lam) else ""
-
-
 def _tm_rows() -> list[list[str | Cell | Ref]]:
     from tables_engine import exists, load
     if not exists(TM):
@@ -227,9 +228,9 @@ def _tm_rows() -> list[list[str | Cell | Ref]]:
     for lam in R18_DAMPINGS:
         w = (("damping", lam), ("budget_of", "EK-FAC"))
         out.append([f"{float(lam):g}", cell("{:s3}", Ref(TM, "budget_s", (*w, ("series", "EK-FAC")), one=True)),
-                    *(cell("{:.2}" + _mark(s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
+                    *(cell("{:.2}" + mark("resnet18", s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
                       if _ran(df, s, lam) else "not run" for s in series),
-                    *((cell("{:s3}" + _mark(s, lam), Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True))
+                    *((cell("{:s3}" + mark("resnet18", s, lam), Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True))
                        if _ran(df, s, lam) else "not run")
                       for s in series if bool(df[df["series"] == s]["iterative"].iloc[0]))])
     return out
