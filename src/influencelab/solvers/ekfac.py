@@ -204,7 +204,8 @@ class EKFAC(BlockGradSolver):
                                       f"{b.name} output-gradient covariance": S[b.name]}, "the fit")
             eva, qa = _eigh(A.pop(b.name) / n)
             evs, qs = _eigh(S.pop(b.name) / n / T)
-            state[f"{i}.QA"], state[f"{i}.QS"] = qa.to(self.dtype), qs.to(self.dtype)
+            # (row-major, the layout the cache stores and reads back: a fresh fit then scores bitwise as a cached one)
+            state[f"{i}.QA"], state[f"{i}.QS"] = qa.to(self.dtype).contiguous(), qs.to(self.dtype).contiguous()
             state[f"{i}.lambda"] = torch.outer(evs.clamp_min(0), eva.clamp_min(0))
         self.state = state
         t2 = time.perf_counter()

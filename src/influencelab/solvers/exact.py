@@ -37,6 +37,7 @@ class Exact(Solver):
         layout = self.layout or self.setup(model)
         G = Curvature(model, layout, self.curvature, self.task).dense_mean(data, self.batch_size)
         self.evals, self.evecs = torch.linalg.eigh((G + G.T) / 2)
+        self.evecs = self.evecs.contiguous()  # (row-major as the cache reads it back: see EKFAC.fit)
 
     def dense(self) -> torch.Tensor:
         """The fitted dense curvature ``G`` (float64)."""

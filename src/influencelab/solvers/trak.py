@@ -298,7 +298,7 @@ class TRAK(BlockGradSolver):
             self._snapshots = None
         G = K / n
         evals, evecs = torch.linalg.eigh((G + G.T) / 2)
-        self.load_state_dict({"evals": evals.clamp_min(0), "evecs": evecs, "n": n})
+        self.load_state_dict({"evals": evals.clamp_min(0), "evecs": evecs.contiguous(), "n": n})  # (see EKFAC.fit)
         if keep:
             w = [k[1] for k in kept]
             self._kept_train = (torch.cat([k[0] for k in kept]), None if w[0] is None else torch.cat(w))
