@@ -6,12 +6,14 @@ path and its recorded residuals."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from influencelab.errors import ConfigError
-from influencelab.solvers.gram import Gram
+from influencelab.solvers import gram as gram_module
+from influencelab.solvers.gram import Gram, _Factors
 from influencelab.solvers.layout import ParamLayout
 from test_solvers import F64, from_param_order, setup, to_param_order  # noqa: F401, F811 (setup: the shared fixture)
 
@@ -98,6 +100,30 @@ def test_gram_row_paths_agree(setup):
     assert factored._factors is not None and set(factored._factors.kind.values()) == {"direct", "factored"}
     assert torch.allclose(factored._eig[0][0], kept._eig[0][0], rtol=1e-9, atol=1e-10)
     assert _rel(factored.precondition(v, 1e-4), kept.precondition(v, 1e-4)) < 1e-9
+
+
+def test_gram_factored_block_by_position_pairs_and_by_streamed_rows(setup, monkeypatch):
+    """A factored block's Gram both ways, summed over position pairs and from rows formed a few examples at a time
+    (blocks of 5, the last one shorter), equals the block's part of ``R R^T`` with the rows from torch.func; and
+    the cost model streams ResNet-18's layer1 at 1,024 points (49 positions, rows of 3 GB) and sums layer3's
+    4 positions pairwise."""
+    model, ref, train, x, y, qg = setup["cnn"]
+    rows = _fit(model, train, capture=False)._rows_kept
+    f = _fit(model, train)._factors
+    blocks = [b for b in f.layout.blocks if f.kind[b.name] == "factored"]
+    assert blocks and rows is not None
+    for b in blocks:
+        monkeypatch.setattr(gram_module, "STREAM_BYTES", 2 * f.c * b.size * 8 * 5)
+        assert f._stream_examples(b.size) == 5 and f.n % 5 != 0
+        a, s = f.parts[b.name + ".a"], f.parts[b.name + ".s"]
+        want = rows[:, b.slice] @ rows[:, b.slice].T
+        for got in (f._gram_pairs(a, s), f._gram_streamed(a, s, b.size)):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+    monkeypatch.undo()
+    big = _Factors(None, 1024, 10)
+    layer1, layer3 = (SimpleNamespace(out_dim=o, in_dim=i, size=o * i) for o, i in ((64, 576), (256, 2304)))
+    assert big.choose(layer1, 49) == "factored" and big.streamed_cost(layer1, 49) < big.factored_cost(layer1, 49)
+    assert big.choose(layer3, 4) == "factored" and big.streamed_cost(layer3, 4) > big.factored_cost(layer3, 4)
 
 
 def test_gram_block_diagonal_is_the_per_layer_inverse(setup):

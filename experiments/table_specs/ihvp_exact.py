@@ -42,7 +42,8 @@ def _has(setting: str, series: str, lam: str) -> bool:
 # the sweep whose trained model a setting's table is about (its EK-FAC and K-FAC jobs): a series that ran on a model
 # with other training metrics (the same config trained on another machine's CPU: the cached model did not travel)
 # is marked "†" in the tables
-MODEL_OF = {"cnn": "ihvp_cnn_exact", "resnet18": "ihvp_resnet18_exact", "cnn_ladder": "ihvp_cnn_exact"}
+MODEL_OF = {"cnn": "ihvp_cnn_exact", "resnet18": "ihvp_resnet18_exact", "cnn_ladder": "ihvp_cnn_exact",
+            "resnet18_1k": "ihvp_resnet18_1k_exact"}
 OTHER_MODEL = "†"
 
 
@@ -327,3 +328,23 @@ if (ROOT / _RT.report).exists():
     for _tag, _sw in (("rt", _RT), ("orig", Sweep(MODEL_OF["resnet18"]))):
         SECTION.number(f"x_r18_{_tag}_test_acc", cell("{:.3}", _sw("train/test_accuracy", solver="ekfac")))
         SECTION.number(f"x_r18_{_tag}_train_loss", cell("{:.3}", _sw("train/train_loss", solver="ekfac")))
+
+# the reduced ResNet-18 on 1,024 points (issue 29 item 7's CPU stand-in for the paper-size run: run
+# ihvp_resnet18_1k_exact, run ihvp_resnet18_1k_exact_arnoldi): its own trained model, exact reference and 16 queries
+R18_1K_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, λ elsewhere")
+if (ROOT / src("resnet18_1k")).exists():
+    table("ihvp_exact_resnet18_1k", "resnet18_1k", _present("resnet18_1k", R18_1K_SERIES), R18_DAMPINGS,
+          "3.0: the same on the reduced ResNet-18 with 1,024 points (its own model, reference and queries)")
+    SECTION.number("x_r18k_ref_worst", cell("{}", worst_overall("resnet18_1k")))
+    for _s, _tag in (("EK-FAC", "ekfac"), ("K-FAC", "kfac"), ("Arnoldi 50, λ elsewhere", "arn")):
+        if _s in _present("resnet18_1k", R18_1K_SERIES):
+            for _col, _key in (("err", "error_median"), ("rho", "spearman_median")):
+                SECTION.number(f"x_r18k_{_tag}_{_col}_span", cell("{}", span("resnet18_1k", _s, _key)))
+    _K = Sweep(MODEL_OF["resnet18_1k"])
+    SECTION.number("x_r18k_test_acc", cell("{:.3}", _K("train/test_accuracy", solver="ekfac")))
+    SECTION.number("x_r18k_train_loss", cell("{:.3}", _K("train/train_loss", solver="ekfac")))
+    SECTION.number("x_r18k_ihvp_s", cell("{:,0}", _K("time/ihvp_s", solver="ekfac")))
+    SECTION.number("x_r18k_ekfac_fit", cell("{:s3}", _K("fit/compute_s", solver="ekfac")))
+    if (ROOT / "experiments/results/ihvp_resnet18_1k_exact_arnoldi/job0_ihvp.csv").exists():
+        SECTION.number("x_r18k_arn_fit", cell("{}", Ref("experiments/results/ihvp_resnet18_1k_exact_arnoldi/job0_ihvp.csv",
+                                                        lambda df: fmt(df["fit_s"].iloc[0], "s3"))))
