@@ -17,6 +17,8 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
   "$REPORT" "multirun/$name" > /dev/null
   mkdir -p "experiments/results/$name"
   cp "multirun/$name/report.md" "multirun/$name/report.csv" "experiments/results/$name/"
+  # the compact table report.md names (older results/ directories predate this copy and lack it)
+  if [ -f "multirun/$name/report_compact.csv" ]; then cp "multirun/$name/report_compact.csv" "experiments/results/$name/"; fi
   # damping lists: the sweep's long form too (one row per job and damping)
   if [ -f "multirun/$name/report_by_damping.csv" ]; then cp "multirun/$name/report_by_damping.csv" "experiments/results/$name/"; fi
   # LDS sweeps: every pair of jobs' difference with a paired bootstrap interval over queries
@@ -178,10 +180,9 @@ run ihvp_resnet18_exact experiment=ihvp dataset.subset=256 dataset.test_subset=1
 # the same at 1,024 training points (issue 29 item 2, "1,024 if it fits in a few hours here"; item 7's stand-in for
 # the paper-size GPU run): the exact reference (a 10,240 x 10,240 Gram, its per-layer rows ~14 GB), EK-FAC, K-FAC and
 # Arnoldi 50 with λ elsewhere. LiSSA and CG + EK-FAC are left out: at 256 points they took 0.5-2 h per damping, and
-# their cost grows with n. Not run yet (2026-12-06). At 256 points (2026-12-06, alone on the cores) the reference's
-# rows took 41 s, its Gram 147 s (grows as n^2) and the solve at λ = 1e-6, refined until its residual measured through
-# the network is below 1e-6, ~6.5 min (grows as n): an estimated ~40 min + ~25 min per damping at 1,024, 2-3 h
-# with Arnoldi's fit, so a session's job of its own here.
+# their cost grows with n. Measured (2026-12-06, results/timings.txt): the first sweep 5,722 s beside a niced test run
+# (the Gram's fit 1,211 s of it), the Arnoldi sweep 1,113 s alone on the cores with the model and reference cached
+# (its fit of 100 iterations 756 s).
 R18_1K='dataset.subset=1024 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 ihvp.reference=gram'
 run ihvp_resnet18_1k_exact experiment=ihvp $R18_1K '~ihvp.reference_args.max_examples' \
   +ihvp.reference_args.residual_chunk=2 'solver.damping=[1e-6,1e-4,1e-2]' solver=ekfac,kfac
