@@ -210,6 +210,20 @@ for L in 1e-6 1e-4 1e-2; do
   run ihvp_resnet18_exact_lissa_ekfac_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
     "solver.damping=[$L]" solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
 done
+# λ = 0.1, 1 and 10 against the same exact reference (issue 29 item 2: "λ = 1e-6 … 10 with every reference
+# converged"; the CG reference of 3a is approximate at 1 and has no solution at 0.1). Run 2026-12-06 on the machine
+# whose cached model is the † one (see ihvp_resnet18_retrained_1e-6 below): EK-FAC, K-FAC, Arnoldi 50 with λ elsewhere,
+# then tuned LiSSA one damping per sweep (~35 min each here) and CG + EK-FAC as time allowed
+run ihvp_resnet18_exact_large experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1,1,10]' solver=ekfac,kfac
+run ihvp_resnet18_exact_large_arnoldi experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1,1,10]' solver=arnoldi solver.complement=damping
+for L in 10 1 0.1; do
+  run ihvp_resnet18_exact_lissa_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+    "solver.damping=[$L]" solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
+done
+run ihvp_resnet18_exact_large_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1,1,10]' solver=cg_ekfac ++solver.max_iter=30
 # EK-FAC and K-FAC at 1e-6 again, on the model that ihvp_resnet18_exact_lissa_ekfac_1e-6 ran on: training the same
 # config on a different machine's CPU gave a different model (test accuracy 0.696 vs 0.715, torch 2.14.1 and 2.15.0
 # alike), and the cache of the model the other ResNet-18 sweeps share was on that machine. On one machine, this

@@ -91,9 +91,11 @@ def median(setting: str, series: str, lam: str, key: str = "error_median", f: st
     return cell("{:" + f + "}", value(setting, series, lam, key))
 
 
-def span(setting: str, series: str, key: str, f: str = ".2") -> Ref:
-    """``lo–hi``: the range over the dampings of one series' median ``key``."""
+def span(setting: str, series: str, key: str, f: str = ".2", dampings: Sequence[str] | None = None) -> Ref:
+    """``lo–hi``: the range over the dampings (all, or those given) of one series' median ``key``."""
     def get(df: pd.DataFrame) -> str:
+        if dampings is not None:
+            df = df[df["damping"].astype(float).isin([float(d) for d in dampings])]
         lo, hi = fmt(df[key].min(), f), fmt(df[key].max(), f)
         return lo if lo == hi else f"{lo}–{hi}"
     return Ref(src(setting), get, (("series", series),))
@@ -108,6 +110,12 @@ def worst_overall(setting: str, dampings: Sequence[str] | None = None) -> Ref:
     return Ref(src(setting), get)
 
 
+def _has_any(setting: str, lam: str) -> bool:
+    """Whether any series of ``setting`` ran at ``lam``."""
+    from tables_engine import load
+    return bool((load(src(setting))["damping"].astype(float) == float(lam)).any())
+
+
 def _present(setting: str, series: Sequence[str]) -> list[str]:
     from tables_engine import exists, load
     if not exists(src(setting)):
@@ -117,7 +125,12 @@ def _present(setting: str, series: Sequence[str]) -> list[str]:
 
 
 CNN_DAMPINGS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0")
-R18_DAMPINGS = ("1e-06", "0.0001", "0.01")
+# the reduced ResNet-18: the three small dampings on the setting's model; λ = 0.1, 1, 10 (run
+# ihvp_resnet18_exact_large and the sweeps beside it) later, on the † model, as rows of the same table and figure
+R18_SMALL = ("1e-06", "0.0001", "0.01")
+R18_LARGE = ("0.1", "1.0", "10.0")
+R18_DAMPINGS = R18_SMALL + tuple(lam for lam in R18_LARGE
+                                 if (ROOT / src("resnet18")).exists() and _has_any("resnet18", lam))
 CNN_SERIES = ("EK-FAC", "K-FAC", "LiSSA (tuned)", "LiSSA+EK-FAC (tuned)", "CG+EK-FAC (30 it.)", "Arnoldi 50, dropped",
               "Arnoldi 200, dropped", "Arnoldi 200, λ elsewhere")
 R18_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, λ elsewhere", "LiSSA (tuned)", "CG+EK-FAC (30 it.)",
@@ -143,9 +156,9 @@ SECTION.number("x_cnn_a200_err_1e-6", median("cnn", "Arnoldi 200, λ elsewhere",
 SECTION.number("x_cnn_a200_err_0.1", median("cnn", "Arnoldi 200, λ elsewhere", "0.1", f=".3"))
 SECTION.number("x_cnn_a50d_err_small", cell("{}", Ref(src("cnn"), lambda df: fmt(
     df[df["damping"] <= 0.01]["error_median"].min(), ".2"), (("series", "Arnoldi 50, dropped"),))))
-SECTION.number("x_r18_ekfac_err_span", cell("{}", span("resnet18", "EK-FAC", "error_median")))
-SECTION.number("x_r18_ekfac_rho_span", cell("{}", span("resnet18", "EK-FAC", "spearman_median")))
-SECTION.number("x_r18_kfac_rho_span", cell("{}", span("resnet18", "K-FAC", "spearman_median")))
+SECTION.number("x_r18_ekfac_err_span", cell("{}", span("resnet18", "EK-FAC", "error_median", dampings=R18_SMALL)))
+SECTION.number("x_r18_ekfac_rho_span", cell("{}", span("resnet18", "EK-FAC", "spearman_median", dampings=R18_SMALL)))
+SECTION.number("x_r18_kfac_rho_span", cell("{}", span("resnet18", "K-FAC", "spearman_median", dampings=R18_SMALL)))
 SECTION.number("x_r18_ekfac_cos_span", cell("{}", Ref("experiments/results/ihvp_resnet18_exact/report_by_damping.csv",
                                                       lambda df: f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].min(), '.2')}–"
                                                                  f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].max(), '.2')}")))
@@ -226,7 +239,7 @@ def _tm_rows() -> list[list[str | Cell | Ref]]:
     df = load(TM)
     series = [s for s in R18_SERIES if s in set(df["series"])]
     out: list[list[str | Cell | Ref]] = []
-    for lam in R18_DAMPINGS:
+    for lam in R18_SMALL:
         w = (("damping", lam), ("budget_of", "EK-FAC"))
         out.append([f"{float(lam):g}", cell("{:s3}", Ref(TM, "budget_s", (*w, ("series", "EK-FAC")), one=True)),
                     *(cell("{:.2}" + mark("resnet18", s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
@@ -251,16 +264,18 @@ SECTION.table("ihvp_exact_r18_time_matched", _tm_header(), _tm_rows,
               "3.0: the error each solver has when EK-FAC (fit + solve) has finished, ResNet-18")
 
 if "Arnoldi 50, λ elsewhere" in _present("resnet18", R18_SERIES):
-    SECTION.number("x_r18_arnoldi_err_span", cell("{}", span("resnet18", "Arnoldi 50, λ elsewhere", "error_median")))
+    SECTION.number("x_r18_arnoldi_err_span", cell("{}", span("resnet18", "Arnoldi 50, λ elsewhere", "error_median",
+                                                             dampings=R18_SMALL)))
     SECTION.number("x_r18_arnoldi_rho_span", cell("{}", span("resnet18", "Arnoldi 50, λ elsewhere",
-                                                             "spearman_median")))
+                                                             "spearman_median", dampings=R18_SMALL)))
     SECTION.number("x_r18_arnoldi_fit", cell("{}", Ref("experiments/results/ihvp_resnet18_exact_arnoldi/job0_ihvp.csv",
                                                        lambda df: fmt(df["fit_s"].iloc[0], "s3"))))
 
 # tuned LiSSA and LiSSA + EK-FAC on ResNet-18, one sweep per damping (run ihvp_resnet18_exact_<sweep>_<λ>): each
 # one's numbers once it ran (with EK-FAC's at that damping beside LiSSA's)
 for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac", "LiSSA+EK-FAC (tuned)", "lek")):
-    for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01")):
+    for _tag, _lam in (("1e-6", "1e-06"), ("1e-4", "0.0001"), ("1e-2", "0.01"), ("0.1", "0.1"), ("1", "1.0"),
+                       ("10", "10.0")):
         _job = f"experiments/results/ihvp_resnet18_exact_{_sweep}_{_tag}/job0_ihvp.csv"
         if not (ROOT / _job).exists():
             continue
@@ -269,9 +284,24 @@ for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac
         SECTION.number(f"x_r18_{_lab}_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0],
                                                                                        ".2"))))
         SECTION.number(f"x_r18_{_lab}_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
-        if _sweep == "lissa":
+        if _sweep == "lissa" and _lam in R18_SMALL:  # (EK-FAC at λ ≥ 0.1: the x_r18L_ numbers below)
             SECTION.number(f"x_r18_ekfac_err_{_tag}", median("resnet18", "EK-FAC", _lam))
             SECTION.number(f"x_r18_ekfac_rho_{_tag}", median("resnet18", "EK-FAC", _lam, "spearman_median"))
+
+
+# λ = 0.1, 1, 10 on the reduced ResNet-18 (run ihvp_resnet18_exact_large, ..._large_arnoldi, ..._large_cg_ekfac; the
+# † model; tuned LiSSA's ..._lissa_<λ> in the loop above): the reference's worst residual there, and the medians the
+# prose quotes, where their series ran
+_LARGE_RAN = [lam for lam in R18_LARGE if lam in R18_DAMPINGS]
+_QUOTED_LARGE = (("EK-FAC", "ekfac", ("1.0", "10.0")), ("K-FAC", "kfac", ("10.0",)),
+                 ("Arnoldi 50, λ elsewhere", "arn", ("1.0", "10.0")), ("CG+EK-FAC (30 it.)", "cgek", R18_LARGE))
+if _LARGE_RAN:
+    SECTION.number("x_r18_ref_large", cell("{}", worst_overall("resnet18", _LARGE_RAN)))
+    for _s, _tag, _lams in _QUOTED_LARGE:
+        for _lam in _lams:
+            if _lam in _LARGE_RAN and _s in _present("resnet18", R18_SERIES) and _has("resnet18", _s, _lam):
+                SECTION.number(f"x_r18L_{_tag}_err_{float(_lam):g}", median("resnet18", _s, _lam))
+                SECTION.number(f"x_r18L_{_tag}_rho_{float(_lam):g}", median("resnet18", _s, _lam, "spearman_median"))
 
 
 # EK-FAC-preconditioned CG (30 iterations) and tuned LiSSA on the CNN (run ihvp_cnn_exact_cg_ekfac, ..._lissa_ekfac)
@@ -307,7 +337,7 @@ SECTION.number("x_r18_cgek_time", cell("{}", _job_span("ihvp_resnet18_exact_cg_e
 
 # the ladder's first step on the reduced ResNet-18 (run ihvp_resnet18_ladder_blockdiag): experiments/results/sec62/resnet18_ladder.csv
 R18_LADDER = ("exact block-diagonal", "K-FAC", "EK-FAC")
-table("ihvp_exact_ladder_r18", "resnet18_ladder", _present("resnet18_ladder", R18_LADDER), R18_DAMPINGS,
+table("ihvp_exact_ladder_r18", "resnet18_ladder", _present("resnet18_ladder", R18_LADDER), R18_SMALL,
       "3.0: the approximation ladder on the reduced ResNet-18 (exact GGN = the reference)")
 for _lam, _tag in (("1e-06", "1e-6"), ("0.01", "1e-2")):
     SECTION.number(f"x_r18_bd_err_{_tag}", median("resnet18_ladder", "exact block-diagonal", _lam))
@@ -333,7 +363,7 @@ if (ROOT / _RT.report).exists():
 # ihvp_resnet18_1k_exact, run ihvp_resnet18_1k_exact_arnoldi): its own trained model, exact reference and 16 queries
 R18_1K_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, λ elsewhere")
 if (ROOT / src("resnet18_1k")).exists():
-    table("ihvp_exact_resnet18_1k", "resnet18_1k", _present("resnet18_1k", R18_1K_SERIES), R18_DAMPINGS,
+    table("ihvp_exact_resnet18_1k", "resnet18_1k", _present("resnet18_1k", R18_1K_SERIES), R18_SMALL,
           "3.0: the same on the reduced ResNet-18 with 1,024 points (its own model, reference and queries)")
     SECTION.number("x_r18k_ref_worst", cell("{}", worst_overall("resnet18_1k")))
     for _s, _tag in (("EK-FAC", "ekfac"), ("K-FAC", "kfac"), ("Arnoldi 50, λ elsewhere", "arn")):
