@@ -205,6 +205,10 @@ run ihvp_resnet18_exact_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_
 # the ladder's first step on ResNet-18 (issue 29 item 5): the exact block-diagonal GGN, one Gram per layer
 run ihvp_resnet18_ladder_blockdiag experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6,1e-4,1e-2]' solver=gram solver.block_diagonal=true
+# ... and at λ = 0.1, 1, 10 (the † model, beside ihvp_resnet18_exact_large: does the block-diagonal step or the
+# Kronecker factorisation put EK-FAC's error above 1 there?)
+run ihvp_resnet18_ladder_blockdiag_large experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1,1,10]' solver=gram solver.block_diagonal=true
 # (one sweep per damping, as LiSSA's above)
 for L in 1e-6 1e-4 1e-2; do
   run ihvp_resnet18_exact_lissa_ekfac_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \

@@ -32,7 +32,8 @@ figure cnn_ladder "CNN: the approximation ladder (exact GGN = the reference)" \
   "exact, empirical Fisher=ihvp_cnn_ladder_empirical/0" "EK-FAC, empirical Fisher=ihvp_cnn_ladder_empirical/1" \
   "EK-FAC on 50 points=ihvp_cnn_ladder_points/0" "EK-FAC on 150 points=ihvp_cnn_ladder_points/1"
 figure resnet18_ladder "ResNet-18 (reduced): the approximation ladder (exact GGN = the reference)" \
-  "exact block-diagonal=ihvp_resnet18_ladder_blockdiag/0" "K-FAC=ihvp_resnet18_exact/1" "EK-FAC=ihvp_resnet18_exact/0"
+  "exact block-diagonal=ihvp_resnet18_ladder_blockdiag/0+ihvp_resnet18_ladder_blockdiag_large/0" \
+  "K-FAC=ihvp_resnet18_exact/1+ihvp_resnet18_exact_large/1" "EK-FAC=ihvp_resnet18_exact/0+ihvp_resnet18_exact_large/0"
 # (λ = 0.1, 1, 10: the ..._large sweeps and LiSSA's ..._lissa_<λ>, on the † model; a damping not run is left out)
 figure resnet18 "ResNet-18 (reduced: 256 points), against solver=gram" \
   "EK-FAC=ihvp_resnet18_exact/0+ihvp_resnet18_exact_large/0" "K-FAC=ihvp_resnet18_exact/1+ihvp_resnet18_exact_large/1" \

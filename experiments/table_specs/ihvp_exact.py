@@ -43,7 +43,7 @@ def _has(setting: str, series: str, lam: str) -> bool:
 # with other training metrics (the same config trained on another machine's CPU: the cached model did not travel)
 # is marked "†" in the tables
 MODEL_OF = {"cnn": "ihvp_cnn_exact", "resnet18": "ihvp_resnet18_exact", "cnn_ladder": "ihvp_cnn_exact",
-            "resnet18_1k": "ihvp_resnet18_1k_exact"}
+            "resnet18_1k": "ihvp_resnet18_1k_exact", "resnet18_ladder": "ihvp_resnet18_exact"}
 OTHER_MODEL = "†"
 
 
@@ -337,11 +337,16 @@ SECTION.number("x_r18_cgek_time", cell("{}", _job_span("ihvp_resnet18_exact_cg_e
 
 # the ladder's first step on the reduced ResNet-18 (run ihvp_resnet18_ladder_blockdiag): experiments/results/sec62/resnet18_ladder.csv
 R18_LADDER = ("exact block-diagonal", "K-FAC", "EK-FAC")
-table("ihvp_exact_ladder_r18", "resnet18_ladder", _present("resnet18_ladder", R18_LADDER), R18_SMALL,
+R18_LADDER_DAMPINGS = R18_SMALL + tuple(lam for lam in R18_LARGE if (ROOT / src("resnet18_ladder")).exists()
+                                       and _has("resnet18_ladder", "exact block-diagonal", lam))
+table("ihvp_exact_ladder_r18", "resnet18_ladder", _present("resnet18_ladder", R18_LADDER), R18_LADDER_DAMPINGS,
       "3.0: the approximation ladder on the reduced ResNet-18 (exact GGN = the reference)")
 for _lam, _tag in (("1e-06", "1e-6"), ("0.01", "1e-2")):
     SECTION.number(f"x_r18_bd_err_{_tag}", median("resnet18_ladder", "exact block-diagonal", _lam))
-SECTION.number("x_r18_bd_rho_span", cell("{}", span("resnet18_ladder", "exact block-diagonal", "spearman_median")))
+SECTION.number("x_r18_bd_rho_span", cell("{}", span("resnet18_ladder", "exact block-diagonal", "spearman_median",
+                                                   dampings=R18_SMALL)))
+for _lam in R18_LADDER_DAMPINGS[len(R18_SMALL):]:  # λ ≥ 0.1 (the † model)
+    SECTION.number(f"x_r18L_bd_err_{float(_lam):g}", median("resnet18_ladder", "exact block-diagonal", _lam))
 
 # EK-FAC and K-FAC at 1e-6 on the model that a series marked † ran on (run ihvp_resnet18_retrained_1e-6), beside the
 # two models' training metrics: how far the retrained model moves the comparators
