@@ -219,6 +219,9 @@ def test_ihvp_stage_reports_the_references_residual_and_the_plot_marks_it(run_pi
     table = dict(zip(header.split(","), row.split(","), strict=True))
     assert table["ref_converged"] == "False" and float(table["ref_rel_residual"]) > 1e-6
     assert table["iterations"] == "5" and table["solver"] == "lissa"
+    # the rule applied beside the result (issue 29 item 3), as the scoring stages log it
+    assert m["solver/iterations@0.001"] == 5 and m["solver/scale@0.001"] > 0
+    assert m["solver/rule@0.001"].startswith("scale=auto") and "depth 5" in m["solver/rule@0.001"]
     rows = [m, {**m, "ihvp/damping": 1e-2, "ihvp/ref_converged": True}]
     (path,) = report_figure(tmp_path, rows, tmp_path / "figs")
     assert path.stat().st_size > 5_000

@@ -304,6 +304,32 @@ if _LARGE_RAN:
                 SECTION.number(f"x_r18L_{_tag}_rho_{float(_lam):g}", median("resnet18", _s, _lam, "spearman_median"))
 
 
+def _r18_paired_vs_lissa(lam: str) -> Ref:
+    """EK-FAC's error minus tuned LiSSA's at ``lam`` ≥ 0.1 on the reduced ResNet-18 (the † model), paired over the
+    same 16 queries (mean and 95% percentile-bootstrap interval, 1,000 resamples, seed 0), from the two sweeps'
+    ihvp_queries.csv (run ihvp_resnet18_exact_large's EK-FAC job, run ihvp_resnet18_exact_lissa_<λ>)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+    from tables_engine import load
+    lissa = f"experiments/results/ihvp_resnet18_exact_lissa_{float(lam):g}/job0_ihvp_queries.csv"
+
+    def text(ek: pd.DataFrame) -> str:
+        a = ek[ek["damping"] == float(lam)].sort_values("query")
+        b = load(lissa).sort_values("query")
+        if a["query"].tolist() != b["query"].tolist():
+            raise LookupError(f"{lissa}: not the queries of ihvp_resnet18_exact_large")
+        d = a["rel_error"].to_numpy() - b["rel_error"].to_numpy()
+        ci = bootstrap((d,), np.mean, n_resamples=1000, method="percentile",
+                       random_state=np.random.default_rng(0)).confidence_interval
+        return f"{fmt(d.mean(), '+.2')} [{fmt(ci.low, '+.2')}, {fmt(ci.high, '+.2')}]"
+    return Ref("experiments/results/ihvp_resnet18_exact_large/job0_ihvp_queries.csv", text, via=(lissa,))
+
+
+for _lam in _LARGE_RAN:
+    if (ROOT / f"experiments/results/ihvp_resnet18_exact_lissa_{float(_lam):g}/job0_ihvp_queries.csv").exists():
+        SECTION.number(f"x_r18L_ekfac_minus_lissa_{float(_lam):g}", cell("{}", _r18_paired_vs_lissa(_lam)))
+
+
 # EK-FAC-preconditioned CG (30 iterations) and tuned LiSSA on the CNN (run ihvp_cnn_exact_cg_ekfac, ..._lissa_ekfac)
 _CGEK, _LEK = "CG+EK-FAC (30 it.)", "LiSSA+EK-FAC (tuned)"
 for _lab, _ser in (("cgek", _CGEK), ("lek", _LEK)):

@@ -18,6 +18,7 @@ import torch
 from scipy.stats import bootstrap
 
 from ..api import Attributor
+from ..engine import convergence_metrics
 from ..errors import ConfigError, check
 from ..metric_names import metric_name
 from ..pipeline import Context
@@ -153,6 +154,8 @@ def ihvp_stage(ctx: Context) -> None:
         if own is not None:
             metrics[metric_name("ihvp/rel_residual", d)] = own.rel_residual_max
             metrics[metric_name("ihvp/iterations", d)] = own.iterations
+            # the rule that set the solve beside its result (LiSSA's scale search, depth and repeats; CG's floor)
+            metrics.update(convergence_metrics({d: own}))
         if ref_conv is not None:
             metrics[metric_name("ihvp/ref_rel_residual", d)] = ref_conv.rel_residual_max
         if not ref_ok:
