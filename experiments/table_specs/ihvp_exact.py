@@ -284,6 +284,12 @@ for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac
         SECTION.number(f"x_r18_{_lab}_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0],
                                                                                        ".2"))))
         SECTION.number(f"x_r18_{_lab}_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+        # the rule applied (scale search, depth, repeats), where the sweep's report has it (the ihvp stage logs it
+        # since 2026-12-06: earlier sweeps' rule is in the prose only)
+        _rep = _job.replace("job0_ihvp.csv", "report.csv")
+        _rule = f"solver/rule@{float(_lam):g}"
+        if _rule in pd.read_csv(ROOT / _rep, nrows=0).columns:
+            SECTION.number(f"x_r18_{_lab}_rule_{_tag}", cell("{}", Ref(_rep, lambda df, c=_rule: str(df[c].iloc[0]))))
         if _sweep == "lissa" and _lam in R18_SMALL:  # (EK-FAC at λ ≥ 0.1: the x_r18L_ numbers below)
             SECTION.number(f"x_r18_ekfac_err_{_tag}", median("resnet18", "EK-FAC", _lam))
             SECTION.number(f"x_r18_ekfac_rho_{_tag}", median("resnet18", "EK-FAC", _lam, "spearman_median"))
