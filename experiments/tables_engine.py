@@ -339,6 +339,16 @@ class Sweep:
         return Ref(JobFile(self, which, suffix), key, tuple(where.items()))
 
 
+def paired_mean_ci(d: Any) -> str:
+    """``+m [+lo, +hi]``: the mean of the paired differences ``d`` and its 95% percentile-bootstrap interval (1,000
+    resamples, seed 0), to two decimals."""
+    import numpy as np
+    from scipy.stats import bootstrap
+    ci = bootstrap((np.asarray(d),), np.mean, n_resamples=1000, method="percentile",
+                   random_state=np.random.default_rng(0)).confidence_interval
+    return f"{fmt(np.mean(d), '+.2')} [{fmt(ci.low, '+.2')}, {fmt(ci.high, '+.2')}]"
+
+
 def paired(sweep: Sweep, a: Job, b: Job, damping: str = "0.001", measurement: str = "loss",
            template: str = "{:.3} [{:.3}, {:.3}]", file: str = "lds_paired.csv") -> Cell:
     """Job ``a``'s LDS minus job ``b``'s, both at ``damping``, paired over queries, with its 95% interval, from the

@@ -113,18 +113,14 @@ SECTION.table("ihvp_cnn_spread", ["λ", "EK-FAC error: mean [95% CI] (min–max 
 def _paired_vs_lissa(solver: str, lam: str) -> Callable[[pd.DataFrame], str]:
     """``solver``'s error minus LiSSA's, paired over the same queries (mean and 95% percentile-bootstrap interval,
     1,000 resamples, seed 0), from the two jobs' ihvp_queries.csv."""
-    import numpy as np
-    from scipy.stats import bootstrap
-    from tables_engine import job, load
+    from tables_engine import job, load, paired_mean_ci
 
     def text(_: pd.DataFrame) -> str:
         S = Sweep("ihvp_cnn_spread")
         err = {s: load(S.file(f"job{S.number(job(solver=s, **{'solver.damping': lam}))}_ihvp_queries.csv"))
                .sort_values("query")["rel_error"].to_numpy() for s in (solver, "lissa")}
         d = err[solver] - err["lissa"]
-        ci = bootstrap((d,), np.mean, n_resamples=1000, method="percentile",
-                       random_state=np.random.default_rng(0)).confidence_interval
-        return f"{fmt(d.mean(), '+.2')} [{fmt(ci.low, '+.2')}, {fmt(ci.high, '+.2')}]"
+        return paired_mean_ci(d)
     return text
 
 

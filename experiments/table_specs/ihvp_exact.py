@@ -314,9 +314,7 @@ def _r18_paired_vs_lissa(lam: str) -> Ref:
     """EK-FAC's error minus tuned LiSSA's at ``lam`` ≥ 0.1 on the reduced ResNet-18 (the † model), paired over the
     same 16 queries (mean and 95% percentile-bootstrap interval, 1,000 resamples, seed 0), from the two sweeps'
     ihvp_queries.csv (run ihvp_resnet18_exact_large's EK-FAC job, run ihvp_resnet18_exact_lissa_<λ>)."""
-    import numpy as np
-    from scipy.stats import bootstrap
-    from tables_engine import load
+    from tables_engine import load, paired_mean_ci
     lissa = f"experiments/results/ihvp_resnet18_exact_lissa_{float(lam):g}/job0_ihvp_queries.csv"
 
     def text(ek: pd.DataFrame) -> str:
@@ -325,9 +323,7 @@ def _r18_paired_vs_lissa(lam: str) -> Ref:
         if a["query"].tolist() != b["query"].tolist():
             raise LookupError(f"{lissa}: not the queries of ihvp_resnet18_exact_large")
         d = a["rel_error"].to_numpy() - b["rel_error"].to_numpy()
-        ci = bootstrap((d,), np.mean, n_resamples=1000, method="percentile",
-                       random_state=np.random.default_rng(0)).confidence_interval
-        return f"{fmt(d.mean(), '+.2')} [{fmt(ci.low, '+.2')}, {fmt(ci.high, '+.2')}]"
+        return paired_mean_ci(d)
     return Ref("experiments/results/ihvp_resnet18_exact_large/job0_ihvp_queries.csv", text, via=(lissa,))
 
 
