@@ -49,6 +49,10 @@ matched() {  # matched SETTING LABEL=SWEEP/JOB ...
   for s in "$@"; do local p; p=$(present "${s#*=}"); [ -n "$p" ] && series+=("${s%%=*}=$p"); done
   [ ${#series[@]} -gt 1 ] && "$PY" experiments/sec62_time_matched.py "$R/sec62/${setting}_time_matched.csv" "${series[@]}"
 }
-matched resnet18 "EK-FAC=ihvp_resnet18_exact/0" "K-FAC=ihvp_resnet18_exact/1" \
-  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0" \
-  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_1e-6/0+ihvp_resnet18_exact_lissa_ekfac_1e-4/0+ihvp_resnet18_exact_lissa_ekfac_1e-2/0"
+# (λ = 0.1, 1, 10: the † model's sweeps, as in the figure; each damping's budget is that damping's EK-FAC time)
+matched resnet18 "EK-FAC=ihvp_resnet18_exact/0+ihvp_resnet18_exact_large/0" \
+  "K-FAC=ihvp_resnet18_exact/1+ihvp_resnet18_exact_large/1" \
+  "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0+ihvp_resnet18_exact_large_arnoldi/0" \
+  "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0+ihvp_resnet18_exact_lissa_0.1/0+ihvp_resnet18_exact_lissa_1/0+ihvp_resnet18_exact_lissa_10/0" \
+  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0+ihvp_resnet18_exact_large_cg_ekfac/0" \
+  "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_1e-6/0+ihvp_resnet18_exact_lissa_ekfac_1e-4/0+ihvp_resnet18_exact_lissa_ekfac_1e-2/0+ihvp_resnet18_exact_lissa_ekfac_0.1/0+ihvp_resnet18_exact_lissa_ekfac_1/0+ihvp_resnet18_exact_lissa_ekfac_10/0"

@@ -239,7 +239,9 @@ def _tm_rows() -> list[list[str | Cell | Ref]]:
     df = load(TM)
     series = [s for s in R18_SERIES if s in set(df["series"])]
     out: list[list[str | Cell | Ref]] = []
-    for lam in R18_SMALL:
+    for lam in R18_DAMPINGS:
+        if not _ran(df, "EK-FAC", lam):
+            continue
         w = (("damping", lam), ("budget_of", "EK-FAC"))
         out.append([f"{float(lam):g}", cell("{:s3}", Ref(TM, "budget_s", (*w, ("series", "EK-FAC")), one=True)),
                     *(cell("{:.2}" + mark("resnet18", s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
@@ -262,6 +264,30 @@ def _tm_header() -> list[str]:
 
 SECTION.table("ihvp_exact_r18_time_matched", _tm_header(), _tm_rows,
               "3.0: the error each solver has when EK-FAC (fit + solve) has finished, ResNet-18")
+
+
+def _tm_value(lam: str, series: str, key: str) -> Ref:
+    return Ref(TM, key, (("damping", lam), ("budget_of", "EK-FAC"), ("series", series)), one=True)
+
+
+# at λ ≥ 0.1 (the † model): EK-FAC's fit + solve time there (lo–hi), and when each iterative solver first reached
+# EK-FAC's (mean) error, where it did
+if (ROOT / TM).exists():
+    _tm = pd.read_csv(ROOT / TM)
+    _tm_large = [lam for lam in R18_LARGE if _ran(_tm, "EK-FAC", lam)]
+    if _tm_large:
+        def _ek_times(df: pd.DataFrame) -> str:
+            t = df[df["damping"].isin([float(lam) for lam in _tm_large])]["budget_s"]
+            return f"{fmt(t.min(), 's3')}–{fmt(t.max(), 's3')}"
+        SECTION.number("x_r18L_tm_ekfac_s", cell("{}", Ref(TM, _ek_times, (("budget_of", "EK-FAC"),
+                                                                          ("series", "EK-FAC")))))
+    for _lam in _tm_large:
+        for _s, _tag in (("LiSSA (tuned)", "lissa"), ("CG+EK-FAC (30 it.)", "cgek"), ("LiSSA+EK-FAC (tuned)", "lek")):
+            _t = _tm[(_tm["series"] == _s) & (_tm["damping"] == float(_lam)) & (_tm["budget_of"] == "EK-FAC")]
+            if len(_t) and math.isfinite(float(_t["time_to_budget_error_s"].iloc[0])):
+                SECTION.number(f"x_r18L_tm_{_tag}_s_{float(_lam):g}",
+                               cell("{:s3}", _tm_value(_lam, _s, "time_to_budget_error_s")))
+
 
 if "Arnoldi 50, λ elsewhere" in _present("resnet18", R18_SERIES):
     SECTION.number("x_r18_arnoldi_err_span", cell("{}", span("resnet18", "Arnoldi 50, λ elsewhere", "error_median",
