@@ -188,6 +188,12 @@ run ihvp_resnet18_1k_exact experiment=ihvp $R18_1K '~ihvp.reference_args.max_exa
   +ihvp.reference_args.residual_chunk=2 'solver.damping=[1e-6,1e-4,1e-2]' solver=ekfac,kfac
 run ihvp_resnet18_1k_exact_arnoldi experiment=ihvp $R18_1K '~ihvp.reference_args.max_examples' \
   +ihvp.reference_args.residual_chunk=2 'solver.damping=[1e-6,1e-4,1e-2]' solver=arnoldi solver.complement=damping
+# ... and at λ = 0.1, 1, 10 (item 2's "λ = 1e-6 … 10"), with the model, Gram, EK-FAC/K-FAC factors and Arnoldi's fit
+# from the cache of the sweeps above
+run ihvp_resnet18_1k_exact_large experiment=ihvp $R18_1K '~ihvp.reference_args.max_examples' \
+  +ihvp.reference_args.residual_chunk=2 'solver.damping=[0.1,1,10]' solver=ekfac,kfac
+run ihvp_resnet18_1k_exact_large_arnoldi experiment=ihvp $R18_1K '~ihvp.reference_args.max_examples' \
+  +ihvp.reference_args.residual_chunk=2 'solver.damping=[0.1,1,10]' solver=arnoldi solver.complement=damping
 # the other solvers of issue 29 on the same model, queries and reference: LiSSA and LiSSA + EK-FAC tuned as their
 # users tune them (scale search, depth = auto with 4 repeats: depth x repeats ~ n), CG + EK-FAC capped at 30 iterations
 R18='dataset.subset=256 dataset.test_subset=1000 trainer.batch_size=32 trainer.epochs=15 query.n=16 ihvp.reference=gram'

@@ -422,13 +422,18 @@ if (ROOT / _RT.report).exists():
 # ihvp_resnet18_1k_exact, run ihvp_resnet18_1k_exact_arnoldi): its own trained model, exact reference and 16 queries
 R18_1K_SERIES = ("EK-FAC", "K-FAC", "Arnoldi 50, λ elsewhere")
 if (ROOT / src("resnet18_1k")).exists():
-    table("ihvp_exact_resnet18_1k", "resnet18_1k", _present("resnet18_1k", R18_1K_SERIES), R18_SMALL,
+    _R18K_DAMPINGS = R18_SMALL + tuple(lam for lam in R18_LARGE if _has_any("resnet18_1k", lam))
+    table("ihvp_exact_resnet18_1k", "resnet18_1k", _present("resnet18_1k", R18_1K_SERIES), _R18K_DAMPINGS,
           "3.0: the same on the reduced ResNet-18 with 1,024 points (its own model, reference and queries)")
     SECTION.number("x_r18k_ref_worst", cell("{}", worst_overall("resnet18_1k")))
     for _s, _tag in (("EK-FAC", "ekfac"), ("K-FAC", "kfac"), ("Arnoldi 50, λ elsewhere", "arn")):
         if _s in _present("resnet18_1k", R18_1K_SERIES):
             for _col, _key in (("err", "error_median"), ("rho", "spearman_median")):
-                SECTION.number(f"x_r18k_{_tag}_{_col}_span", cell("{}", span("resnet18_1k", _s, _key)))
+                SECTION.number(f"x_r18k_{_tag}_{_col}_span", cell("{}", span("resnet18_1k", _s, _key,
+                                                                            dampings=R18_SMALL)))
+                for _lam in _R18K_DAMPINGS[len(R18_SMALL):]:  # λ ≥ 0.1 (run ihvp_resnet18_1k_exact_large...)
+                    SECTION.number(f"x_r18k_{_tag}_{_col}_{float(_lam):g}",
+                                   median("resnet18_1k", _s, _lam, _key))
     _K = Sweep(MODEL_OF["resnet18_1k"])
     SECTION.number("x_r18k_test_acc", cell("{:.3}", _K("train/test_accuracy", solver="ekfac")))
     SECTION.number("x_r18k_train_loss", cell("{:.3}", _K("train/train_loss", solver="ekfac")))
