@@ -232,8 +232,12 @@ for L in 10 1 0.1; do
   run ihvp_resnet18_exact_lissa_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
     "solver.damping=[$L]" solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
 done
-run ihvp_resnet18_exact_large_cg_ekfac experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
-  'solver.damping=[0.1,1,10]' solver=cg_ekfac ++solver.max_iter=30
+# CG + EK-FAC at λ = 10, 1, 0.1, one sweep per damping (~20-40 min each here: each of its 30 iterations applies EK-FAC
+# to the 16 vectors, a few TFLOP on ResNet-18's largest layers), so that each lands on its own
+for L in 10 1 0.1; do
+  run ihvp_resnet18_exact_cg_ekfac_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+    "solver.damping=[$L]" solver=cg_ekfac ++solver.max_iter=30
+done
 # EK-FAC and K-FAC at 1e-6 again, on the model that ihvp_resnet18_exact_lissa_ekfac_1e-6 ran on: training the same
 # config on a different machine's CPU gave a different model (test accuracy 0.696 vs 0.715, torch 2.14.1 and 2.15.0
 # alike), and the cache of the model the other ResNet-18 sweeps share was on that machine. On one machine, this

@@ -38,7 +38,7 @@ figure resnet18_ladder "ResNet-18 (reduced): the approximation ladder (exact GGN
 figure resnet18 "ResNet-18 (reduced: 256 points), against solver=gram" \
   "EK-FAC=ihvp_resnet18_exact/0+ihvp_resnet18_exact_large/0" "K-FAC=ihvp_resnet18_exact/1+ihvp_resnet18_exact_large/1" \
   "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0+ihvp_resnet18_exact_large_arnoldi/0" "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0+ihvp_resnet18_exact_lissa_0.1/0+ihvp_resnet18_exact_lissa_1/0+ihvp_resnet18_exact_lissa_10/0" \
-  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0+ihvp_resnet18_exact_large_cg_ekfac/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_1e-6/0+ihvp_resnet18_exact_lissa_ekfac_1e-4/0+ihvp_resnet18_exact_lissa_ekfac_1e-2/0+ihvp_resnet18_exact_lissa_ekfac_0.1/0+ihvp_resnet18_exact_lissa_ekfac_1/0+ihvp_resnet18_exact_lissa_ekfac_10/0"
+  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0+ihvp_resnet18_exact_cg_ekfac_0.1/0+ihvp_resnet18_exact_cg_ekfac_1/0+ihvp_resnet18_exact_cg_ekfac_10/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_1e-6/0+ihvp_resnet18_exact_lissa_ekfac_1e-4/0+ihvp_resnet18_exact_lissa_ekfac_1e-2/0+ihvp_resnet18_exact_lissa_ekfac_0.1/0+ihvp_resnet18_exact_lissa_ekfac_1/0+ihvp_resnet18_exact_lissa_ekfac_10/0"
 figure resnet18_1k "ResNet-18 (reduced: 1,024 points), against solver=gram" \
   "EK-FAC=ihvp_resnet18_1k_exact/0+ihvp_resnet18_1k_exact_large/0" \
   "K-FAC=ihvp_resnet18_1k_exact/1+ihvp_resnet18_1k_exact_large/1" \
@@ -55,5 +55,5 @@ matched resnet18 "EK-FAC=ihvp_resnet18_exact/0+ihvp_resnet18_exact_large/0" \
   "K-FAC=ihvp_resnet18_exact/1+ihvp_resnet18_exact_large/1" \
   "Arnoldi 50, λ elsewhere=ihvp_resnet18_exact_arnoldi/0+ihvp_resnet18_exact_large_arnoldi/0" \
   "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0+ihvp_resnet18_exact_lissa_0.1/0+ihvp_resnet18_exact_lissa_1/0+ihvp_resnet18_exact_lissa_10/0" \
-  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0+ihvp_resnet18_exact_large_cg_ekfac/0" \
+  "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0+ihvp_resnet18_exact_cg_ekfac_0.1/0+ihvp_resnet18_exact_cg_ekfac_1/0+ihvp_resnet18_exact_cg_ekfac_10/0" \
   "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_1e-6/0+ihvp_resnet18_exact_lissa_ekfac_1e-4/0+ihvp_resnet18_exact_lissa_ekfac_1e-2/0+ihvp_resnet18_exact_lissa_ekfac_0.1/0+ihvp_resnet18_exact_lissa_ekfac_1/0+ihvp_resnet18_exact_lissa_ekfac_10/0"

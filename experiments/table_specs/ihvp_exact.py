@@ -321,7 +321,7 @@ for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac
             SECTION.number(f"x_r18_ekfac_rho_{_tag}", median("resnet18", "EK-FAC", _lam, "spearman_median"))
 
 
-# λ = 0.1, 1, 10 on the reduced ResNet-18 (run ihvp_resnet18_exact_large, ..._large_arnoldi, ..._large_cg_ekfac; the
+# λ = 0.1, 1, 10 on the reduced ResNet-18 (run ihvp_resnet18_exact_large, ..._large_arnoldi, ihvp_resnet18_exact_cg_ekfac_<λ>; the
 # † model; tuned LiSSA's ..._lissa_<λ> in the loop above): the reference's worst residual there, and the medians the
 # prose quotes, where their series ran
 _LARGE_RAN = [lam for lam in R18_LARGE if lam in R18_DAMPINGS]
@@ -387,6 +387,15 @@ for _lam, _tag in (("1e-06", "1e-6"), ("0.0001", "1e-4"), ("0.01", "1e-2")):
     SECTION.number(f"x_r18_cgek_rho_{_tag}", median("resnet18", _CGEK, _lam, "spearman_median"))
 SECTION.number("x_r18_cgek_res", cell("{}", _job_span("ihvp_resnet18_exact_cg_ekfac", "rel_residual", "e2")))
 SECTION.number("x_r18_cgek_time", cell("{}", _job_span("ihvp_resnet18_exact_cg_ekfac", "time_s", ",0")))
+# ... and at λ = 10, 1, 0.1 (the † model), one sweep per damping (run ihvp_resnet18_exact_cg_ekfac_<λ>): its residual
+# on the 256 points and its time, once it ran (its error and Spearman: the x_r18L_cgek_ numbers above)
+for _lam in R18_LARGE:
+    _job = f"experiments/results/ihvp_resnet18_exact_cg_ekfac_{float(_lam):g}/job0_ihvp.csv"
+    if (ROOT / _job).exists():
+        SECTION.number(f"x_r18L_cgek_res_{float(_lam):g}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0],
+                                                                                                  ".2"))))
+        SECTION.number(f"x_r18L_cgek_time_{float(_lam):g}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0],
+                                                                                                   "s3"))))
 
 
 # the ladder's first step on the reduced ResNet-18 (run ihvp_resnet18_ladder_blockdiag): experiments/results/sec62/resnet18_ladder.csv
