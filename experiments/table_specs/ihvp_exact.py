@@ -266,6 +266,11 @@ SECTION.table("ihvp_exact_r18_time_matched", _tm_header(), _tm_rows,
               "3.0: the error each solver has when EK-FAC (fit + solve) has finished, ResNet-18")
 
 
+def _first(job: str, col: str, f: str) -> Cell:
+    """``col`` of the one row of a single-damping sweep's ``job0_ihvp.csv``, formatted with ``f``."""
+    return cell("{}", Ref(job, lambda df: fmt(df[col].iloc[0], f)))
+
+
 def _tm_value(lam: str, series: str, key: str) -> Ref:
     return Ref(TM, key, (("damping", lam), ("budget_of", "EK-FAC"), ("series", series)), one=True)
 
@@ -273,7 +278,8 @@ def _tm_value(lam: str, series: str, key: str) -> Ref:
 # at λ ≥ 0.1 (the † model): EK-FAC's fit + solve time there (lo–hi), and when each iterative solver first reached
 # EK-FAC's (mean) error, where it did
 if (ROOT / TM).exists():
-    _tm = pd.read_csv(ROOT / TM)
+    from tables_engine import load
+    _tm = load(TM)
     _tm_large = [lam for lam in R18_LARGE if _ran(_tm, "EK-FAC", lam)]
     if _tm_large:
         def _ek_times(df: pd.DataFrame) -> str:
@@ -307,9 +313,8 @@ for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac
             continue
         SECTION.number(f"x_r18_{_lab}_err_{_tag}", median("resnet18", _series, _lam))
         SECTION.number(f"x_r18_{_lab}_rho_{_tag}", median("resnet18", _series, _lam, "spearman_median"))
-        SECTION.number(f"x_r18_{_lab}_res_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0],
-                                                                                       ".2"))))
-        SECTION.number(f"x_r18_{_lab}_time_{_tag}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+        SECTION.number(f"x_r18_{_lab}_res_{_tag}", _first(_job, "rel_residual", ".2"))
+        SECTION.number(f"x_r18_{_lab}_time_{_tag}", _first(_job, "time_s", "s3"))
         # the rule applied (scale search, depth, repeats), where the sweep's report has it (the ihvp stage logs it
         # since 2026-12-06: earlier sweeps' rule is in the prose only)
         _rep = _job.replace("job0_ihvp.csv", "report.csv")
@@ -392,10 +397,8 @@ SECTION.number("x_r18_cgek_time", cell("{}", _job_span("ihvp_resnet18_exact_cg_e
 for _lam in R18_LARGE:
     _job = f"experiments/results/ihvp_resnet18_exact_cg_ekfac_{float(_lam):g}/job0_ihvp.csv"
     if (ROOT / _job).exists():
-        SECTION.number(f"x_r18L_cgek_res_{float(_lam):g}", cell("{}", Ref(_job, lambda df: fmt(df["rel_residual"].iloc[0],
-                                                                                                  ".2"))))
-        SECTION.number(f"x_r18L_cgek_time_{float(_lam):g}", cell("{}", Ref(_job, lambda df: fmt(df["time_s"].iloc[0],
-                                                                                                   "s3"))))
+        SECTION.number(f"x_r18L_cgek_res_{float(_lam):g}", _first(_job, "rel_residual", ".2"))
+        SECTION.number(f"x_r18L_cgek_time_{float(_lam):g}", _first(_job, "time_s", "s3"))
 
 
 # the ladder's first step on the reduced ResNet-18 (run ihvp_resnet18_ladder_blockdiag): experiments/results/sec62/resnet18_ladder.csv
