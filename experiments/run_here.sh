@@ -6,8 +6,11 @@ cd "$(dirname "$0")/.."
 IL="${IL:-.venv/bin/influencelab}"
 REPORT="${REPORT:-.venv/bin/influencelab-report}"
 ONLY=" $* "  # optional: names of the sweeps to run (default: all)
+SEEN=" "  # every sweep name defined below (a name asked for but never defined is reported at the end)
 run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copied to experiments/results/NAME
   local name=$1; shift
+  SEEN="$SEEN$name "
+  [ -n "${DRY:-}" ] && return 0  # DRY=1: only check that the names asked for are defined
   [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]] && return 0
   local t0=$SECONDS
   if [ ! -e "multirun/$name/.done" ]; then  # resumable: finished sweeps are skipped
@@ -221,7 +224,7 @@ for L in 1e-6 1e-4 1e-2 10 1 0.1; do
     "solver.damping=[$L]" solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
 done
 # λ = 0.1, 1 and 10 against the same exact reference (issue 29 item 2: "λ = 1e-6 … 10 with every reference
-# converged"; the CG reference of 3a is approximate at 1 and has no solution at 0.1). Run 2026-12-06 on the machine
+# converged"; the CG reference of RESULTS section 8 is approximate at 1 and has no solution at 0.1). Run 2026-12-06 on the machine
 # whose cached model is the † one (see ihvp_resnet18_retrained_1e-6 below): EK-FAC, K-FAC, Arnoldi 50 with λ elsewhere,
 # then tuned LiSSA one damping per sweep (~35 min each here) and CG + EK-FAC as time allowed
 run ihvp_resnet18_exact_large experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
@@ -348,3 +351,6 @@ run detectors_memorize_fresh experiment=mislabel_memorize seed=3 solver=trak que
 if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" detectors_summary "* ]]; then  # every detectors_* sweep above, one table
   "${PY:-.venv/bin/python}" experiments/detectors_summary.py --out experiments/results/detectors_summary.csv
 fi
+for n in $ONLY; do  # a misspelt name would otherwise run nothing and say nothing
+  [ "$n" = detectors_summary ] || [[ "$SEEN" == *" $n "* ]] || { echo "run_here.sh: no sweep named $n" >&2; exit 2; }
+done

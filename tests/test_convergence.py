@@ -268,7 +268,7 @@ def test_ihvp_plot_axes_follow_the_sweep():
 def test_float32_cg_below_the_precision_floor_stops_at_the_floor():
     """tol=1e-8 cannot be measured in float32: CG stops where it would at tol = max(tol, 100 eps) = 1.2e-5 (same
     iterations, same solution), with the dense float64 residual of what it returns at that floor. (Before, it
-    iterated on rounding noise: 37 instead of 25 iterations here, and the preconditioned runs of RESULTS 3b to
+    iterated on rounding noise: 37 instead of 25 iterations here, and the preconditioned runs of RESULTS section 9 to
     their 300-iteration cap.)"""
     lam = 1e-2
     floor = 100 * torch.finfo(torch.float32).eps

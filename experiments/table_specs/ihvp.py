@@ -1,6 +1,6 @@
-"""Section 3 of RESULTS.md: IHVP error against the CG reference across damping (runs ihvp_cnn, ihvp_resnet18,
-ihvp_depth): one job per solver and damping; the reference's own relative residual says whether the error is
-against a valid reference. The helpers here also serve section 3b (precond.py)."""
+"""Section 8 of RESULTS.md (section 3's first comparison, superseded by it): IHVP error against the CG reference
+across damping (runs ihvp_cnn, ihvp_resnet18, ihvp_depth): one job per solver and damping; the reference's own relative residual says whether the error is
+against a valid reference. The helpers here also serve section 9 (precond.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tables_engine import Cell, Ref, Section, Sweep, cell, fmt
 
 from influencelab.metric_names import metric_name
 
-SECTION = Section("3. IHVP accuracy against CG across damping")
+SECTION = Section("8. IHVP accuracy against CG across damping (superseded by section 3)")
 
 
 def ihvp_ref(name: str, solver: str, lam: str, key: str | Callable[[pd.DataFrame], Any]) -> Ref:
@@ -62,10 +62,10 @@ IHVP_HEAD = ["λ", "CG reference (relative residual)", "EK-FAC error / cosine", 
              "LiSSA (depth 200) error / cosine"]
 SECTION.table("ihvp_cnn", IHVP_HEAD,
               ihvp_rows("ihvp_cnn", ["0.001", "0.01", "0.1", "1.0", "10.0"], ["ekfac", "kfac", "lissa"]),
-              "3: IHVP error vs the CG reference across damping, CNN")
+              "8: IHVP error vs the CG reference across damping, CNN")
 SECTION.table("ihvp_resnet18", IHVP_HEAD, ihvp_rows("ihvp_resnet18", ["10.0", "1.0", "0.1", "0.01", "0.001"],
                                                     ["ekfac", "kfac", "lissa"]),
-              "3: IHVP error vs the CG reference across damping, reduced ResNet-18")
+              "8: IHVP error vs the CG reference across damping, reduced ResNet-18")
 
 # LiSSA depth at λ = 1e-2 (run ihvp_depth: one job per solver.depth)
 _ID = Sweep("ihvp_depth")
@@ -74,24 +74,10 @@ SECTION.table("ihvp_depth", ["LiSSA depth", *map(str, _DEPTHS)],
               [["error vs CG", *(cell("{:.3}", _ID("ihvp/rel_error", **{"solver.depth": d})) for d in _DEPTHS)],
                ["cosine", *(cell("{:.2}", _ID("ihvp/cosine", **{"solver.depth": d})) for d in _DEPTHS)],
                ["time (s)", *(cell("{:s3}", _ID("ihvp/time_s", **{"solver.depth": d})) for d in _DEPTHS)]],
-              "3: LiSSA error, cosine and time against depth at λ = 1e-2")
+              "8: LiSSA error, cosine and time against depth at λ = 1e-2")
 
 # ---------------------------------------------------------------------------------------------------------------
 # prose numbers (RESULTS.md's text quotes them as <!-- num:NAME -->...<!-- /num -->)
-
-
-def _error_range(name: str, solver: str, dampings: Sequence[str]) -> Callable[[], str]:
-    """"lo–hi" of ``solver``'s relative error over ``dampings`` (two decimals)."""
-    def text() -> str:
-        errs = [ihvp_ref(name, solver, d, "ihvp/rel_error").value() for d in dampings]
-        return f"{fmt(min(errs), '.2')}–{fmt(max(errs), '.2')}"
-    return text
-
-
-SECTION.number("cnn_ekfac_error_range", _error_range("ihvp_cnn", "ekfac", ["0.001", "0.01", "0.1", "1.0", "10.0"]))
-for _s in ("ekfac", "lissa"):
-    for _lam, _tag in (("10.0", "10"), ("1.0", "1")):
-        SECTION.number(f"r18_{_s}_error_{_tag}", cell("{:.2}", ihvp_ref("ihvp_resnet18", _s, _lam, "ihvp/rel_error")))
 
 # the spread over the 8 queries behind ihvp_cnn's means (run ihvp_cnn_spread: the same sweep rerun with each query's
 # error recorded; its means equal ihvp_cnn's to 5 digits)
@@ -107,7 +93,7 @@ SECTION.table("ihvp_cnn_spread", ["λ", "EK-FAC error: mean [95% CI] (min–max 
                                   "LiSSA (depth 200) error: …"],
               [[f"{float(lam):g}", *(spread_cell(s, lam) for s in ("ekfac", "kfac", "lissa"))]
                for lam in ("0.001", "0.01", "0.1", "1.0", "10.0")],
-              "3: the spread over queries of the IHVP errors, CNN")
+              "8: the spread over queries of the IHVP errors, CNN")
 
 
 def _paired_vs_lissa(solver: str, lam: str) -> Callable[[pd.DataFrame], str]:
@@ -129,10 +115,7 @@ SECTION.table("ihvp_cnn_paired", ["λ", "EK-FAC − LiSSA error, paired over que
               [[f"{float(lam):g}", *(cell("{}", Sweep("ihvp_cnn_spread").every_job(_paired_vs_lissa(s, lam)))
                                      for s in ("ekfac", "kfac"))]
                for lam in ("0.001", "0.01", "0.1", "1.0", "10.0")],
-              "3: EK-FAC/K-FAC minus LiSSA, paired over queries, CNN")
-for _lam, _tag in (("0.001", "1e-3"), ("0.01", "1e-2")):
-    SECTION.number(f"cnn_ekfac_minus_lissa_{_tag}",
-                   cell("{}", Sweep("ihvp_cnn_spread").every_job(_paired_vs_lissa("ekfac", _lam))))
+              "8: EK-FAC/K-FAC minus LiSSA, paired over queries, CNN")
 
 # section 3a's prose (runs ihvp_cnn, ihvp_cnn_spread, ihvp_depth, ihvp_resnet18)
 _CNN_LAMS = ("0.001", "0.01", "0.1", "1.0", "10.0")

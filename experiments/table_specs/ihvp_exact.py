@@ -164,20 +164,6 @@ SECTION.number("x_r18_ekfac_cos_span", cell("{}", Ref("experiments/results/ihvp_
                                                                  f"{fmt(df[df['solver'] == 'ekfac']['ihvp/cosine'].max(), '.2')}")))
 
 
-def _lissa_cg_errors(lo: float | None = None, hi: float | None = None) -> Ref:
-    """run ihvp_cnn's LiSSA (depth 200) errors against CG: "min–max" over its jobs with λ in [lo, hi]."""
-    def get(df: pd.DataFrame) -> str:
-        lam = df["solver.damping"].astype(float)
-        keep = (lam >= (lo if lo is not None else 0)) & (lam <= (hi if hi is not None else float("inf")))
-        e = df[keep]["ihvp/rel_error"].astype(float)
-        return f"{fmt(e.min(), '.2')}–{fmt(e.max(), '.2')}"
-    return Ref("experiments/results/ihvp_cnn/report.csv", get, (("solver", "lissa"),))
-
-
-SECTION.number("x_cnn_lissa_cg_error_all", cell("{}", _lissa_cg_errors()))
-SECTION.number("x_cnn_lissa_cg_error_large", cell("{}", _lissa_cg_errors(lo=1.0)))
-SECTION.number("x_cnn_lissa_cg_error_small", cell("{}", _lissa_cg_errors(hi=0.01)))
-
 # the approximation ladder (issue 29 item 5): experiments/results/sec62/cnn_ladder.csv (series present in it)
 LADDER = ("exact block-diagonal", "K-FAC", "EK-FAC", "EK-FAC, 10 Fisher samples", "K-FAC, 10 Fisher samples",
           "exact, empirical Fisher", "EK-FAC, empirical Fisher", "EK-FAC on 50 points", "EK-FAC on 150 points")
@@ -341,26 +327,37 @@ if _LARGE_RAN:
                 SECTION.number(f"x_r18L_{_tag}_rho_{float(_lam):g}", median("resnet18", _s, _lam, "spearman_median"))
 
 
-def _r18_paired_vs_lissa(lam: str) -> Ref:
-    """EK-FAC's error minus tuned LiSSA's at ``lam`` ≥ 0.1 on the reduced ResNet-18 (the † model), paired over the
-    same 16 queries (mean and 95% percentile-bootstrap interval, 1,000 resamples, seed 0), from the two sweeps'
-    ihvp_queries.csv (run ihvp_resnet18_exact_large's EK-FAC job, run ihvp_resnet18_exact_lissa_<λ>)."""
+def _paired_vs_lissa(ekfac: str, lissa: str, lam: str) -> Ref:
+    """EK-FAC's error minus tuned LiSSA's at ``lam``, paired over the same queries (mean and 95% percentile-bootstrap
+    interval, 1,000 resamples, seed 0), from the two jobs' ihvp_queries.csv (``ekfac`` has every damping, ``lissa``
+    at least ``lam``)."""
     from tables_engine import load, paired_mean_ci
-    lissa = f"experiments/results/ihvp_resnet18_exact_lissa_{float(lam):g}/job0_ihvp_queries.csv"
 
     def text(ek: pd.DataFrame) -> str:
         a = ek[ek["damping"] == float(lam)].sort_values("query")
-        b = load(lissa).sort_values("query")
-        if a["query"].tolist() != b["query"].tolist():
-            raise LookupError(f"{lissa}: not the queries of ihvp_resnet18_exact_large")
-        d = a["rel_error"].to_numpy() - b["rel_error"].to_numpy()
-        return paired_mean_ci(d)
-    return Ref("experiments/results/ihvp_resnet18_exact_large/job0_ihvp_queries.csv", text, via=(lissa,))
+        b = load(lissa)
+        b = b[b["damping"] == float(lam)].sort_values("query")
+        if a.empty or a["query"].tolist() != b["query"].tolist():
+            raise LookupError(f"{lissa}: not the queries of {ekfac} at damping {lam}")
+        return paired_mean_ci(a["rel_error"].to_numpy() - b["rel_error"].to_numpy())
+    return Ref(ekfac, text, via=(lissa,))
 
 
+# ResNet-18 at λ ≥ 0.1 (the † model): run ihvp_resnet18_exact_large's EK-FAC job against run
+# ihvp_resnet18_exact_lissa_<λ>
 for _lam in _LARGE_RAN:
-    if (ROOT / f"experiments/results/ihvp_resnet18_exact_lissa_{float(_lam):g}/job0_ihvp_queries.csv").exists():
-        SECTION.number(f"x_r18L_ekfac_minus_lissa_{float(_lam):g}", cell("{}", _r18_paired_vs_lissa(_lam)))
+    _lissa = f"experiments/results/ihvp_resnet18_exact_lissa_{float(_lam):g}/job0_ihvp_queries.csv"
+    if (ROOT / _lissa).exists():
+        SECTION.number(f"x_r18L_ekfac_minus_lissa_{float(_lam):g}", cell("{}", _paired_vs_lissa(
+            "experiments/results/ihvp_resnet18_exact_large/job0_ihvp_queries.csv", _lissa, _lam)))
+# the CNN at every damping: run ihvp_cnn_exact's EK-FAC job against run ihvp_cnn_exact_lissa
+for _lam in ("1e-06", "0.0001", "0.01", "0.1", "1.0", "10.0"):
+    SECTION.number(f"x_cnn_ekfac_minus_lissa_{float(_lam):g}", cell("{}", _paired_vs_lissa(
+        "experiments/results/ihvp_cnn_exact/job0_ihvp_queries.csv",
+        "experiments/results/ihvp_cnn_exact_lissa/job0_ihvp_queries.csv", _lam)))
+SECTION.number("x_cnn_lissa_err_span", cell("{}", span("cnn", "LiSSA (tuned)", "error_median")))
+SECTION.number("x_cnn_lissa_err_large", cell("{}", span("cnn", "LiSSA (tuned)", "error_median",
+                                                        dampings=("1.0", "10.0"))))
 
 
 # EK-FAC-preconditioned CG (30 iterations) and tuned LiSSA on the CNN (run ihvp_cnn_exact_cg_ekfac, ..._lissa_ekfac)

@@ -1,4 +1,4 @@
-"""Section 3b of RESULTS.md: EK-FAC-preconditioned CG and LiSSA (experiments/precond_spectrum.py; runs
+"""Section 9 of RESULTS.md: EK-FAC-preconditioned CG and LiSSA (experiments/precond_spectrum.py; runs
 ihvp_solvers, ihvp_precond, ihvp_precond_cg, ihvp_precond_lissa, unlearn_precond, ihvp_resnet18_pcg,
 ihvp_resnet18_lissa_ekfac)."""
 
@@ -10,7 +10,7 @@ from tables_engine import Cell, Job, Ref, Section, Sweep, cell, fmt, job, ref, t
 
 from table_specs.ihvp import against_valid, ihvp_ref, ihvp_rows, iters_cell, ref_state
 
-SECTION = Section("3b. EK-FAC-preconditioned CG and LiSSA")
+SECTION = Section("9. EK-FAC-preconditioned CG and LiSSA")
 
 # the spectrum of the EK-FAC-preconditioned damped system (experiments/precond_spectrum.py)
 _SPEC = "experiments/results/precond_spectrum/spectrum.csv"
@@ -36,7 +36,7 @@ SECTION.table("precond_spectrum", ["model", "λ", "cond(G + λI)", "cond(P⁻¹(
                                    "… EK-FAC 16 label samples / K-FAC"],
               [spec_row(m, n, lam) for m, n in (("mlp", 48), ("cnn", 48), ("mlp", 600), ("cnn", 600))
                for lam in (1e-3, 1e-2, 0.1, 1.0)],
-              "3b: condition numbers and CG iterations, plain vs EK-FAC/K-FAC-preconditioned, small float64 models")
+              "9: condition numbers and CG iterations, plain vs EK-FAC/K-FAC-preconditioned, small float64 models")
 
 # all six solvers across λ = 1e-5 … 10 on the CNN (run ihvp_solvers; one job per solver and damping)
 _SIX = ["ekfac", "kfac", "lissa", "lissa_ekfac", "cg", "cg_ekfac"]
@@ -44,12 +44,12 @@ _SIX_NAMES = ["EK-FAC", "K-FAC", "LiSSA (depth 200)", "LiSSA + EK-FAC (depth 200
 _SIX_DAMPINGS = ["1e-05", "0.0001", "0.001", "0.01", "0.1", "1.0", "10.0"]
 SECTION.table("ihvp_solvers", ["λ", "CG reference (relative residual)", *(f"{n} error / cosine" for n in _SIX_NAMES)],
               ihvp_rows("ihvp_solvers", _SIX_DAMPINGS, _SIX, time_at="0.001"),
-              "3b: six solvers' IHVP error vs the CG reference, CNN")
+              "9: six solvers' IHVP error vs the CG reference, CNN")
 
 SECTION.table("ihvp_solvers_iters", ["λ", *(f"{n}: iterations to error 0.1 / 0.01 (time to 0.1); final residual"
                                            for n in _SIX_NAMES[2:])],
               [[f"{float(lam):g}", *(iters_cell("ihvp_solvers", s, lam) for s in _SIX[2:])] for lam in _SIX_DAMPINGS],
-              "3b: iterations and time to an error of 0.1 / 0.01, and the final relative residual, iterative solvers")
+              "9: iterations and time to an error of 0.1 / 0.01, and the final relative residual, iterative solvers")
 
 
 def resnet_precond_row(lam: str) -> list[str | Cell]:
@@ -73,7 +73,7 @@ SECTION.table("ihvp_resnet18_precond", ["λ", "CG reference (relative residual)"
                                         *(f"{n}: iterations to error 0.1 / 0.01 (time to 0.1); final residual"
                                           for n in ("LiSSA", "LiSSA + EK-FAC", "CG (≤ 100)", "CG + EK-FAC (≤ 100)"))],
               [resnet_precond_row(lam) for lam in ("10.0", "1.0")],
-              "3b: the preconditioned solvers on the reduced ResNet-18, where its reference converged")
+              "9: the preconditioned solvers on the reduced ResNet-18, where its reference converged")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ SECTION.table("ihvp_precond", ["solver (λ = 1e-3)", "error vs CG / cosine", "it
     pre_row("LiSSA (depth 200, batch 32)", "ihvp_precond_lissa", _pre("null")),
     pre_row("LiSSA + EK-FAC", "ihvp_precond_lissa", _pre("ekfac")),
     pre_row("LiSSA + K-FAC", "ihvp_precond_lissa", _pre("kfac")),
-], "3b: the Sec. 3 CNN at λ = 1e-3, plain vs preconditioned iterative solvers")
+], "9: the Sec. 3 CNN at λ = 1e-3, plain vs preconditioned iterative solvers")
 
 
 # the one-step removal of 5d with preconditioned CG (one job per unlearn.size and solver.preconditioner)
@@ -130,7 +130,7 @@ SECTION.table("unlearn_precond", ["solver (λ = 1e-2)", "\\|R\\|", "test acc aft
                                   "CG iterations", "relative residual", "step time (s)"],
               [up_row(label, job(f"unlearn.size={size}") & _pre(p)) for size in (10, 100)
                for label, p in (("CG", "null"), ("CG + EK-FAC", "ekfac"), ("CG + K-FAC", "kfac"))],
-              "3b/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")
+              "9/5d: removal of the flipped points by one Newton step, plain vs preconditioned CG")
 
 
 # ---------------------------------------------------------------------------------------------------------------
