@@ -75,11 +75,39 @@ def mark(setting: str, series: str, lam: str) -> str:
     return f" {OTHER_MODEL}" if other_model(setting, series, lam) else ""
 
 
+def solver_residual(setting: str, series: str, lam: str) -> Ref | None:
+    """An iterative series' own relative residual at ``lam`` (on its training points, from the job's ihvp.csv that
+    the setting's CSV names as its source), or None for a direct solver or a missing file."""
+    from tables_engine import exists, load
+    if not exists(src(setting)):
+        return None
+    df = load(src(setting))
+    got = df[(df["series"] == series) & (df["damping"].astype(float) == float(lam))]["source"]
+    if not len(got):
+        return None
+    sweep, job = got.iloc[0].split("/")
+    path = f"experiments/results/{sweep}/{job}_ihvp.csv"
+    if not exists(path):
+        return None
+    d = load(path)
+    d = d[d["damping"].astype(float) == float(lam)]
+    # (solver=gram is direct: its "iterations" are refinement steps, its residual the reference's kind)
+    if not len(d) or d["solver"].iloc[0] == "gram" or not float(d["iterations"].iloc[0]) > 0:
+        return None
+    return Ref(path, "rel_residual", (("damping", lam),), one=True)
+
+
+def _cell(setting: str, s: str, lam: str) -> Cell:
+    """``error / ρ``, with an iterative solver's own residual (``res``: it is converged only where that is small)."""
+    res = solver_residual(setting, s, lam)
+    refs = (value(setting, s, lam, "error_median"), value(setting, s, lam, "spearman_median"))
+    return cell("{:.2} / {:.2}" + (" (res {:e2})" if res is not None else "") + mark(setting, s, lam),
+                *refs, *((res,) if res is not None else ()))
+
+
 def rows(setting: str, series: Sequence[str], dampings: Sequence[str]) -> list[list[str | Cell | Ref]]:
     return [[f"{float(lam):g}", worst_residual(setting, lam),
-             *(cell("{:.2} / {:.2}" + mark(setting, s, lam),
-                    value(setting, s, lam, "error_median"), value(setting, s, lam, "spearman_median"))
-               if _has(setting, s, lam) else "not run" for s in series)] for lam in dampings]
+             *(_cell(setting, s, lam) if _has(setting, s, lam) else "not run" for s in series)] for lam in dampings]
 
 
 def table(name: str, setting: str, series: Sequence[str], dampings: Sequence[str], note: str) -> None:
