@@ -1,6 +1,7 @@
 """Section 8 of RESULTS.md (section 3's first comparison, superseded by it): IHVP error against the CG reference
-across damping (runs ihvp_cnn, ihvp_resnet18, ihvp_depth): one job per solver and damping; the reference's own relative residual says whether the error is
-against a valid reference. The helpers here also serve section 9 (precond.py)."""
+across damping (runs ihvp_cnn, ihvp_resnet18, ihvp_depth): one job per solver and damping; the reference's own
+relative residual says whether the error is against a valid reference. The helpers here also serve section 9
+(precond.py)."""
 
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ SECTION.table("ihvp_cnn_paired", ["λ", "EK-FAC − LiSSA error, paired over que
                for lam in ("0.001", "0.01", "0.1", "1.0", "10.0")],
               "8: EK-FAC/K-FAC minus LiSSA, paired over queries, CNN")
 
-# section 3a's prose (runs ihvp_cnn, ihvp_cnn_spread, ihvp_depth, ihvp_resnet18)
+# section 8's prose (runs ihvp_cnn, ihvp_cnn_spread, ihvp_depth, ihvp_resnet18)
 _CNN_LAMS = ("0.001", "0.01", "0.1", "1.0", "10.0")
 _R18_LAMS = ("10.0", "1.0", "0.1", "0.01", "0.001")
 
