@@ -62,12 +62,19 @@ def _same_model(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def other_model(setting: str, series: str, lam: str) -> bool:
     """Whether ``series`` at ``lam`` ran on another model than the setting's (see ``MODEL_OF``)."""
-    from tables_engine import exists, load
-    if setting not in MODEL_OF or not exists(src(setting)):
+    if setting not in MODEL_OF or (source := _source(setting, series, lam)) is None:
         return False
+    return not _same_model(_model(source.split("/")[0]), _model(MODEL_OF[setting]))
+
+
+def _source(setting: str, series: str, lam: str) -> str | None:
+    """``SWEEP/jobN``: the job the setting's CSV took ``series`` at ``lam`` from (None: no such row, or no CSV)."""
+    from tables_engine import exists, load
+    if not exists(src(setting)):
+        return None
     df = load(src(setting))
     got = df[(df["series"] == series) & (df["damping"].astype(float) == float(lam))]["source"]
-    return bool(len(got)) and not _same_model(_model(got.iloc[0].split("/")[0]), _model(MODEL_OF[setting]))
+    return str(got.iloc[0]) if len(got) else None
 
 
 def mark(setting: str, series: str, lam: str) -> str:
@@ -79,13 +86,9 @@ def solver_residual(setting: str, series: str, lam: str) -> Ref | None:
     """An iterative series' own relative residual at ``lam`` (on its training points, from the job's ihvp.csv that
     the setting's CSV names as its source), or None for a direct solver or a missing file."""
     from tables_engine import exists, load
-    if not exists(src(setting)):
+    if (source := _source(setting, series, lam)) is None:
         return None
-    df = load(src(setting))
-    got = df[(df["series"] == series) & (df["damping"].astype(float) == float(lam))]["source"]
-    if not len(got):
-        return None
-    sweep, job = got.iloc[0].split("/")
+    sweep, job = source.split("/")
     path = f"experiments/results/{sweep}/{job}_ihvp.csv"
     if not exists(path):
         return None
