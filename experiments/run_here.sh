@@ -5,13 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IL="${IL:-.venv/bin/influencelab}"
 REPORT="${REPORT:-.venv/bin/influencelab-report}"
+# Names given run in this file's order (a sweep after those it depends on), not in the order they are named: to run B
+# before A, call the script twice. DRY=1 checks the names and prints, in order, the sweeps that would run.
 ONLY=" $* "  # optional: names of the sweeps to run (default: all)
 SEEN=" "  # every sweep name defined below (a name asked for but never defined is reported at the end)
 run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copied to experiments/results/NAME
   local name=$1; shift
   SEEN="$SEEN$name "
-  [ -n "${DRY:-}" ] && return 0  # DRY=1: only check that the names asked for are defined
   [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]] && return 0
+  if [ -n "${DRY:-}" ]; then echo "would run: $name"; return 0; fi
   local t0=$SECONDS
   if [ ! -e "multirun/$name/.done" ]; then  # resumable: finished sweeps are skipped
     "$IL" -m "$@" logger=none hydra.sweep.dir="multirun/$name"
@@ -42,6 +44,11 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
     if [ -f "$d/lds.csv" ]; then cp "$d/lds.csv" "experiments/results/$name/job$(basename "$d")_lds.csv"; fi
   done
   echo "$name: $((SECONDS - t0)) s" | tee -a experiments/results/timings.txt
+}
+step() {  # step NAME: whether a script step tied to NAME runs (NAME asked for, or nothing named; never under DRY=1)
+  SEEN="$SEEN$1 "
+  [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $1 "* ]] && return 1
+  if [ -n "${DRY:-}" ]; then echo "would run: $1 (script step)"; return 1; fi
 }
 F=fashion_mnist
 # Fig. 3: mislabel detection, standard (5 epochs) and memorisation regimes
@@ -320,7 +327,7 @@ run loo_warm experiment=loo loo.n_queries=5 loo.retrain=warm solver.damping=1e-3
 run mnist5k_attribution experiment=mnist5k_attribution
 run mnist5k_mislabel experiment=mnist5k_mislabel solver=ekfac,kfac,identity
 run mnist5k_mislabel_paired experiment=mnist5k_mislabel solver=ekfac,kfac,identity  # with the paired columns
-if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" mnist5k_mislabel "* ]]; then
+if step mnist5k_mislabel; then
   "${PY:-.venv/bin/python}" experiments/mnist5k_selfinfluence_grid.py multirun/mnist5k_mislabel/0 \
     --out experiments/results/mnist5k_mislabel/selfinfluence_grid.png
 fi
@@ -333,7 +340,7 @@ run detectors_fmnist_choose_ekfac $D33 seed=0 solver=ekfac mislabel.relatif=true
 # influence on a held-out split (mislabel.heldout=true: harm to 1,000 test points), chosen on the same draw after
 # experiments/detectors_explore.py's wider look (experiments/results/detectors_fmnist_choose/explore.csv)
 run detectors_fmnist_choose_heldout $D33 seed=0 solver=trak query.n=1000 mislabel.heldout=true
-if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" detectors_fmnist_choose_explore "* ]]; then  # (after the two sweeps above)
+if step detectors_fmnist_choose_explore; then  # (after the two sweeps above)
   "${PY:-.venv/bin/python}" experiments/detectors_explore.py multirun/detectors_fmnist_choose_ekfac/0 \
     multirun/detectors_fmnist_choose/0 multirun/detectors_fmnist_choose/1 \
     --out experiments/results/detectors_fmnist_choose/explore.csv
@@ -348,9 +355,9 @@ run detectors_mnist5k_fresh_ekfac $M33 seed=1,2 solver=ekfac
 run detectors_memorize_fresh_ekfac experiment=mislabel_memorize seed=3 solver=ekfac 'solver.damping=[1e-8,1e-3]'
 # the choice (loss + held-out harm) and TRAK on the same memorised draw (seed 3): does it keep that regime's lead?
 run detectors_memorize_fresh experiment=mislabel_memorize seed=3 solver=trak query.n=1000 mislabel.heldout=true
-if [ "$ONLY" == "  " ] || [[ "$ONLY" == *" detectors_summary "* ]]; then  # every detectors_* sweep above, one table
+if step detectors_summary; then  # every detectors_* sweep above, one table
   "${PY:-.venv/bin/python}" experiments/detectors_summary.py --out experiments/results/detectors_summary.csv
 fi
 for n in $ONLY; do  # a misspelt name would otherwise run nothing and say nothing
-  [ "$n" = detectors_summary ] || [[ "$SEEN" == *" $n "* ]] || { echo "run_here.sh: no sweep named $n" >&2; exit 2; }
+  [[ "$SEEN" == *" $n "* ]] || { echo "run_here.sh: no sweep named $n" >&2; exit 2; }
 done
