@@ -9,11 +9,15 @@ REPORT="${REPORT:-.venv/bin/influencelab-report}"
 # before A, call the script twice. DRY=1 checks the names and prints, in order, the sweeps that would run.
 ONLY=" $* "  # optional: names of the sweeps to run (default: all)
 SEEN=" "  # every sweep name defined below (a name asked for but never defined is reported at the end)
+selected() {  # selected NAME [KIND]: record NAME as defined; whether it runs (asked for, or nothing named; DRY=1 prints it)
+  SEEN="$SEEN$1 "
+  [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $1 "* ]] && return 1
+  if [ -n "${DRY:-}" ]; then echo "would run: $1${2:+ ($2)}"; return 1; fi
+  return 0
+}
 run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copied to experiments/results/NAME
   local name=$1; shift
-  SEEN="$SEEN$name "
-  [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]] && return 0
-  if [ -n "${DRY:-}" ]; then echo "would run: $name"; return 0; fi
+  selected "$name" || return 0
   local t0=$SECONDS
   if [ ! -e "multirun/$name/.done" ]; then  # resumable: finished sweeps are skipped
     "$IL" -m "$@" logger=none hydra.sweep.dir="multirun/$name"
@@ -45,11 +49,7 @@ run() {  # run NAME ARGS...: a multirun into multirun/NAME, then its report copi
   done
   echo "$name: $((SECONDS - t0)) s" | tee -a experiments/results/timings.txt
 }
-step() {  # step NAME: whether a script step tied to NAME runs (NAME asked for, or nothing named; never under DRY=1)
-  SEEN="$SEEN$1 "
-  [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $1 "* ]] && return 1
-  if [ -n "${DRY:-}" ]; then echo "would run: $1 (script step)"; return 1; fi
-}
+step() { selected "$1" "script step"; }  # step NAME: whether a script step tied to NAME runs (never under DRY=1)
 F=fashion_mnist
 # Fig. 3: mislabel detection, standard (5 epochs) and memorisation regimes
 run mislabel_standard experiment=mislabel solver=ekfac,kfac,identity
