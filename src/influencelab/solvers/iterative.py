@@ -11,7 +11,8 @@ What they share lives here:
   built, to a :class:`~influencelab.solvers.preconditioner.Preconditioner`, which applies it row-wise;
 * the per-row dampings of the vectors solved together;
 * the convergence record per damping (:meth:`IterativeSolver.diagnostics`: :class:`~.base.Convergence`, worst over
-  every vector and call since the last reset) and the per-iteration monitor (:meth:`IterativeSolver.set_monitor`).
+  every vector and call since the last reset) and the per-iteration monitor (:meth:`IterativeSolver.set_monitor`);
+* where a long solve snapshots its state so that a killed one resumes (:meth:`IterativeSolver.set_resume`).
 
 A subclass sets ``name`` and ``iteration_key`` and implements :meth:`~.base.Solver.precondition` (and, for its
 own state, :meth:`~.base.Solver.fit`).
@@ -25,7 +26,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import distributed
+from ..cache import Cache, Snapshots
 from ..data.base import LabeledData
+from ..files import tensors_digest
 from .base import Convergence, Damping, Solver, merge_diagnostics
 from .curvature import Curvature
 from .preconditioner import Preconditioner, check_spec
@@ -49,6 +53,7 @@ class IterativeSolver(Solver):
         self._data: LabeledData | None = None
         self._convergence: dict[Damping, Convergence] = {}
         self._monitor: Callable[[Damping, int, torch.Tensor], None] | None = None
+        self._resume_at: tuple[Cache, str, float] | None = None  # (cache, fit key, seconds between snapshots)
 
     # -- curvature products ------------------------------------------------------------------------------
     def bind(self, model: nn.Module, data: LabeledData, jacobian_cache_bytes: float = 0) -> None:
@@ -137,6 +142,25 @@ class IterativeSolver(Solver):
         ``repeats > 1`` calls it after each repeat instead, with the average of the repeats done and ``iteration``
         the steps taken in all (repeats done x depth)."""
         self._monitor = fn
+
+    # -- resumable solves ------------------------------------------------------------------------------------
+    def set_resume(self, cache: Cache | None, fit_key: str = "", every_s: float = 30.0) -> None:
+        """Let a long solve snapshot its state to ``cache`` at most every ``every_s`` seconds (and more rarely when a
+        snapshot is slow to write: see the subclass) and resume a killed solve of the same vectors from its last
+        snapshot; ``None``: no snapshots. ``fit_key`` names the model, data and solver config (the fit's cache key);
+        each solve adds what it solves (:meth:`_solve_snapshots`). :meth:`~influencelab.artifacts.Artifacts.fit`
+        sets it for every cached fit."""
+        self._resume_at = None if cache is None else (cache, fit_key, float(every_s))
+
+    def _solve_snapshots(self, V: torch.Tensor, **solve: Any) -> Snapshots | None:
+        """The snapshots of one solve: keyed by the fit, the content of the vectors ``V``, what ``solve`` names
+        (dampings, scales, depth ...) and whether a monitor records it (its rows are part of the state)."""
+        if self._resume_at is None:
+            return None
+        cache, fit_key, every_s = self._resume_at
+        key = cache.key({"fit": fit_key, "solver": self.name, "v": tensors_digest({"v": V}),
+                         "monitored": self._monitor is not None, **solve})
+        return Snapshots(cache, f"solve-{key}-r{distributed.rank()}of{distributed.world_size()}", every_s)
 
     def diagnostics(self) -> dict[Damping, Convergence]:
         return dict(self._convergence)
