@@ -137,9 +137,9 @@ class Artifacts:
 
     def fit(self, solver: Solver, model: nn.Module, data: LabeledData, model_key: str) -> FitInfo:
         """Fit ``solver`` (set up on ``model``) or load its cached state; a long fit snapshots its running sums
-        and resumes from them when killed (so does an iterative solver's long solve later: ``set_resume``). Its :meth:`~Solver.components` (a preconditioner) are fitted or loaded
-        first, each under its own key (a preconditioning EK-FAC reuses a ``solver=ekfac`` run's fit); the returned
-        seconds include theirs."""
+        and resumes from them when killed (so do an iterative solver's long solves later: ``set_resume``). Its
+        :meth:`~Solver.components` (a preconditioner) are fitted or loaded first, each under its own key (a
+        preconditioning EK-FAC reuses a ``solver=ekfac`` run's fit); the returned seconds include theirs."""
         check_parameters(model)
         parts = 0.0
         for sub in solver.components():

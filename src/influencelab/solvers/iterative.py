@@ -140,7 +140,9 @@ class IterativeSolver(Solver):
         """Call ``fn(damping, iteration, x)`` after every iteration with the current solution ``x`` ``[k, P]`` of
         that damping (e.g. to record the error against a reference per iteration); ``None`` stops. LiSSA with
         ``repeats > 1`` calls it after each repeat instead, with the average of the repeats done and ``iteration``
-        the steps taken in all (repeats done x depth)."""
+        the steps taken in all (repeats done x depth). A monitor with ``state_dict()``/``load_state_dict(state)``
+        (tensors) has its state saved with a resumable solve's snapshots and restored on resume, and one with
+        ``pause(seconds)`` is told the seconds spent writing them (not solving)."""
         self._monitor = fn
 
     # -- resumable solves ------------------------------------------------------------------------------------

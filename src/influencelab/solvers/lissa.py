@@ -217,8 +217,8 @@ class LiSSA(IterativeSolver):
 
         Resumable (:meth:`~.iterative.IterativeSolver.set_resume`): the state is snapshotted after each repeat and,
         within one, at most every ``every_s`` seconds but no more often than every :attr:`SNAPSHOT_COST` x the last
-        snapshot's write time (the state is three ``[d k, P]`` tensors: gigabytes on ResNet-18), so that writing costs at most ~5%.
-        A killed solve restarts at its last snapshot's step with the same batches (each repeat's stream is seeded),
+        snapshot's write time (the state is three ``[d k, P]`` tensors: gigabytes on ResNet-18), so that writing costs
+        at most ~5%. A killed solve restarts at its last snapshot's step with the same batches (each repeat's stream is seeded),
         so it ends with the same result; its time counts the solving before the snapshot, not the writing or the
         steps redone. The monitor's rows are part of the state (its ``state_dict``/``load_state_dict``, if it has
         them; its ``pause(seconds)`` is told the writing time)."""
@@ -239,6 +239,7 @@ class LiSSA(IterativeSolver):
         hit = snaps.load("lissa") if snaps is not None else None
         if hit is not None:
             done, elapsed = st.load(hit, self._monitor)
+            del hit  # (its tensors are copied into st)
             t_start = time.perf_counter() - elapsed
             log.info("resuming %s from step %d of %d (snapshot; %.0f s of solving before it)", self.label, done,
                      depth * self.repeats, elapsed)
@@ -261,6 +262,7 @@ class LiSSA(IterativeSolver):
             start = j0 if rep == rep0 else 0
             x = st.x.to(x0) if start else x0.clone()
             norms = st.norms if start else [x0norm]
+            st.x = None
             batches = self._stream(rep)
             for _ in range(start):  # (the batches the snapshot's steps used)
                 next(batches)
