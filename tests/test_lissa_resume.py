@@ -100,23 +100,41 @@ def test_a_killed_solve_resumes_to_the_same_result(problem, tmp_path, monkeypatc
 
 
 def test_a_resumed_solve_is_the_dense_solution_and_other_vectors_do_not_resume(problem, tmp_path, caplog):
-    """Resumed across a kill, 4 repeats x 64 steps still solve the damped GGN system (dense float64 solve); a solve
-    of other vectors finds no snapshot of its own and starts from the beginning."""
+    """Resumed across a kill, 4 repeats x 64 steps still solve the damped GGN system (dense float64 solve). The
+    snapshot is found by the vectors' shape, not their bits, and checked by their signature: the same vectors
+    perturbed in the last bits (as recomputed gradients can be) resume; other vectors of the same shape, and fewer
+    vectors, start from the beginning (the former with a warning)."""
     net, x, y, v = problem
-    attr = _attr(problem, tmp_path, damping=1.0, scale=4.0, depth=64, repeats=4)
-    attr.solver.set_monitor(KillAt(2))  # (at the end of repeat 2: the snapshot after repeat 1 is the last)
-    with pytest.raises(Killed):
-        attr.precondition(v)
-    other = _attr(problem, tmp_path, damping=1.0, scale=4.0, depth=64, repeats=4)
-    other.solver.set_monitor(KillAt())
-    with caplog.at_level(logging.INFO, logger="influencelab"):
-        other.precondition(v[:1])  # (another solve: the first vector alone)
-    assert not [r for r in caplog.records if "resuming" in r.getMessage()]
-    again = _attr(problem, tmp_path, damping=1.0, scale=4.0, depth=64, repeats=4)
-    again.solver.set_monitor(KillAt())  # (a monitored solve's snapshot has the monitor's rows: monitored again)
-    with caplog.at_level(logging.INFO, logger="influencelab"):
-        got = again.precondition(v)
-    assert [r for r in caplog.records if "resuming" in r.getMessage() and "from step 64 of 256" in r.getMessage()]
+
+    def killed():
+        attr = _attr(problem, tmp_path, damping=1.0, scale=4.0, depth=64, repeats=4)
+        attr.solver.set_monitor(KillAt(2))  # (at the end of repeat 2: the snapshot after repeat 1 is the last)
+        with pytest.raises(Killed):
+            attr.precondition(v)
+
+    def solve(vectors, kill_at=None):
+        caplog.clear()
+        attr = _attr(problem, tmp_path, damping=1.0, scale=4.0, depth=64, repeats=4)
+        attr.solver.set_monitor(KillAt(kill_at))  # (monitored, like the killed one)
+        with caplog.at_level(logging.INFO, logger="influencelab"):
+            try:
+                out = attr.precondition(vectors)
+            except Killed:
+                out = None
+        return attr, out, [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()], [
+            r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    killed()
+    _, _, resumed, _ = solve(v[:1])  # (fewer vectors: another key)
+    assert not resumed
+    swapped = v.flip(0)  # (other vectors, the same shape: the signature differs)
+    _, _, resumed, warned = solve(swapped, kill_at=3)  # (killed after repeat 3: a later snapshot than v's next)
+    assert not resumed and any("other vectors" in w for w in warned)
+    killed()
+    noisy = v * (1 + 1e-9 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=v.dtype))
+    assert not torch.equal(noisy, v)
+    again, got, resumed, _ = solve(noisy)
+    assert resumed and "from step 64 of 256" in resumed[0]
     G, names = _dense_ggn(again.model, x)
 
     def to_params(t):

@@ -29,7 +29,6 @@ from torch import nn
 from .. import distributed
 from ..cache import Cache, Snapshots
 from ..data.base import LabeledData
-from ..files import tensors_digest
 from .base import Convergence, Damping, Solver, merge_diagnostics
 from .curvature import Curvature
 from .preconditioner import Preconditioner, check_spec
@@ -155,14 +154,37 @@ class IterativeSolver(Solver):
         self._resume_at = None if cache is None else (cache, fit_key, float(every_s))
 
     def _solve_snapshots(self, V: torch.Tensor, **solve: Any) -> Snapshots | None:
-        """The snapshots of one solve: keyed by the fit, the content of the vectors ``V``, what ``solve`` names
-        (dampings, scales, depth ...) and whether a monitor records it (its rows are part of the state)."""
+        """The snapshots of one solve: keyed by the fit, the vectors' shape, what ``solve`` names (dampings, scales,
+        depth ...) and whether a monitor records it (its rows are part of the state). Not by the vectors' bits: the
+        same query gradients recomputed in another process can differ in the last bits (MKL's sums depend on memory
+        alignment), so a snapshot stores :meth:`vector_signature` and a resume checks it
+        (:meth:`same_vectors`). (Two solves of other vectors of the same shape, model and settings share one
+        snapshot: the later overwrites it, and the other one starts again.)"""
         if self._resume_at is None:
             return None
         cache, fit_key, every_s = self._resume_at
-        key = cache.key({"fit": fit_key, "solver": self.name, "v": tensors_digest({"v": V}),
+        key = cache.key({"fit": fit_key, "solver": self.name, "shape": list(V.shape),
                          "monitored": self._monitor is not None, **solve})
         return Snapshots(cache, f"solve-{key}-r{distributed.rank()}of{distributed.world_size()}", every_s)
+
+    #: entries of each vector a snapshot's signature samples (evenly spaced), beside its norm
+    SIGNATURE_SAMPLES = 4096
+
+    @classmethod
+    def vector_signature(cls, V: torch.Tensor) -> torch.Tensor:
+        """``[k, 1 + m]`` float64: each row's norm and ``m`` evenly spaced entries (what a resume compares)."""
+        step = max(1, V.shape[1] // cls.SIGNATURE_SAMPLES)
+        return torch.cat([V.double().norm(dim=1, keepdim=True), V[:, ::step].double()], 1).cpu()
+
+    @staticmethod
+    def same_vectors(saved: torch.Tensor | None, now: torch.Tensor, rtol: float = 1e-4) -> bool:
+        """Whether two :meth:`vector_signature` are of the same vectors up to last-bit differences: norms within
+        ``rtol`` and every sampled entry within ``rtol`` of its row's largest."""
+        if saved is None or saved.shape != now.shape:
+            return False
+        norms = (saved[:, 0] - now[:, 0]).abs() <= rtol * now[:, 0].abs()
+        scale = now[:, 1:].abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+        return bool(norms.all()) and bool(((saved[:, 1:] - now[:, 1:]).abs() <= rtol * scale).all())
 
     def diagnostics(self) -> dict[Damping, Convergence]:
         return dict(self._convergence)

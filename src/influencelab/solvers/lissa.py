@@ -236,7 +236,14 @@ class LiSSA(IterativeSolver):
         mid = depth // 2  # the iterate after mid steps is kept (contraction estimate of an unconverged solve)
         snaps = self._solve_snapshots(V, dampings=list(lams), scales=list(scales), depth=depth, repeats=self.repeats)
         done, every = 0, snaps.every_s if snaps is not None else 0.0
+        signature = self.vector_signature(V) if snaps is not None else None
         hit = snaps.load("lissa") if snaps is not None else None
+        if hit is not None and not self.same_vectors(hit[1].get("v_signature"), signature):
+            log.warning("%s: the snapshot of this solve's model, settings and shape is of other vectors: "
+                        "solving from the beginning", self.label)
+            hit = None
+        if hit is None and snaps is not None:
+            snaps.clear()  # (no slot of another solve may outlive this one's first snapshot)
         if hit is not None:
             done, elapsed = st.load(hit, self._monitor)
             del hit  # (its tensors are copied into st)
@@ -249,7 +256,8 @@ class LiSSA(IterativeSolver):
             nonlocal t_start, last, every
             t0 = time.perf_counter()
             assert snaps is not None
-            snaps.save("lissa", steps, st.tensors(t0 - t_start, self._monitor), final=True)
+            snaps.save("lissa", steps, st.tensors(t0 - t_start, self._monitor) | {"v_signature": signature},
+                       final=True)
             last = time.perf_counter()
             wrote = last - t0
             t_start += wrote  # (writing is not solving)
