@@ -225,7 +225,9 @@ run ihvp_resnet18_ladder_blockdiag experiment=ihvp $R18 '~ihvp.reference_args.ma
 # Kronecker factorisation put EK-FAC's error above 1 there?)
 run ihvp_resnet18_ladder_blockdiag_large experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[0.1,1,10]' solver=gram solver.block_diagonal=true
-# (one sweep per damping, as LiSSA's above; λ = 10, 1, 0.1 on the † model, not run yet: ~2 h each here)
+# (one sweep per damping, as LiSSA's above; λ = 10 and 1 on the † model, ~2 h each on the 2026-12-06 machine; λ = 0.1 on
+# the setting's model, 2026-12-07: that day's machine trained the setting's model again, not the † one, and the cache
+# holding the † model had not travelled)
 for L in 1e-6 1e-4 1e-2 10 1 0.1; do
   run ihvp_resnet18_exact_lissa_ekfac_$L experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
     "solver.damping=[$L]" solver=lissa_ekfac solver.scale=search solver.depth=auto solver.repeats=4
@@ -254,6 +256,10 @@ done
 # sweep repeats ihvp_resnet18_exact's 1e-6 row.
 run ihvp_resnet18_retrained_1e-6 experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[1e-6]' solver=ekfac,kfac
+# ... and the converse at λ = 0.1: EK-FAC and K-FAC on the setting's model, which ihvp_resnet18_exact_lissa_ekfac_0.1
+# ran on while the rest of its row is † (same machine and model: its comparators, and its time-matched budget)
+run ihvp_resnet18_original_0.1 experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1]' solver=ekfac,kfac
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers

@@ -260,11 +260,16 @@ def _tm_rows() -> list[list[str | Cell | Ref]]:
         if not _ran(df, "EK-FAC", lam):
             continue
         w = (("damping", lam), ("budget_of", "EK-FAC"))
+
+        def other(s: str, lam: str = lam) -> bool:  # (a cell on another model than the budget's EK-FAC: not matched)
+            return other_model("resnet18", s, lam) != other_model("resnet18", "EK-FAC", lam)
         out.append([f"{float(lam):g}", cell("{:s3}", Ref(TM, "budget_s", (*w, ("series", "EK-FAC")), one=True)),
-                    *(cell("{:.2}" + mark("resnet18", s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True))
+                    *(("other model" if other(s) else
+                       cell("{:.2}" + mark("resnet18", s, lam), Ref(TM, "rel_error_at_budget", (*w, ("series", s)), one=True)))
                       if _ran(df, s, lam) else "not run" for s in series),
-                    *((cell("{:s3}" + mark("resnet18", s, lam), Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True))
-                       if _ran(df, s, lam) else "not run")
+                    *(("other model" if other(s) else
+                       cell("{:s3}" + mark("resnet18", s, lam), Ref(TM, "time_to_budget_error_s", (*w, ("series", s)), one=True)))
+                      if _ran(df, s, lam) else "not run"
                       for s in series if bool(df[df["series"] == s]["iterative"].iloc[0]))])
     return out
 
@@ -457,6 +462,33 @@ if (ROOT / _RT.report).exists():
     for _tag, _sw in (("rt", _RT), ("orig", Sweep(MODEL_OF["resnet18"]))):
         SECTION.number(f"x_r18_{_tag}_test_acc", cell("{:.3}", _sw("train/test_accuracy", solver="ekfac")))
         SECTION.number(f"x_r18_{_tag}_train_loss", cell("{:.3}", _sw("train/train_loss", solver="ekfac")))
+
+# the converse at λ = 0.1 (run ihvp_resnet18_original_0.1): EK-FAC and K-FAC on the setting's model, which LiSSA +
+# EK-FAC's λ = 0.1 cell ran on while the rest of that row is † -- its comparators on one model and one machine: their
+# medians, EK-FAC's time (fit + solve) there, EK-FAC − LiSSA+EK-FAC paired over the queries, and when LiSSA + EK-FAC's
+# running average first reached that EK-FAC's mean error (its trace)
+_OR = Sweep("ihvp_resnet18_original_0.1")
+_LEK01 = "experiments/results/ihvp_resnet18_exact_lissa_ekfac_0.1"
+if (ROOT / _OR.report).exists() and (ROOT / _LEK01 / "job0_ihvp_trace.csv").exists():
+    for _solver in ("ekfac", "kfac"):
+        for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
+            SECTION.number(f"x_r18_or_{_solver}_{_col}", cell("{}", _OR.job_ref(
+                job(solver=_solver), "ihvp_queries.csv", lambda df, k=_key: fmt(df[k].median(), ".2"))))
+    SECTION.number("x_r18_or_ref", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
+                                                       lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
+    SECTION.number("x_r18_or_ekfac_s", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
+                                                           lambda df: fmt(df["time_s"].iloc[0], "s3"))))
+    SECTION.number("x_r18_or_test_acc", cell("{:.3}", Ref(f"{_LEK01}/report.csv", "train/test_accuracy", one=True)))
+    SECTION.number("x_r18_or_ekfac_minus_lek", cell("{}", _paired_vs_lissa(
+        f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp_queries.csv", f"{_LEK01}/job0_ihvp_queries.csv", "0.1")))
+
+    def _lek_reached(trace: pd.DataFrame) -> str:
+        from tables_engine import load
+        ek = load(f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp.csv")["rel_error"].iloc[0]
+        hit = trace[trace["rel_error"] <= ek]
+        return fmt(hit["time_s"].iloc[0], "s3") if len(hit) else "never"
+    SECTION.number("x_r18_or_lek_reached_s", cell("{}", Ref(f"{_LEK01}/job0_ihvp_trace.csv", _lek_reached, via=(
+        f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp.csv",))))
 
 # the reduced ResNet-18 on 1,024 points (issue 29 item 7's CPU stand-in for the paper-size run: run
 # ihvp_resnet18_1k_exact, run ihvp_resnet18_1k_exact_arnoldi): its own trained model, exact reference and 16 queries
