@@ -35,6 +35,7 @@ from .errors import NonFiniteError
 from .health import check_factors, check_parameters
 from .progress import progress
 from .solvers.base import Damping, Solver
+from .solvers.iterative import IterativeSolver
 from .train import checkpoint_tensors, set_checkpoints, split_checkpoints
 
 log = logging.getLogger("influencelab")
@@ -136,9 +137,9 @@ class Artifacts:
 
     def fit(self, solver: Solver, model: nn.Module, data: LabeledData, model_key: str) -> FitInfo:
         """Fit ``solver`` (set up on ``model``) or load its cached state; a long fit snapshots its running sums
-        and resumes from them when killed. Its :meth:`~Solver.components` (a preconditioner) are fitted or loaded
-        first, each under its own key (a preconditioning EK-FAC reuses a ``solver=ekfac`` run's fit); the returned
-        seconds include theirs."""
+        and resumes from them when killed (so do an iterative solver's long solves later: ``set_resume``). Its
+        :meth:`~Solver.components` (a preconditioner) are fitted or loaded first, each under its own key (a
+        preconditioning EK-FAC reuses a ``solver=ekfac`` run's fit); the returned seconds include theirs."""
         check_parameters(model)
         parts = 0.0
         for sub in solver.components():
@@ -146,6 +147,8 @@ class Artifacts:
                 sub.setup(model)
             parts += self.fit(sub, model, data, model_key).seconds
         info = self._fit(solver, model, data, model_key)
+        if isinstance(solver, IterativeSolver):  # (its long solves snapshot and resume under the fit's key)
+            solver.set_resume(self.cache, info.key, self.checkpoint_s)
         return FitInfo(info.key, info.seconds + parts, info.cached)
 
     def _fit(self, solver: Solver, model: nn.Module, data: LabeledData, model_key: str) -> FitInfo:

@@ -67,7 +67,9 @@ class ScoreConfig:
 @dataclass
 class FitConfig:
     """Solver fitting: running sums are snapshotted to the cache at most every ``checkpoint_s`` seconds (0 = after
-    every batch), so a fit killed midway resumes from its last snapshot with identical results."""
+    every batch), so a fit killed midway resumes from its last snapshot with identical results. An iterative
+    solver's long solve (LiSSA's recursion) snapshots at the same pace (or more rarely when its state is slow to
+    write) and resumes likewise."""
 
     checkpoint_s: float = 30.0
 

@@ -11,7 +11,8 @@ What they share lives here:
   built, to a :class:`~influencelab.solvers.preconditioner.Preconditioner`, which applies it row-wise;
 * the per-row dampings of the vectors solved together;
 * the convergence record per damping (:meth:`IterativeSolver.diagnostics`: :class:`~.base.Convergence`, worst over
-  every vector and call since the last reset) and the per-iteration monitor (:meth:`IterativeSolver.set_monitor`).
+  every vector and call since the last reset) and the per-iteration monitor (:meth:`IterativeSolver.set_monitor`);
+* where a long solve snapshots its state so that a killed one resumes (:meth:`IterativeSolver.set_resume`).
 
 A subclass sets ``name`` and ``iteration_key`` and implements :meth:`~.base.Solver.precondition` (and, for its
 own state, :meth:`~.base.Solver.fit`).
@@ -25,6 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import distributed
+from ..cache import Cache, Snapshots
 from ..data.base import LabeledData
 from .base import Convergence, Damping, Solver, merge_diagnostics
 from .curvature import Curvature
@@ -49,6 +52,7 @@ class IterativeSolver(Solver):
         self._data: LabeledData | None = None
         self._convergence: dict[Damping, Convergence] = {}
         self._monitor: Callable[[Damping, int, torch.Tensor], None] | None = None
+        self._resume_at: tuple[Cache, str, float] | None = None  # (cache, fit key, seconds between snapshots)
 
     # -- curvature products ------------------------------------------------------------------------------
     def bind(self, model: nn.Module, data: LabeledData, jacobian_cache_bytes: float = 0) -> None:
@@ -135,8 +139,52 @@ class IterativeSolver(Solver):
         """Call ``fn(damping, iteration, x)`` after every iteration with the current solution ``x`` ``[k, P]`` of
         that damping (e.g. to record the error against a reference per iteration); ``None`` stops. LiSSA with
         ``repeats > 1`` calls it after each repeat instead, with the average of the repeats done and ``iteration``
-        the steps taken in all (repeats done x depth)."""
+        the steps taken in all (repeats done x depth). A monitor with ``state_dict()``/``load_state_dict(state)``
+        (tensors) has its state saved with a resumable solve's snapshots and restored on resume, and one with
+        ``pause(seconds)`` is told the seconds spent writing them (not solving)."""
         self._monitor = fn
+
+    # -- resumable solves ------------------------------------------------------------------------------------
+    def set_resume(self, cache: Cache | None, fit_key: str = "", every_s: float = 30.0) -> None:
+        """Let a long solve snapshot its state to ``cache`` at most every ``every_s`` seconds (and more rarely when a
+        snapshot is slow to write: see the subclass) and resume a killed solve of the same vectors from its last
+        snapshot; ``None``: no snapshots. ``fit_key`` names the model, data and solver config (the fit's cache key);
+        each solve adds what it solves (:meth:`_solve_snapshots`). :meth:`~influencelab.artifacts.Artifacts.fit`
+        sets it for every cached fit."""
+        self._resume_at = None if cache is None else (cache, fit_key, float(every_s))
+
+    def _solve_snapshots(self, V: torch.Tensor, **solve: Any) -> Snapshots | None:
+        """The snapshots of one solve: keyed by the fit, the vectors' shape, what ``solve`` names (dampings, scales,
+        depth ...) and whether a monitor records it (its rows are part of the state). Not by the vectors' bits: the
+        same query gradients recomputed in another process can differ in the last bits (MKL's sums depend on memory
+        alignment), so a snapshot stores :meth:`vector_signature` and a resume checks it
+        (:meth:`same_vectors`). (Two solves of other vectors of the same shape, model and settings share one
+        snapshot: the later overwrites it, and the other one starts again.)"""
+        if self._resume_at is None:
+            return None
+        cache, fit_key, every_s = self._resume_at
+        key = cache.key({"fit": fit_key, "solver": self.name, "shape": list(V.shape),
+                         "monitored": self._monitor is not None, **solve})
+        return Snapshots(cache, f"solve-{key}-r{distributed.rank()}of{distributed.world_size()}", every_s)
+
+    #: entries of each vector a snapshot's signature samples (evenly spaced), beside its norm
+    SIGNATURE_SAMPLES = 4096
+
+    @classmethod
+    def vector_signature(cls, V: torch.Tensor) -> torch.Tensor:
+        """``[k, 1 + m]`` float64: each row's norm and ``m`` evenly spaced entries (what a resume compares)."""
+        step = max(1, V.shape[1] // cls.SIGNATURE_SAMPLES)
+        return torch.cat([V.double().norm(dim=1, keepdim=True), V[:, ::step].double()], 1).cpu()
+
+    @staticmethod
+    def same_vectors(saved: torch.Tensor | None, now: torch.Tensor, rtol: float = 1e-4) -> bool:
+        """Whether two :meth:`vector_signature` are of the same vectors up to last-bit differences: norms within
+        ``rtol`` and every sampled entry within ``rtol`` of its row's largest."""
+        if saved is None or saved.shape != now.shape:
+            return False
+        norms = (saved[:, 0] - now[:, 0]).abs() <= rtol * now[:, 0].abs()
+        scale = now[:, 1:].abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+        return bool(norms.all()) and bool(((saved[:, 1:] - now[:, 1:]).abs() <= rtol * scale).all())
 
     def diagnostics(self) -> dict[Damping, Convergence]:
         return dict(self._convergence)

@@ -48,10 +48,11 @@ Converged = the worst vector's residual <= ``converged_tol`` (default 0.1: the s
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +64,8 @@ from ..progress import progress
 from .base import Convergence, Damping
 from .iterative import IterativeSolver
 
+log = logging.getLogger(__name__)
+
 
 class LiSSA(IterativeSolver):
     name = "lissa"
@@ -73,6 +76,8 @@ class LiSSA(IterativeSolver):
     SEARCH_FACTOR, SEARCH_STEPS = 10.0, 16
     #: an unconverged solve's suggested depth (or repeats) is the estimate times this margin, rounded up
     SUGGEST_MARGIN = 1.5
+    #: within a repeat, a snapshot of a resumable solve at most every this many times the last one's write time
+    SNAPSHOT_COST = 20.0
 
     def __init__(self, *args: Any, depth: int | str = 200, scale: float | str = "auto", repeats: int = 1,
                  scale_start: float = 1.0, converged_tol: float = 0.1, check_examples: int | str = "auto",
@@ -167,14 +172,13 @@ class LiSSA(IterativeSolver):
                if self.depth == "auto" else f"depth {depth}, {reps}")
         if self.scale != "search":
             scales = self._scales(lams).tolist()
-            t0 = time.perf_counter()
             run = self._run(V, lams, scales, list(dampings), k, depth)
             for i, div in enumerate(run.diverged):
                 if div is not None:
                     raise SolverDivergedError(self._diverged_message(div, scales[i], dampings[i], fixed=True))
             rule = "scale fixed" if self.scale != "auto" else (
                 "scale=auto: 2 μ_max(P^-1 (G_S + λI))" if self.preconditioned else "scale=auto: 2 λ_max(G_S) + λ")
-            self._record_convergence(run, V, lams, scales, list(dampings), k, [(time.perf_counter() - t0) / d] * d,
+            self._record_convergence(run, V, lams, scales, list(dampings), k, [run.elapsed / d] * d,
                                      [f"{rule} = {sc:.4g}; {how}" for sc in scales], list(range(d)), out)
             return out.reshape(d, k, -1).to(v.dtype)
         # scale=search: per damping, the smallest scale of the grid whose recursion does not diverge (all dampings
@@ -184,11 +188,10 @@ class LiSSA(IterativeSolver):
         pending = list(range(d))
         while pending:
             scales = [grid[at[i]] for i in pending]
-            t0 = time.perf_counter()
             run = self._run(V, [lams[i] for i in pending], scales, [dampings[i] for i in pending], k, depth)
             done = []
             for pos, i in enumerate(pending):
-                spent[i] += (time.perf_counter() - t0) / len(pending)  # (every scale tried is part of the cost)
+                spent[i] += run.elapsed / len(pending)  # (every scale tried is part of the cost)
                 div = run.diverged[pos]
                 tried[i].append(f"{scales[pos]:g}" + ("" if div is None else f" (diverged at step {div.step})"))
                 if div is None:
@@ -210,8 +213,17 @@ class LiSSA(IterativeSolver):
         """The recursion for the ``k`` vectors ``V`` at each damping (with its scale), all together, ``repeats``
         times averaged. A damping whose recursion diverges -- NaN/inf, or an iterate's norm above ``2 (j + 1)`` times
         the first one's after ``j`` steps: a non-diverging recursion adds at most ``||h_0||`` per step -- stops
-        there (the others go on); its step and per-step norm growth are returned."""
+        there (the others go on); its step and per-step norm growth are returned.
+
+        Resumable (:meth:`~.iterative.IterativeSolver.set_resume`): the state is snapshotted after each repeat and,
+        within one, at most every ``every_s`` seconds but no more often than every :attr:`SNAPSHOT_COST` x the last
+        snapshot's write time (the state is three ``[d k, P]`` tensors: gigabytes on ResNet-18), so that writing costs
+        at most ~5%. A killed solve restarts at its last snapshot's step with the same batches (each repeat's stream is seeded),
+        so it ends with the same result; its time counts the solving before the snapshot, not the writing or the
+        steps redone. The monitor's rows are part of the state (its ``state_dict``/``load_state_dict``, if it has
+        them; its ``pause(seconds)`` is told the writing time)."""
         assert self._curv is not None and self._data is not None
+        t_start = time.perf_counter()
         d = len(lams)
         dt = dict(dtype=V.dtype, device=V.device)
         lam = self.row_dampings(lams, k, V.dtype, V.device)
@@ -219,19 +231,53 @@ class LiSSA(IterativeSolver):
         Vr = V.repeat(d, 1)  # [d*k, P], damping-major
         x0 = self._precondition_rows(Vr, lam) / s  # the first step from x = 0
         x0norm = x0.norm(dim=1).clamp_min(1e-30)
-        total, half = torch.zeros_like(Vr), torch.zeros_like(Vr)
+        st = _State(torch.zeros_like(Vr), torch.zeros_like(Vr), torch.zeros(len(self._data), dtype=torch.bool),
+                    torch.ones(d, dtype=torch.bool), [None] * d)
         mid = depth // 2  # the iterate after mid steps is kept (contraction estimate of an unconverged solve)
-        visited = torch.zeros(len(self._data), dtype=torch.bool)
-        active = torch.ones(d, dtype=torch.bool)
-        diverged: list[_Diverged | None] = [None] * d
-        for rep in range(self.repeats):
-            x = x0.clone()
-            norms = [x0norm]
+        snaps = self._solve_snapshots(V, dampings=list(lams), scales=list(scales), depth=depth, repeats=self.repeats)
+        done, every = 0, snaps.every_s if snaps is not None else 0.0
+        signature = self.vector_signature(V) if snaps is not None else None
+        hit = snaps.load("lissa") if snaps is not None else None
+        if hit is not None and not self.same_vectors(hit[1].get("v_signature"), signature):
+            log.warning("%s: the snapshot of this solve's model, settings and shape is of other vectors: "
+                        "solving from the beginning", self.label)
+            hit = None
+        if hit is None and snaps is not None:
+            snaps.clear()  # (no slot of another solve may outlive this one's first snapshot)
+        if hit is not None:
+            done, elapsed = st.load(hit, self._monitor)
+            del hit  # (its tensors are copied into st)
+            t_start = time.perf_counter() - elapsed
+            log.info("resuming %s from step %d of %d (snapshot; %.0f s of solving before it)", self.label, done,
+                     depth * self.repeats, elapsed)
+        last = time.perf_counter()
+
+        def snapshot(steps: int) -> None:
+            nonlocal t_start, last, every
+            t0 = time.perf_counter()
+            assert snaps is not None
+            snaps.save("lissa", steps, st.tensors(t0 - t_start, self._monitor) | {"v_signature": signature},
+                       final=True)
+            last = time.perf_counter()
+            wrote = last - t0
+            t_start += wrote  # (writing is not solving)
+            every = max(snaps.every_s, self.SNAPSHOT_COST * wrote)
+            if hasattr(self._monitor, "pause"):
+                self._monitor.pause(wrote)
+
+        rep0, j0 = divmod(done, depth)
+        for rep in range(rep0, self.repeats):
+            start = j0 if rep == rep0 else 0
+            x = st.x.to(x0) if start else x0.clone()
+            norms = st.norms if start else [x0norm]
+            st.x = None
             batches = self._stream(rep)
-            for j in progress(range(depth), desc=self.label):
-                rows = active.repeat_interleave(k)
+            for _ in range(start):  # (the batches the snapshot's steps used)
+                next(batches)
+            for j in progress(range(start, depth), desc=self.label):
+                rows = st.active.repeat_interleave(k)
                 xb, yb, pos = next(batches)
-                visited[pos] = True
+                st.visited[pos] = True
                 if bool(rows.all()):
                     x = x + self._precondition_rows(Vr - (self._curv.product(x, xb, yb) + lam * x), lam) / s
                 else:
@@ -240,26 +286,36 @@ class LiSSA(IterativeSolver):
                                                            la) / s[rows]
                 norm = x.norm(dim=1)
                 norms = [*norms[-4:], norm]
-                bad = ((~torch.isfinite(norm)) | (norm > 2 * (j + 2) * x0norm)).reshape(d, k).any(1) & active
+                bad = ((~torch.isfinite(norm)) | (norm > 2 * (j + 2) * x0norm)).reshape(d, k).any(1) & st.active
                 for i in bad.nonzero().flatten().tolist():
-                    diverged[i] = _Diverged(j + 1, _growth(norms, slice(i * k, (i + 1) * k)))
-                    active[i] = False
-                if not bool(active.any()):
+                    st.diverged[i] = _Diverged(j + 1, _growth(norms, slice(i * k, (i + 1) * k)))
+                    st.active[i] = False
+                if not bool(st.active.any()):
                     break
                 if self._monitor is not None and self.repeats == 1:
                     for i, damping in enumerate(dampings):
-                        if active[i]:
+                        if st.active[i]:
                             self._monitor(damping, j + 1, x[i * k:(i + 1) * k])
                 if j + 1 == mid:
-                    half += x
-            if not bool(active.any()):
+                    st.half += x
+                if snaps is not None and j + 1 < depth and time.perf_counter() - last >= every:
+                    st.x, st.norms = x, norms
+                    snapshot(rep * depth + j + 1)
+                    st.x = None  # (not kept alive: it is [d k, P])
+            if not bool(st.active.any()):
                 break
-            total += x
+            st.total += x
             if self._monitor is not None and self.repeats > 1:  # the average of the repeats done: what stopping
                 for i, damping in enumerate(dampings):          # here would return, after (rep + 1) x depth steps
-                    if active[i]:
-                        self._monitor(damping, (rep + 1) * depth, total[i * k:(i + 1) * k] / (rep + 1))
-        return _Run(total / self.repeats, half / self.repeats, mid, visited, diverged, s, lam)
+                    if st.active[i]:
+                        self._monitor(damping, (rep + 1) * depth, st.total[i * k:(i + 1) * k] / (rep + 1))
+            if snaps is not None and rep + 1 < self.repeats:
+                st.x, st.norms = None, []
+                snapshot((rep + 1) * depth)
+        if snaps is not None:
+            snaps.clear()
+        return _Run(st.total / self.repeats, st.half / self.repeats, mid, st.visited, st.diverged, s, lam,
+                    time.perf_counter() - t_start)
 
     def _diverged_message(self, div: _Diverged, scale: float, damping: Damping, fixed: bool) -> str:
         """The divergence error, with the scale the measured norm growth calls for: a growth by ``g`` per step
@@ -486,6 +542,52 @@ class _Run:
     diverged: list[_Diverged | None]
     s: torch.Tensor
     lam: torch.Tensor
+    #: seconds solving (a resumed solve's included; writing snapshots excluded)
+    elapsed: float
+
+
+@dataclass
+class _State:
+    """What a recursion has done so far (see :meth:`LiSSA._run`): the sum of the finished repeats' solutions and of
+    their iterates at half depth, the points visited, per damping whether it is still iterating and where it
+    diverged, and within a repeat its iterate ``x`` and last norms."""
+
+    total: torch.Tensor
+    half: torch.Tensor
+    visited: torch.Tensor
+    active: torch.Tensor
+    diverged: list[_Diverged | None]
+    x: torch.Tensor | None = None
+    norms: list[torch.Tensor] = field(default_factory=list)
+
+    def tensors(self, elapsed: float, monitor: Any) -> dict[str, torch.Tensor]:
+        f64 = torch.float64
+        out = {"total": self.total, "half": self.half, "visited": self.visited.to(torch.uint8),
+               "active": self.active.to(torch.uint8), "elapsed": torch.tensor(elapsed, dtype=f64),
+               "diverged_step": torch.tensor([0 if v is None else v.step for v in self.diverged]),
+               "diverged_growth": torch.tensor([math.nan if v is None or v.growth is None else v.growth
+                                                for v in self.diverged], dtype=f64)}
+        if self.x is not None:
+            out |= {"x": self.x, "norms": torch.stack(self.norms)}
+        if hasattr(monitor, "state_dict"):
+            out |= {f"monitor.{k}": v for k, v in monitor.state_dict().items()}
+        return out
+
+    def load(self, snapshot: tuple[int, dict[str, torch.Tensor]], monitor: Any) -> tuple[int, float]:
+        """Restore from ``(steps done, tensors)`` (and the monitor's rows); returns the steps and seconds done."""
+        done, t = snapshot
+        self.total.copy_(t["total"])
+        self.half.copy_(t["half"])
+        self.visited.copy_(t["visited"].bool())
+        self.active.copy_(t["active"].bool())
+        self.diverged = [None if int(st) == 0 else _Diverged(int(st), None if math.isnan(g) else g)
+                         for st, g in zip(t["diverged_step"].tolist(), t["diverged_growth"].tolist(), strict=True)]
+        if "x" in t:
+            self.x, self.norms = t["x"], [n.to(self.total.device) for n in t["norms"].unbind(0)]
+        elapsed = float(t["elapsed"])
+        if hasattr(monitor, "load_state_dict"):
+            monitor.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("monitor.")})
+        return done, elapsed
 
 
 def _growth(norms: Sequence[torch.Tensor], rows: slice) -> float | None:

@@ -71,8 +71,9 @@ COLUMNS = ["solver", "damping", "rel_error", "cosine", "fit_s", "precondition_s"
 class ErrorTrace:
     """Per iteration of an iterative solver (its
     :meth:`~influencelab.solvers.iterative.IterativeSolver.set_monitor` hook): the mean relative error of the current
-    iterate against the reference, and the first iteration (and wall time since :meth:`start`, solving only) at
-    which it is at most each of :data:`ERROR_LEVELS`."""
+    iterate against the reference, and the first iteration (and wall time since it began, solving only) at
+    which it is at most each of :data:`ERROR_LEVELS`. Its rows and clock are part of a resumable solve's snapshot
+    (:meth:`state_dict`, :meth:`load_state_dict`; :meth:`pause` excludes the snapshot's writing)."""
 
     def __init__(self, target: torch.Tensor):
         self.target, self.tnorm = target, target.norm(dim=1).clamp_min(1e-30)
@@ -83,16 +84,42 @@ class ErrorTrace:
         self.t0 = time.perf_counter()
         self.paused = 0.0
 
+    def elapsed(self) -> float:
+        """Seconds solving since this trace began (its own time and paused time excluded; a resumed solve's
+        seconds before its snapshot included)."""
+        return time.perf_counter() - self.t0 - self.paused
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
     def __call__(self, damping: Any, iteration: int, x: torch.Tensor) -> None:
         t = time.perf_counter()
         err = ((x.to(self.target) - self.target).norm(dim=1) / self.tnorm).mean().item()
+        self._record(int(iteration), t - self.t0 - self.paused, err)
+        self.paused += time.perf_counter() - t  # (the trace's own time is not the solver's)
+
+    def _record(self, iteration: int, seconds: float, err: float) -> None:
         self.errors.append(err)
-        self.iterations.append(int(iteration))
-        self.times.append(t - self.t0 - self.paused)
+        self.iterations.append(iteration)
+        self.times.append(seconds)
         for e in ERROR_LEVELS:
             if err <= e and e not in self.reached:
-                self.reached[e] = (iteration, t - self.t0 - self.paused)
-        self.paused += time.perf_counter() - t  # (the trace's own time is not the solver's)
+                self.reached[e] = (iteration, seconds)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"iterations": torch.tensor(self.iterations, dtype=torch.int64),
+                "times": torch.tensor(self.times, dtype=torch.float64),
+                "errors": torch.tensor(self.errors, dtype=torch.float64),
+                "elapsed": torch.tensor(self.elapsed(), dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """The rows of a snapshot, and the clock set to its solving seconds (rows recorded since this trace began,
+        by a search's attempts redone before the resumed one, are dropped: the snapshot has them)."""
+        self.errors, self.iterations, self.times, self.reached = [], [], [], {}
+        for i, t, e in zip(state["iterations"].tolist(), state["times"].tolist(), state["errors"].tolist(),
+                           strict=True):
+            self._record(int(i), float(t), float(e))
+        self.t0 = time.perf_counter() - self.paused - float(state["elapsed"])
 
 
 @stage("ihvp", section="ihvp", schema=IHVPConfig, precheck=explicit_dampings)
@@ -116,7 +143,6 @@ def ihvp_stage(ctx: Context) -> None:
         iterative = isinstance(solver, IterativeSolver)
         if iterative:
             solver.set_monitor(trace)
-        t0 = time.perf_counter()
         try:
             x = solver.precondition(grads, d)
         finally:
@@ -126,7 +152,7 @@ def ihvp_stage(ctx: Context) -> None:
         trace_rows += [[solver.label, float(d), i, attr.fit_seconds + t, e]
                        for i, t, e in zip(trace.iterations, trace.times, trace.errors, strict=True)]
         # (solving, not measuring residuals or tracing errors)
-        prec_s = time.perf_counter() - t0 - (own.measure_s if own else 0.0) - trace.paused
+        prec_s = trace.elapsed() - (own.measure_s if own else 0.0)
         errs, coss = vector_agreement(x, target)
         err, cos = errs.mean().item(), coss.mean().item()
         rhos = score_agreement(ctx, x, target) if scored else torch.full_like(errs, nan)
