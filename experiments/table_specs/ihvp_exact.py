@@ -352,7 +352,7 @@ for _sweep, _series, _lab in (("lissa", "LiSSA (tuned)", "lissa"), ("lissa_ekfac
 # † model; tuned LiSSA's ..._lissa_<λ> in the loop above): the reference's worst residual there, and the medians the
 # prose quotes, where their series ran
 _LARGE_RAN = [lam for lam in R18_LARGE if lam in R18_DAMPINGS]
-_QUOTED_LARGE = (("EK-FAC", "ekfac", ("1.0", "10.0")), ("K-FAC", "kfac", ("10.0",)),
+_QUOTED_LARGE = (("EK-FAC", "ekfac", R18_LARGE), ("K-FAC", "kfac", ("10.0",)),
                  ("Arnoldi 50, λ elsewhere", "arn", ("1.0", "10.0")), ("CG+EK-FAC (30 it.)", "cgek", R18_LARGE))
 if _LARGE_RAN:
     SECTION.number("x_r18_ref_large", cell("{}", worst_overall("resnet18", _LARGE_RAN)))
@@ -363,10 +363,10 @@ if _LARGE_RAN:
                 SECTION.number(f"x_r18L_{_tag}_rho_{float(_lam):g}", median("resnet18", _s, _lam, "spearman_median"))
 
 
-def _paired_vs_lissa(ekfac: str, lissa: str, lam: str) -> Ref:
-    """EK-FAC's error minus tuned LiSSA's at ``lam``, paired over the same queries (mean and 95% percentile-bootstrap
-    interval, 1,000 resamples, seed 0), from the two jobs' ihvp_queries.csv (``ekfac`` has every damping, ``lissa``
-    at least ``lam``)."""
+def _paired_vs_lissa(ekfac: str, lissa: str, lam: str, key: str = "rel_error") -> Ref:
+    """EK-FAC's error (or another per-query ``key``) minus tuned LiSSA's at ``lam``, paired over the same queries (mean
+    and 95% percentile-bootstrap interval, 1,000 resamples, seed 0), from the two jobs' ihvp_queries.csv (``ekfac``
+    has every damping, ``lissa`` at least ``lam``)."""
     from tables_engine import load, paired_mean_ci
 
     def text(ek: pd.DataFrame) -> str:
@@ -375,7 +375,7 @@ def _paired_vs_lissa(ekfac: str, lissa: str, lam: str) -> Ref:
         b = b[b["damping"] == float(lam)].sort_values("query")
         if a.empty or a["query"].tolist() != b["query"].tolist():
             raise LookupError(f"{lissa}: not the queries of {ekfac} at damping {lam}")
-        return paired_mean_ci(a["rel_error"].to_numpy() - b["rel_error"].to_numpy())
+        return paired_mean_ci(a[key].to_numpy() - b[key].to_numpy())
     return Ref(ekfac, text, via=(lissa,))
 
 
@@ -479,8 +479,10 @@ if (ROOT / _OR.report).exists() and (ROOT / _LEK01 / "job0_ihvp_trace.csv").exis
     SECTION.number("x_r18_or_ekfac_s", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
                                                            lambda df: fmt(df["time_s"].iloc[0], "s3"))))
     SECTION.number("x_r18_or_test_acc", cell("{:.3}", Ref(f"{_LEK01}/report.csv", "train/test_accuracy", one=True)))
-    SECTION.number("x_r18_or_ekfac_minus_lek", cell("{}", _paired_vs_lissa(
-        f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp_queries.csv", f"{_LEK01}/job0_ihvp_queries.csv", "0.1")))
+    for _col, _key in (("", "rel_error"), ("_rho", "spearman")):
+        SECTION.number(f"x_r18_or_ekfac_minus_lek{_col}", cell("{}", _paired_vs_lissa(
+            f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp_queries.csv", f"{_LEK01}/job0_ihvp_queries.csv", "0.1",
+            _key)))
 
     def _lek_reached(trace: pd.DataFrame) -> str:
         from tables_engine import load
