@@ -449,14 +449,20 @@ for _lam in R18_LADDER_DAMPINGS[len(R18_SMALL):]:  # λ ≥ 0.1 (the † model)
 
 # EK-FAC and K-FAC at 1e-6 on the model that a series marked † ran on (run ihvp_resnet18_retrained_1e-6), beside the
 # two models' training metrics: how far the retrained model moves the comparators
+def _comparators(sweep: Sweep, tag: str) -> None:
+    """``x_r18_<tag>_{ekfac,kfac}_{err,rho}``: a comparators' sweep's EK-FAC and K-FAC medians over the queries, and
+    ``x_r18_<tag>_ref``: its reference's worst residual."""
+    for solver in ("ekfac", "kfac"):
+        for col, key in (("err", "rel_error"), ("rho", "spearman")):
+            SECTION.number(f"x_r18_{tag}_{solver}_{col}", cell("{}", sweep.job_ref(
+                job(solver=solver), "ihvp_queries.csv", lambda df, k=key: fmt(df[k].median(), ".2"))))
+    SECTION.number(f"x_r18_{tag}_ref", cell("{}", sweep.job_ref(job(solver="ekfac"), "ihvp.csv",
+                                                             lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
+
+
 _RT = Sweep("ihvp_resnet18_retrained_1e-6")
 if (ROOT / _RT.report).exists():
-    for _solver in ("ekfac", "kfac"):
-        for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
-            SECTION.number(f"x_r18_rt_{_solver}_{_col}", cell("{}", _RT.job_ref(
-                job(solver=_solver), "ihvp_queries.csv", lambda df, k=_key: fmt(df[k].median(), ".2"))))
-    SECTION.number("x_r18_rt_ref", cell("{}", _RT.job_ref(job(solver="ekfac"), "ihvp.csv",
-                                                       lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
+    _comparators(_RT, "rt")
     SECTION.number("x_r18_kfac_err_1e-6", median("resnet18", "K-FAC", "1e-06"))
     SECTION.number("x_r18_kfac_rho_1e-6", median("resnet18", "K-FAC", "1e-06", "spearman_median"))
     for _tag, _sw in (("rt", _RT), ("orig", Sweep(MODEL_OF["resnet18"]))):
@@ -470,12 +476,7 @@ if (ROOT / _RT.report).exists():
 _OR = Sweep("ihvp_resnet18_original_0.1")
 _LEK01 = "experiments/results/ihvp_resnet18_exact_lissa_ekfac_0.1"
 if (ROOT / _OR.report).exists() and (ROOT / _LEK01 / "job0_ihvp_trace.csv").exists():
-    for _solver in ("ekfac", "kfac"):
-        for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
-            SECTION.number(f"x_r18_or_{_solver}_{_col}", cell("{}", _OR.job_ref(
-                job(solver=_solver), "ihvp_queries.csv", lambda df, k=_key: fmt(df[k].median(), ".2"))))
-    SECTION.number("x_r18_or_ref", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
-                                                       lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
+    _comparators(_OR, "or")
     SECTION.number("x_r18_or_ekfac_s", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
                                                            lambda df: fmt(df["time_s"].iloc[0], "s3"))))
     SECTION.number("x_r18_or_test_acc", cell("{:.3}", Ref(f"{_LEK01}/report.csv", "train/test_accuracy", one=True)))
