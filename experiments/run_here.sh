@@ -260,6 +260,14 @@ run ihvp_resnet18_retrained_1e-6 experiment=ihvp $R18 '~ihvp.reference_args.max_
 # ran on while the rest of its row is † (same machine and model: its comparators, and its time-matched budget)
 run ihvp_resnet18_original_0.1 experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
   'solver.damping=[0.1]' solver=ekfac,kfac
+# ... and the rest of that row's solvers there too, so that λ = 0.1 has every solver on one model and one machine
+# (2026-12-07; Arnoldi 50 with λ elsewhere, CG + EK-FAC capped at 30 iterations, tuned LiSSA: as in the † row)
+run ihvp_resnet18_original_arnoldi_0.1 experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1]' solver=arnoldi solver.complement=damping
+run ihvp_resnet18_original_cg_ekfac_0.1 experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1]' solver=cg_ekfac ++solver.max_iter=30
+run ihvp_resnet18_original_lissa_0.1 experiment=ihvp $R18 '~ihvp.reference_args.max_examples' \
+  'solver.damping=[0.1]' solver=lissa solver.scale=search solver.depth=auto solver.repeats=4
 # Sec. 6.2 on ResNet-18 (11M parameters), reduced to fit 2 CPU cores: 256 training points (120 steps of batch 32),
 # 4 queries, CG over all 256 (at most 100 iterations, ~3 s each); damping first, so each CG reference is shared by
 # the three solvers

@@ -57,3 +57,8 @@ matched resnet18 "EK-FAC=ihvp_resnet18_exact/0+ihvp_resnet18_exact_large/0" \
   "LiSSA (tuned)=ihvp_resnet18_exact_lissa_1e-6/0+ihvp_resnet18_exact_lissa_1e-4/0+ihvp_resnet18_exact_lissa_1e-2/0+ihvp_resnet18_exact_lissa_0.1/0+ihvp_resnet18_exact_lissa_1/0+ihvp_resnet18_exact_lissa_10/0" \
   "CG+EK-FAC (30 it.)=ihvp_resnet18_exact_cg_ekfac/0+ihvp_resnet18_exact_cg_ekfac_0.1/0+ihvp_resnet18_exact_cg_ekfac_1/0+ihvp_resnet18_exact_cg_ekfac_10/0" \
   "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_1e-6/0+ihvp_resnet18_exact_lissa_ekfac_1e-4/0+ihvp_resnet18_exact_lissa_ekfac_1e-2/0+ihvp_resnet18_exact_lissa_ekfac_0.1/0+ihvp_resnet18_exact_lissa_ekfac_1/0+ihvp_resnet18_exact_lissa_ekfac_10/0"
+# λ = 0.1 on the setting's model, every solver on one machine (2026-12-07: run ihvp_resnet18_original_<solver>_0.1 and
+# the LiSSA + EK-FAC sweep that ran on that model)
+matched resnet18_original_0.1 "EK-FAC=ihvp_resnet18_original_0.1/0" "K-FAC=ihvp_resnet18_original_0.1/1" \
+  "Arnoldi 50, λ elsewhere=ihvp_resnet18_original_arnoldi_0.1/0" "LiSSA (tuned)=ihvp_resnet18_original_lissa_0.1/0" \
+  "CG+EK-FAC (30 it.)=ihvp_resnet18_original_cg_ekfac_0.1/0" "LiSSA+EK-FAC (tuned)=ihvp_resnet18_exact_lissa_ekfac_0.1/0"

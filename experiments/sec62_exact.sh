@@ -12,7 +12,8 @@ R18K="ihvp_resnet18_1k_exact ihvp_resnet18_1k_exact_arnoldi ihvp_resnet18_1k_exa
   ihvp_resnet18_1k_exact_large_arnoldi"
 R18="ihvp_resnet18_exact ihvp_resnet18_exact_arnoldi ihvp_resnet18_exact_cg_ekfac ihvp_resnet18_ladder_blockdiag
   ihvp_resnet18_ladder_blockdiag_large ihvp_resnet18_exact_large ihvp_resnet18_exact_large_arnoldi
-  ihvp_resnet18_retrained_1e-6 ihvp_resnet18_original_0.1"
+  ihvp_resnet18_retrained_1e-6 ihvp_resnet18_original_0.1
+  ihvp_resnet18_original_arnoldi_0.1 ihvp_resnet18_original_cg_ekfac_0.1 ihvp_resnet18_original_lissa_0.1"
 for L in 1e-6 1e-4 1e-2 10 1 0.1; do R18="$R18 ihvp_resnet18_exact_lissa_$L ihvp_resnet18_exact_lissa_ekfac_$L"; done
 for L in 10 1 0.1; do R18="$R18 ihvp_resnet18_exact_cg_ekfac_$L"; done
 # shellcheck disable=SC2086  # word splitting intended: one argument per sweep name

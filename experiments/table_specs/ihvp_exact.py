@@ -7,7 +7,7 @@ each series one job of a committed sweep per damping, named in the file's ``sour
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 from tables_engine import ROOT, Cell, Ref, Section, Sweep, cell, fmt, job
@@ -492,6 +492,69 @@ if (ROOT / _OR.report).exists() and (ROOT / _LEK01 / "job0_ihvp_trace.csv").exis
         return fmt(hit["time_s"].iloc[0], "s3") if len(hit) else "never"
     SECTION.number("x_r18_or_lek_reached_s", cell("{}", Ref(f"{_LEK01}/job0_ihvp_trace.csv", _lek_reached, via=(
         f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp.csv",))))
+
+# λ = 0.1 with every solver on the setting's model and one machine (2026-12-07): the sweeps above and
+# run ihvp_resnet18_original_<solver>_0.1; the time-matched columns from experiments/results/sec62/
+# resnet18_original_0.1_time_matched.csv (bash experiments/sec62.sh)
+TM01 = "experiments/results/sec62/resnet18_original_0.1_time_matched.csv"
+_R01 = "experiments/results"
+SETTING_01 = (("EK-FAC", f"{_R01}/ihvp_resnet18_original_0.1", "ekfac"),
+              ("K-FAC", f"{_R01}/ihvp_resnet18_original_0.1", "kfac"),
+              ("Arnoldi 50, λ elsewhere", f"{_R01}/ihvp_resnet18_original_arnoldi_0.1", None),
+              ("LiSSA (tuned)", f"{_R01}/ihvp_resnet18_original_lissa_0.1", None),
+              ("CG+EK-FAC (30 it.)", f"{_R01}/ihvp_resnet18_original_cg_ekfac_0.1", None),
+              ("LiSSA+EK-FAC (tuned)", _LEK01, None))
+
+
+def _job_file(sweep_dir: str, solver: str | None, suffix: str) -> str:
+    """``job<N>_<suffix>`` of the sweep's job with ``solver`` (None: its one job, 0)."""
+    n = 0 if solver is None else Sweep(sweep_dir.rsplit("/", 1)[1]).number(job(solver=solver))
+    return f"{sweep_dir}/job{n}_{suffix}"
+
+
+def _quartiles(key: str) -> Callable[[pd.DataFrame], str]:
+    return lambda df: (f"{fmt(df[key].median(), '.2')} [{fmt(df[key].quantile(0.25), '.2')}, "
+                       f"{fmt(df[key].quantile(0.75), '.2')}]")
+
+
+def _reached(df: pd.DataFrame) -> str:
+    """An iterative solver's seconds to EK-FAC's mean error, or "never" (not within its run)."""
+    t = float(df["time_to_budget_error_s"].iloc[0])
+    return fmt(t, "s3") if math.isfinite(t) else "never"
+
+
+def _setting01_rows() -> list[list[str | Cell | Ref]]:
+    from tables_engine import exists, load
+    out: list[list[str | Cell | Ref]] = []
+    for label, sweep_dir, solver in SETTING_01:
+        if not exists(f"{sweep_dir}/report.csv"):
+            out.append([label, "not run", "", "", "", "", ""])
+            continue
+        q, row = _job_file(sweep_dir, solver, "ihvp_queries.csv"), _job_file(sweep_dir, solver, "ihvp.csv")
+        res = load(row)["rel_residual"]
+        w = (("budget_of", "EK-FAC"), ("series", label))
+        tm = load(TM01) if exists(TM01) else None
+        iterative = tm is not None and bool(tm[tm["series"] == label]["iterative"].iloc[0])
+        out.append([label, cell("{}", Ref(q, _quartiles("rel_error"))), cell("{}", Ref(q, _quartiles("spearman"))),
+                    cell("{:.2}", Ref(row, "rel_residual", one=True)) if res.notna().all() else "–",
+                    cell("{:s3}", Ref(row, "time_s", one=True)),
+                    cell("{:.2}", Ref(TM01, "rel_error_at_budget", w, one=True)) if exists(TM01) else "",
+                    cell("{}", Ref(TM01, _reached, w)) if iterative else "–"])
+    return out
+
+
+# its medians for the prose: x_r18_s01_<tag>_{err,rho}
+for (_label, _dir, _solver), _tag in zip(SETTING_01, ("ekfac", "kfac", "arn", "lissa", "cgek", "lek"), strict=True):
+    if (ROOT / _dir / "report.csv").exists():
+        _q = _job_file(_dir, _solver, "ihvp_queries.csv")
+        for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
+            SECTION.number(f"x_r18_s01_{_tag}_{_col}", cell("{}", Ref(_q, lambda df, k=_key: fmt(df[k].median(), ".2"))))
+
+if (ROOT / _OR.report).exists():
+    SECTION.table("ihvp_exact_resnet18_setting_0.1",
+                  ["solver", "error: median [quartiles]", "Spearman: median [quartiles]", "own residual", "time (s)",
+                   "error when EK-FAC has finished", "s to EK-FAC's error"], _setting01_rows,
+                  "3.0: λ = 0.1 on the setting's model, every solver on one machine (16 queries)")
 
 # the reduced ResNet-18 on 1,024 points (issue 29 item 7's CPU stand-in for the paper-size run: run
 # ihvp_resnet18_1k_exact, run ihvp_resnet18_1k_exact_arnoldi): its own trained model, exact reference and 16 queries
