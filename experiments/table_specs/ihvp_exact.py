@@ -7,6 +7,7 @@ each series one job of a committed sweep per damping, named in the file's ``sour
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import pandas as pd
@@ -549,6 +550,20 @@ for (_label, _dir, _solver), _tag in zip(SETTING_01, ("ekfac", "kfac", "arn", "l
         _q = _job_file(_dir, _solver, "ihvp_queries.csv")
         for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
             SECTION.number(f"x_r18_s01_{_tag}_{_col}", cell("{}", Ref(_q, lambda df, k=_key: fmt(df[k].median(), ".2"))))
+
+_L01 = f"{_R01}/ihvp_resnet18_original_lissa_0.1/report.csv"
+
+
+def _chosen_scale(df: pd.DataFrame) -> str:
+    """The scale a LiSSA search chose, from the rule its report.csv recorded at λ = 0.1."""
+    found = re.search(r"chose ([0-9.e+]+)", str(df["solver/rule@0.1"].iloc[0]))
+    if found is None:
+        raise LookupError("no chosen scale in solver/rule@0.1")
+    return f"{float(found.group(1)):,.0f}"
+
+
+if (ROOT / _L01).exists():
+    SECTION.number("x_r18_s01_lissa_scale", cell("{}", Ref(_L01, _chosen_scale)))
 
 if (ROOT / _OR.report).exists():
     SECTION.table("ihvp_exact_resnet18_setting_0.1",
