@@ -450,20 +450,14 @@ for _lam in R18_LADDER_DAMPINGS[len(R18_SMALL):]:  # λ ≥ 0.1 (the † model)
 
 # EK-FAC and K-FAC at 1e-6 on the model that a series marked † ran on (run ihvp_resnet18_retrained_1e-6), beside the
 # two models' training metrics: how far the retrained model moves the comparators
-def _comparators(sweep: Sweep, tag: str) -> None:
-    """``x_r18_<tag>_{ekfac,kfac}_{err,rho}``: a comparators' sweep's EK-FAC and K-FAC medians over the queries, and
-    ``x_r18_<tag>_ref``: its reference's worst residual."""
-    for solver in ("ekfac", "kfac"):
-        for col, key in (("err", "rel_error"), ("rho", "spearman")):
-            SECTION.number(f"x_r18_{tag}_{solver}_{col}", cell("{}", sweep.job_ref(
-                job(solver=solver), "ihvp_queries.csv", lambda df, k=key: fmt(df[k].median(), ".2"))))
-    SECTION.number(f"x_r18_{tag}_ref", cell("{}", sweep.job_ref(job(solver="ekfac"), "ihvp.csv",
-                                                             lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
-
-
 _RT = Sweep("ihvp_resnet18_retrained_1e-6")
 if (ROOT / _RT.report).exists():
-    _comparators(_RT, "rt")
+    for _solver in ("ekfac", "kfac"):
+        for _col, _key in (("err", "rel_error"), ("rho", "spearman")):
+            SECTION.number(f"x_r18_rt_{_solver}_{_col}", cell("{}", _RT.job_ref(
+                job(solver=_solver), "ihvp_queries.csv", lambda df, k=_key: fmt(df[k].median(), ".2"))))
+    SECTION.number("x_r18_rt_ref", cell("{}", _RT.job_ref(job(solver="ekfac"), "ihvp.csv",
+                                                       lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
     SECTION.number("x_r18_kfac_err_1e-6", median("resnet18", "K-FAC", "1e-06"))
     SECTION.number("x_r18_kfac_rho_1e-6", median("resnet18", "K-FAC", "1e-06", "spearman_median"))
     for _tag, _sw in (("rt", _RT), ("orig", Sweep(MODEL_OF["resnet18"]))):
@@ -477,7 +471,8 @@ if (ROOT / _RT.report).exists():
 _OR = Sweep("ihvp_resnet18_original_0.1")
 _LEK01 = "experiments/results/ihvp_resnet18_exact_lissa_ekfac_0.1"
 if (ROOT / _OR.report).exists() and (ROOT / _LEK01 / "job0_ihvp_trace.csv").exists():
-    _comparators(_OR, "or")
+    SECTION.number("x_r18_or_ref", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
+                                                       lambda df: fmt(df["ref_rel_residual"].max(), "e2"))))
     SECTION.number("x_r18_or_ekfac_s", cell("{}", _OR.job_ref(job(solver="ekfac"), "ihvp.csv",
                                                            lambda df: fmt(df["time_s"].iloc[0], "s3"))))
     SECTION.number("x_r18_or_test_acc", cell("{:.3}", Ref(f"{_LEK01}/report.csv", "train/test_accuracy", one=True)))
@@ -485,14 +480,6 @@ if (ROOT / _OR.report).exists() and (ROOT / _LEK01 / "job0_ihvp_trace.csv").exis
         SECTION.number(f"x_r18_or_ekfac_minus_lek{_col}", cell("{}", _paired_vs_lissa(
             f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp_queries.csv", f"{_LEK01}/job0_ihvp_queries.csv", "0.1",
             _key)))
-
-    def _lek_reached(trace: pd.DataFrame) -> str:
-        from tables_engine import load
-        ek = load(f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp.csv")["rel_error"].iloc[0]
-        hit = trace[trace["rel_error"] <= ek]
-        return fmt(hit["time_s"].iloc[0], "s3") if len(hit) else "never"
-    SECTION.number("x_r18_or_lek_reached_s", cell("{}", Ref(f"{_LEK01}/job0_ihvp_trace.csv", _lek_reached, via=(
-        f"{_OR.dir}/job{_OR.number(job(solver='ekfac'))}_ihvp.csv",))))
 
 # λ = 0.1 with every solver on the setting's model and one machine (2026-12-07): the sweeps above and
 # run ihvp_resnet18_original_<solver>_0.1; the time-matched columns from experiments/results/sec62/
@@ -527,6 +514,7 @@ def _reached(df: pd.DataFrame) -> str:
 def _setting01_rows() -> list[list[str | Cell | Ref]]:
     from tables_engine import exists, load
     out: list[list[str | Cell | Ref]] = []
+    tm = load(TM01) if exists(TM01) else None
     for label, sweep_dir, solver in SETTING_01:
         if not exists(f"{sweep_dir}/report.csv"):
             out.append([label, "not run", "", "", "", "", ""])
@@ -534,12 +522,11 @@ def _setting01_rows() -> list[list[str | Cell | Ref]]:
         q, row = _job_file(sweep_dir, solver, "ihvp_queries.csv"), _job_file(sweep_dir, solver, "ihvp.csv")
         res = load(row)["rel_residual"]
         w = (("budget_of", "EK-FAC"), ("series", label))
-        tm = load(TM01) if exists(TM01) else None
         iterative = tm is not None and bool(tm[tm["series"] == label]["iterative"].iloc[0])
         out.append([label, cell("{}", Ref(q, _quartiles("rel_error"))), cell("{}", Ref(q, _quartiles("spearman"))),
                     cell("{:.2}", Ref(row, "rel_residual", one=True)) if res.notna().all() else "–",
                     cell("{:s3}", Ref(row, "time_s", one=True)),
-                    cell("{:.2}", Ref(TM01, "rel_error_at_budget", w, one=True)) if exists(TM01) else "",
+                    cell("{:.2}", Ref(TM01, "rel_error_at_budget", w, one=True)) if tm is not None else "",
                     cell("{}", Ref(TM01, _reached, w)) if iterative else "–"])
     return out
 
@@ -562,6 +549,9 @@ def _chosen_scale(df: pd.DataFrame) -> str:
     return f"{float(found.group(1)):,.0f}"
 
 
+if (ROOT / TM01).exists():
+    SECTION.number("x_r18_or_lek_reached_s", cell("{}", Ref(TM01, _reached, (("budget_of", "EK-FAC"),
+                                                                            ("series", "LiSSA+EK-FAC (tuned)")))))
 if (ROOT / _L01).exists():
     SECTION.number("x_r18_s01_lissa_scale", cell("{}", Ref(_L01, _chosen_scale)))
 
